@@ -1,0 +1,34 @@
+"""MLLA-UNet on the fused block, and creation of the registered configs by name."""
+
+from __future__ import annotations
+
+import functools
+
+from .backend import check_backend
+from .block import MLLABlock
+from .reference.unet import MODEL_CONFIGS
+from .reference.unet import MLLAUNet as ReferenceMLLAUNet
+
+MODEL_NAMES = tuple(f"mlla_unet_{k}" for k in MODEL_CONFIGS)
+
+
+class MLLAUNet(ReferenceMLLAUNet):
+    """MLLA-UNet (SPEC §3) whose blocks take the fused path on CUDA; state dict as released.
+
+    (B, in_chans, H, W) -> (B, num_classes, H, W) logits, H and W multiples of 32.
+    """
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        self.backend = check_backend(backend)
+        kwargs["block_cls"] = functools.partial(MLLABlock, backend=self.backend)
+        super().__init__(*args, **kwargs)
+
+
+def create_model(name: str = "mlla_unet_tiny", num_classes: int = 9, in_chans: int = 3, img_size: int = 224,
+                 backend: str | None = None, **kwargs) -> MLLAUNet:
+    """Build MLLA-UNet by name: "mlla_unet_tiny" | "mlla_unet_small" | "mlla_unet_base" (or the bare suffix)."""
+    key = name.removeprefix("mlla_unet_")
+    if key not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+    return MLLAUNet(**{**MODEL_CONFIGS[key], **kwargs}, num_classes=num_classes, in_chans=in_chans,
+                    img_size=img_size, backend=backend)
