@@ -47,12 +47,13 @@ def rope_table(H: int, W: int, C: int, device=None, dtype: torch.dtype = torch.f
     """The 2-D RoPE cos/sin table of shape (H, W, C/2, 2), as the released code builds it.
 
     Pair j < C/4 rotates by ``row * theta_j``, pair j >= C/4 by ``col * theta_(j - C/4)``, with
-    ``theta_i = 10000 ** (-i / (C/4))``. Built in float32 (the released code's precision) and cast.
+    ``theta_i = 10000 ** (-i / (C/4))``. Computed in float64 and rounded to ``dtype``: this gives the
+    stored tables of the released checkpoints bit for bit.
     """
     if C % 4:
         raise ValueError(f"RoPE needs a channel count divisible by 4, got {C}")
     k_max = C // 4
-    theta = 1.0 / (ROPE_BASE ** (torch.arange(k_max, device=device) / k_max))
+    theta = 1.0 / (ROPE_BASE ** (torch.arange(k_max, device=device, dtype=torch.float64) / k_max))
     rows, cols = torch.meshgrid(
         torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij"
     )

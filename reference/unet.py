@@ -128,9 +128,11 @@ class MLLAUNet(nn.Module):
             if i == 0:
                 self.layers_up.append(PatchExpand(grids[s], dim))
             else:
+                mirrored = dpr[starts[s]:starts[s + 1]]
+                decoder_dpr = [mirrored[min(j, len(mirrored) - 1)] for j in range(depths_decoder[i])]
                 self.layers_up.append(
                     BasicLayerUp(dim, grids[s], depths_decoder[i], num_heads[s], mlp_ratio, qkv_bias, drop_rate,
-                                 dpr[starts[s]:starts[s + 1]], upsample=i < n - 1, block_cls=block_cls)
+                                 decoder_dpr, upsample=i < n - 1, block_cls=block_cls)
                 )
         self.norm_up = nn.LayerNorm(embed_dim)
         self.up = FinalPatchExpand_X4(grids[0], embed_dim)

@@ -1,0 +1,644 @@
+"""Fused depthwise 3x3 stencil kernels of the MLLA block, forward and backward.
+
+Two ops, each mirroring its reference in ``reference/ops.py`` argument for argument:
+
+* ``cpe_residual_norm(x, cpe_weight, cpe_bias, norm_weight, norm_bias, hw, eps)`` returns
+  ``(r, LayerNorm(r))`` with ``r = x + dwconv3x3(x)``: one pass over a tile of tokens that holds all
+  C channels, so the LayerNorm is a row reduction in registers.
+* ``dwconv_silu(x, weight, bias, hw)`` returns ``SiLU(dwconv3x3(x))``.
+
+Layout: tokens ``(B, N, C)`` with ``N = H * W`` row-major over the grid; a program owns a ``TH x TW``
+tile of grid positions (and, for the channel-independent kernels, a block of channels), so the
+3x3 neighbourhood of a tile is mostly its own tokens and the rest sits in L2. Inputs may be views
+whose token and batch strides are arbitrary as long as channels are contiguous.
+
+Backward (``g`` is the gradient with respect to the convolution's output, ``w`` the 3x3 taps):
+
+* ``dx[q] = sum_tap w[tap] * g[q - tap]`` (the transposed stencil, plus ``g[q]`` for the residual),
+  ``dw[tap] = sum_p g[p] * x[p + tap]``, ``db = sum_p g[p]``;
+* cpe: ``g = dr + rstd * (gamma * dh - mean_c(gamma * dh) - xhat * mean_c(gamma * dh * xhat))``
+  with ``xhat = (r - mean) * rstd`` recomputed from the saved ``r``;
+* silu: ``g = dy * s * (1 + pre * (1 - s))`` with ``s = sigmoid(pre)`` and ``pre`` recomputed.
+
+A first kernel computes ``g`` per tile (stored in the activation dtype, as PyTorch's own
+backward does) together with per-program fp32 partials of the parameter gradients; a second
+kernel applies the transposed stencil to ``g``. The partials are summed by ``torch.sum``, so the
+results are deterministic (no atomics). Accumulation is fp32 throughout.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..backend import fused_supported
+from ..reference.ops import check_tokens
+
+CHANNEL_MULTIPLE = 32
+MAX_NORM_CHANNELS = 4096
+TILE_ELEMENTS = 4096
+PARTIAL_PROGRAMS = 1024
+TAPS = 9
+BLOCK_TAPS = 16
+
+__all__ = [
+    "cpe_residual_norm",
+    "cpe_residual_norm_bwd",
+    "cpe_residual_norm_fwd",
+    "dwconv_silu",
+    "dwconv_silu_bwd",
+    "dwconv_silu_fwd",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_tokens(tile, n_tiles_w, H, W, TH: tl.constexpr, TW: tl.constexpr):
+    """Grid rows, columns and in-grid mask of the tokens of tile number ``tile`` (row-major)."""
+    o_t = tl.arange(0, TH * TW)
+    row = (tile // n_tiles_w) * TH + o_t // TW
+    col = (tile % n_tiles_w) * TW + o_t % TW
+    return row, col, (row < H) & (col < W)
+
+
+@triton.jit
+def _stencil3x3(p_src, stride_n, p_w, row, col, m_t, o_c, m_c, H, W,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, TRANSPOSE: tl.constexpr, RESIDUAL: tl.constexpr):
+    """sum over the 3x3 taps of w[c, tap] * src[neighbour, c] in fp32, zero padding. [BLOCK_T, BLOCK_C]
+
+    TRANSPOSE takes the neighbour at ``-tap`` (the adjoint of the forward stencil); RESIDUAL adds
+    ``src`` itself (the centre tap's weight plus one).
+    """
+    b_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for di in tl.static_range(3):
+        for dj in tl.static_range(3):
+            if TRANSPOSE:
+                r = row + (1 - di)
+                c = col + (1 - dj)
+            else:
+                r = row + (di - 1)
+                c = col + (dj - 1)
+            m_n = m_t & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+            b_w = tl.load(p_w + o_c * 9 + (di * 3 + dj), mask=m_c, other=0.0).to(tl.float32)  # [BLOCK_C]
+            if RESIDUAL:
+                if di * 3 + dj == 4:
+                    b_w += 1.0
+            o_n = (r * W + c).to(tl.int64) * stride_n
+            b_s = tl.load(p_src + o_n[:, None] + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
+            b_acc += b_s.to(tl.float32) * b_w[None, :]
+    return b_acc
+
+
+@triton.jit
+def _stencil3x3_weight_grad(b_dw, b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, BLOCK_K: tl.constexpr):
+    """Add sum_p g[p, c] * x[p + tap, c] to row ``tap`` of b_dw [BLOCK_K, BLOCK_C]; b_g is [BLOCK_T, BLOCK_C]."""
+    o_k = tl.arange(0, BLOCK_K)
+    for di in tl.static_range(3):
+        for dj in tl.static_range(3):
+            r = row + (di - 1)
+            c = col + (dj - 1)
+            m_n = m_t & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+            o_n = (r * W + c).to(tl.int64) * stride_n
+            b_x = tl.load(p_x + o_n[:, None] + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
+            b_tap = tl.sum(b_g * b_x.to(tl.float32), 0)  # [BLOCK_C]
+            b_dw += tl.where(o_k[:, None] == di * 3 + dj, b_tap[None, :], 0.0)
+    return b_dw
+
+
+@triton.jit
+def _normalize(b_r, m_c, C, eps):
+    """LayerNorm statistics over the channels of b_r [BLOCK_T, BLOCK_C]: (xhat, rstd [BLOCK_T])."""
+    b_mean = tl.sum(b_r, 1) / C
+    b_diff = tl.where(m_c[None, :], b_r - b_mean[:, None], 0.0)
+    b_rstd = tl.rsqrt(tl.sum(b_diff * b_diff, 1) / C + eps)
+    return b_diff * b_rstd[:, None], b_rstd
+
+
+@triton.jit
+def _store_partials(p_dw, p_db, b_dw, b_db, i_p, C, o_c, m_c, BLOCK_K: tl.constexpr):
+    """Write one program's weight (C, 9) and bias (C,) gradient partials at row i_p."""
+    o_k = tl.arange(0, BLOCK_K)
+    p_row = p_dw + i_p.to(tl.int64) * C * 9
+    tl.store(p_row + o_c[None, :] * 9 + o_k[:, None], b_dw, mask=(o_k[:, None] < 9) & m_c[None, :])
+    tl.store(p_db + i_p.to(tl.int64) * C + o_c, b_db, mask=m_c)
+
+
+@triton.jit
+def _cpe_residual_norm_fwd_kernel(
+    x, cpe_w, cpe_b, norm_w, norm_b, r, h,
+    H, W, C, n_tiles_w, sx_b, sx_n, so_b, so_n, eps,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    i_t, i_b = tl.program_id(0), tl.program_id(1)
+    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    m = m_t[:, None] & m_c[None, :]
+
+    b_r = _stencil3x3(x + i_b.to(tl.int64) * sx_b, sx_n, cpe_w, row, col, m_t, o_c, m_c, H, W,
+                      TH * TW, BLOCK_C, False, True)
+    b_r += tl.load(cpe_b + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    # h is the LayerNorm of r as stored, which is also what the backward recomputes it from.
+    b_r = b_r.to(r.dtype.element_ty)
+    o_out = i_b.to(tl.int64) * so_b + (row * W + col).to(tl.int64)[:, None] * so_n + o_c[None, :]
+    tl.store(r + o_out, b_r, mask=m)
+
+    b_xhat, _ = _normalize(b_r.to(tl.float32), m_c, C, eps)
+    b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_beta = tl.load(norm_b + o_c, mask=m_c, other=0.0).to(tl.float32)
+    tl.store(h + o_out, (b_xhat * b_gamma[None, :] + b_beta[None, :]).to(h.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _cpe_residual_norm_bwd_kernel(
+    x, r, dr, dh, norm_w, g, dw_part, db_part, dgamma_part, dbeta_part,
+    H, W, C, n_tiles_w, n_tiles_img, n_tiles, tiles_per_prog,
+    sx_b, sx_n, sr_b, sr_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DR: tl.constexpr, HAS_DH: tl.constexpr,
+):
+    """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients."""
+    i_p, n_p = tl.program_id(0), tl.num_programs(0)
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_dw = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    b_db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    b_dgamma = tl.zeros([BLOCK_C], dtype=tl.float32)
+    b_dbeta = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for k in range(tiles_per_prog):
+        i_tt = i_p + k * n_p
+        i_b = i_tt // n_tiles_img
+        row, col, m_t = _tile_tokens(i_tt % n_tiles_img, n_tiles_w, H, W, TH, TW)
+        m_t = m_t & (tl.zeros_like(row) + i_tt < n_tiles)  # a tensor, not a scalar: the interpreter needs it
+        m = m_t[:, None] & m_c[None, :]
+        o_n = (row * W + col).to(tl.int64)[:, None]
+        i_b64 = i_b.to(tl.int64)
+
+        b_g = tl.zeros([TH * TW, BLOCK_C], dtype=tl.float32)
+        if HAS_DH:
+            b_r = tl.load(r + i_b64 * sr_b + o_n * sr_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+            b_dh = tl.load(dh + i_b64 * sdh_b + o_n * sdh_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+            b_xhat, b_rstd = _normalize(b_r, m_c, C, eps)
+            b_dgamma += tl.sum(b_dh * b_xhat, 0)
+            b_dbeta += tl.sum(b_dh, 0)
+            b_gdh = b_dh * b_gamma[None, :]
+            b_mean_gdh = tl.sum(b_gdh, 1) / C
+            b_mean_gdh_xhat = tl.sum(b_gdh * b_xhat, 1) / C
+            b_g = b_rstd[:, None] * (b_gdh - b_mean_gdh[:, None] - b_xhat * b_mean_gdh_xhat[:, None])
+            b_g = tl.where(m, b_g, 0.0)
+        if HAS_DR:
+            b_g += tl.load(dr + i_b64 * sdr_b + o_n * sdr_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(g + i_b64 * sg_b + o_n * sg_n + o_c[None, :], b_g.to(g.dtype.element_ty), mask=m)
+
+        b_db += tl.sum(b_g, 0)
+        b_dw = _stencil3x3_weight_grad(b_dw, b_g, x + i_b64 * sx_b, sx_n, row, col, m_t, o_c, m_c, H, W, BLOCK_K)
+
+    _store_partials(dw_part, db_part, b_dw, b_db, i_p, C, o_c, m_c, BLOCK_K)
+    tl.store(dgamma_part + i_p.to(tl.int64) * C + o_c, b_dgamma, mask=m_c)
+    tl.store(dbeta_part + i_p.to(tl.int64) * C + o_c, b_dbeta, mask=m_c)
+
+
+@triton.jit
+def _dwconv_silu_fwd_kernel(
+    x, w, bias, y,
+    H, W, C, n_tiles_w, sx_b, sx_n, sy_b, sy_n,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+
+    b_pre = _stencil3x3(x + i_b.to(tl.int64) * sx_b, sx_n, w, row, col, m_t, o_c, m_c, H, W,
+                        TH * TW, BLOCK_C, False, False)
+    b_pre += tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    b_y = b_pre * tl.sigmoid(b_pre)
+    o_y = i_b.to(tl.int64) * sy_b + (row * W + col).to(tl.int64)[:, None] * sy_n + o_c[None, :]
+    tl.store(y + o_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _dwconv_silu_bwd_kernel(
+    x, w, bias, dy, g, dw_part, db_part,
+    H, W, C, n_tiles_w, n_tiles_img, n_tiles, tiles_per_prog,
+    sx_b, sx_n, sdy_b, sdy_n, sg_b, sg_n,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """g = dy * SiLU'(pre) with pre recomputed, stored; fp32 partials of the weight and bias gradients."""
+    i_p, i_c, n_p = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_bias = tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_dw = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    b_db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for k in range(tiles_per_prog):
+        i_tt = i_p + k * n_p
+        i_b64 = (i_tt // n_tiles_img).to(tl.int64)
+        row, col, m_t = _tile_tokens(i_tt % n_tiles_img, n_tiles_w, H, W, TH, TW)
+        m_t = m_t & (tl.zeros_like(row) + i_tt < n_tiles)  # a tensor, not a scalar: the interpreter needs it
+        m = m_t[:, None] & m_c[None, :]
+        o_n = (row * W + col).to(tl.int64)[:, None]
+
+        p_x = x + i_b64 * sx_b
+        b_pre = _stencil3x3(p_x, sx_n, w, row, col, m_t, o_c, m_c, H, W, TH * TW, BLOCK_C, False, False)
+        b_pre += b_bias[None, :]
+        b_dy = tl.load(dy + i_b64 * sdy_b + o_n * sdy_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+        b_s = tl.sigmoid(b_pre)
+        b_g = b_dy * b_s * (1.0 + b_pre * (1.0 - b_s))
+        tl.store(g + i_b64 * sg_b + o_n * sg_n + o_c[None, :], b_g.to(g.dtype.element_ty), mask=m)
+
+        b_db += tl.sum(b_g, 0)
+        b_dw = _stencil3x3_weight_grad(b_dw, b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, BLOCK_K)
+
+    _store_partials(dw_part, db_part, b_dw, b_db, i_p, C, o_c, m_c, BLOCK_K)
+
+
+@triton.jit
+def _dwconv_transpose_kernel(
+    g, w, dx,
+    H, W, C, n_tiles_w, sg_b, sg_n, sdx_b, sdx_n,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, RESIDUAL: tl.constexpr,
+):
+    """dx = transposed 3x3 stencil of g (plus g itself when RESIDUAL)."""
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_dx = _stencil3x3(g + i_b.to(tl.int64) * sg_b, sg_n, w, row, col, m_t, o_c, m_c, H, W,
+                       TH * TW, BLOCK_C, True, RESIDUAL)
+    o_dx = i_b.to(tl.int64) * sdx_b + (row * W + col).to(tl.int64)[:, None] * sdx_n + o_c[None, :]
+    tl.store(dx + o_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch geometry, checks and allocation
+# ----------------------------------------------------------------------------------------------
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every output and work buffer of this module is allocated here (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tile_shape(H: int, W: int, tokens: int) -> tuple[int, int]:
+    """A TH x TW tile of about ``tokens`` grid positions (powers of two), near square, not wider than the grid."""
+    tw = 1 << math.ceil(math.log2(tokens) / 2)
+    tw = min(tw, triton.next_power_of_2(W))
+    th = min(tokens // tw, triton.next_power_of_2(H))
+    tw = min(tokens // th, triton.next_power_of_2(W))
+    return th, tw
+
+
+def _channel_block(C: int) -> int:
+    """The widest of 128, 64, 32 channels that divides C."""
+    return next(b for b in (128, 64, 32) if C % b == 0)
+
+
+def _num_warps(elements: int) -> int:
+    return 4 if elements <= 4096 else 8
+
+
+def _tokens_major(t: Tensor) -> Tensor:
+    """t itself when its channels are contiguous (any token and batch strides), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_grid(hw: tuple[int, int]) -> tuple[int, int]:
+    try:
+        H, W = (int(s) for s in hw)
+    except (TypeError, ValueError):
+        raise ValueError(f"hw must be a pair of positive integers (H, W), got {hw!r}") from None
+    if H < 1 or W < 1:
+        raise ValueError(f"hw must be a pair of positive integers (H, W), got {hw!r}")
+    return H, W
+
+
+def _check_stencil_inputs(x: Tensor, hw: tuple[int, int], weight: Tensor, params: dict[str, Tensor],
+                          max_channels: int | None = None) -> tuple[int, int]:
+    """Validate tokens x (B, H*W, C), a (C, 1, 3, 3) depthwise weight and (C,) parameters; return (H, W)."""
+    H, W = _check_grid(hw)
+    check_tokens(x, (H, W))
+    B, _, C = x.shape
+    reason = fused_supported(x)
+    if reason is not None:
+        raise ValueError(f"x: {reason}")
+    if B < 1:
+        raise ValueError(f"x: expected a batch of at least one sample, got shape {tuple(x.shape)}")
+    if C % CHANNEL_MULTIPLE:
+        raise ValueError(f"x: expected a channel count that is a multiple of {CHANNEL_MULTIPLE}, got {C}")
+    if max_channels is not None and C > max_channels:
+        raise ValueError(f"x: expected at most {max_channels} channels, got {C}")
+    named = {"weight": weight, **params}
+    for name, p in named.items():
+        if not isinstance(p, Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(p).__name__}")
+        if not p.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got dtype {p.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on {x.device} like x, got one on {p.device}")
+        expected = (C, 1, 3, 3) if name == "weight" else (C,)
+        if tuple(p.shape) != expected:
+            raise ValueError(f"{name}: expected shape {expected} for {C} channels, got {tuple(p.shape)}")
+    return H, W
+
+
+def _check_grad(name: str, grad: Tensor | None, like: Tensor) -> None:
+    if grad is None:
+        return
+    if grad.shape != like.shape or grad.device != like.device or not grad.is_floating_point():
+        raise ValueError(
+            f"{name}: expected a floating-point gradient of shape {tuple(like.shape)} on {like.device}, "
+            f"got {grad.dtype} of shape {tuple(grad.shape)} on {grad.device}"
+        )
+
+
+def _partial_programs(n_tiles: int, n_cblocks: int) -> int:
+    """Programs of a weight-gradient kernel: each loops over tiles and writes one fp32 partial row."""
+    return max(1, min(n_tiles, PARTIAL_PROGRAMS // n_cblocks))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def cpe_residual_norm_fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                          hw: tuple[int, int], eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Launch the forward of ``cpe_residual_norm``: x (B, N, C) -> r, h, both (B, N, C) contiguous in x's dtype."""
+    H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
+                                                     "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
+    x = _tokens_major(x)
+    B, N, C = x.shape
+    r = _empty((B, N, C), x.dtype, x.device)
+    h = _empty((B, N, C), x.dtype, x.device)
+    block_c = triton.next_power_of_2(C)
+    th, tw = _tile_shape(H, W, max(1, TILE_ELEMENTS // block_c))
+    n_tiles_w = triton.cdiv(W, tw)
+    grid = (triton.cdiv(H, th) * n_tiles_w, B)
+    _cpe_residual_norm_fwd_kernel[grid](
+        x, cpe_weight.contiguous(), cpe_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), r, h,
+        H, W, C, n_tiles_w, x.stride(0), x.stride(1), N * C, C, eps,
+        TH=th, TW=tw, BLOCK_C=block_c, num_warps=_num_warps(th * tw * block_c),
+    )
+    return r, h
+
+
+def _dwconv_transpose(g: Tensor, weight: Tensor, hw: tuple[int, int], residual: bool) -> Tensor:
+    """dx (B, N, C) = transposed depthwise stencil of the contiguous g (B, N, C), plus g when residual."""
+    H, W = hw
+    B, N, C = g.shape
+    dx = _empty((B, N, C), g.dtype, g.device)
+    block_c = _channel_block(C)
+    th, tw = _tile_shape(H, W, TILE_ELEMENTS // block_c)
+    n_tiles_w = triton.cdiv(W, tw)
+    grid = (triton.cdiv(H, th) * n_tiles_w, C // block_c, B)
+    _dwconv_transpose_kernel[grid](
+        g, weight, dx, H, W, C, n_tiles_w, N * C, C, N * C, C,
+        TH=th, TW=tw, BLOCK_C=block_c, RESIDUAL=residual, num_warps=_num_warps(th * tw * block_c),
+    )
+    return dx
+
+
+def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, r: Tensor, cpe_weight: Tensor,
+                          cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, hw: tuple[int, int],
+                          eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch the backward of ``cpe_residual_norm``.
+
+    dr, dh: (B, N, C) gradients of r and h (None for zero); x: the forward input; r: the forward's r.
+    Returns (dx (B, N, C) in x's dtype, d cpe_weight (C, 1, 3, 3), d cpe_bias, d norm_weight, d norm_bias (C,)),
+    each parameter gradient in its parameter's dtype.
+    """
+    H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
+                                                     "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
+    for name, grad in (("dr", dr), ("dh", dh), ("r", r)):
+        _check_grad(name, grad, x)
+    x, r = _tokens_major(x), _tokens_major(r)
+    dr = None if dr is None else _tokens_major(dr)
+    dh = None if dh is None else _tokens_major(dh)
+    B, N, C = x.shape
+    weight = cpe_weight.contiguous()
+
+    block_c = triton.next_power_of_2(C)
+    th, tw = _tile_shape(H, W, max(1, TILE_ELEMENTS // block_c))
+    n_tiles_w = triton.cdiv(W, tw)
+    n_tiles_img = triton.cdiv(H, th) * n_tiles_w
+    n_tiles = B * n_tiles_img
+    n_progs = _partial_programs(n_tiles, 1)
+    g = _empty((B, N, C), x.dtype, x.device)
+    dw_part = _empty((n_progs, C, TAPS), torch.float32, x.device)
+    db_part = _empty((n_progs, C), torch.float32, x.device)
+    dgamma_part = _empty((n_progs, C), torch.float32, x.device)
+    dbeta_part = _empty((n_progs, C), torch.float32, x.device)
+    dr_arg = r if dr is None else dr
+    dh_arg = r if dh is None else dh
+    _cpe_residual_norm_bwd_kernel[(n_progs,)](
+        x, r, dr_arg, dh_arg, norm_weight.contiguous(), g, dw_part, db_part, dgamma_part, dbeta_part,
+        H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
+        x.stride(0), x.stride(1), r.stride(0), r.stride(1), dr_arg.stride(0), dr_arg.stride(1),
+        dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps,
+        TH=th, TW=tw, BLOCK_C=block_c, BLOCK_K=BLOCK_TAPS, HAS_DR=dr is not None, HAS_DH=dh is not None,
+        num_warps=_num_warps(th * tw * block_c),
+    )
+    dx = _dwconv_transpose(g, weight, (H, W), residual=True)
+    return (
+        dx,
+        dw_part.sum(0).view(C, 1, 3, 3).to(cpe_weight.dtype),
+        db_part.sum(0).to(cpe_bias.dtype),
+        dgamma_part.sum(0).to(norm_weight.dtype),
+        dbeta_part.sum(0).to(norm_bias.dtype),
+    )
+
+
+def dwconv_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Launch the forward of ``dwconv_silu``: x (B, N, C) -> (B, N, C) contiguous in x's dtype."""
+    H, W = _check_stencil_inputs(x, hw, weight, {"bias": bias})
+    x = _tokens_major(x)
+    B, N, C = x.shape
+    y = _empty((B, N, C), x.dtype, x.device)
+    block_c = _channel_block(C)
+    th, tw = _tile_shape(H, W, TILE_ELEMENTS // block_c)
+    n_tiles_w = triton.cdiv(W, tw)
+    grid = (triton.cdiv(H, th) * n_tiles_w, C // block_c, B)
+    _dwconv_silu_fwd_kernel[grid](
+        x, weight.contiguous(), bias.contiguous(), y, H, W, C, n_tiles_w, x.stride(0), x.stride(1), N * C, C,
+        TH=th, TW=tw, BLOCK_C=block_c, num_warps=_num_warps(th * tw * block_c),
+    )
+    return y
+
+
+def dwconv_silu_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
+                    hw: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the backward of ``dwconv_silu``.
+
+    dy: (B, N, C) gradient of the output; x: the forward input. Returns (dx (B, N, C) in x's dtype,
+    d weight (C, 1, 3, 3), d bias (C,)), each parameter gradient in its parameter's dtype.
+    """
+    H, W = _check_stencil_inputs(x, hw, weight, {"bias": bias})
+    _check_grad("dy", dy, x)
+    x, dy = _tokens_major(x), _tokens_major(dy)
+    B, N, C = x.shape
+    weight_c = weight.contiguous()
+
+    block_c = _channel_block(C)
+    n_cblocks = C // block_c
+    th, tw = _tile_shape(H, W, TILE_ELEMENTS // block_c)
+    n_tiles_w = triton.cdiv(W, tw)
+    n_tiles_img = triton.cdiv(H, th) * n_tiles_w
+    n_tiles = B * n_tiles_img
+    n_progs = _partial_programs(n_tiles, n_cblocks)
+    g = _empty((B, N, C), x.dtype, x.device)
+    dw_part = _empty((n_progs, C, TAPS), torch.float32, x.device)
+    db_part = _empty((n_progs, C), torch.float32, x.device)
+    _dwconv_silu_bwd_kernel[(n_progs, n_cblocks)](
+        x, weight_c, bias.contiguous(), dy, g, dw_part, db_part,
+        H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C,
+        TH=th, TW=tw, BLOCK_C=block_c, BLOCK_K=BLOCK_TAPS, num_warps=_num_warps(th * tw * block_c),
+    )
+    dx = _dwconv_transpose(g, weight_c, (H, W), residual=False)
+    return dx, dw_part.sum(0).view(C, 1, 3, 3).to(weight.dtype), db_part.sum(0).to(bias.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile) and their autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "mlla_fast::cpe_residual_norm_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor cpe_weight, Tensor cpe_bias, Tensor norm_weight, Tensor norm_bias, "
+           "SymInt H, SymInt W, float eps) -> (Tensor, Tensor)",
+)
+def _cpe_residual_norm_fwd_op(x, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W, eps):
+    return cpe_residual_norm_fwd(x, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W), eps)
+
+
+@_cpe_residual_norm_fwd_op.register_fake
+def _(x, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op(
+    "mlla_fast::cpe_residual_norm_bwd", mutates_args=(),
+    schema="(Tensor? dr, Tensor? dh, Tensor x, Tensor r, Tensor cpe_weight, Tensor cpe_bias, Tensor norm_weight, "
+           "Tensor norm_bias, SymInt H, SymInt W, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _cpe_residual_norm_bwd_op(dr, dh, x, r, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W, eps):
+    return cpe_residual_norm_bwd(dr, dh, x, r, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W), eps)
+
+
+@_cpe_residual_norm_bwd_op.register_fake
+def _(dr, dh, x, r, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W, eps):
+    return (x.new_empty(x.shape), torch.empty_like(cpe_weight), torch.empty_like(cpe_bias),
+            torch.empty_like(norm_weight), torch.empty_like(norm_bias))
+
+
+def _cpe_residual_norm_setup_context(ctx, inputs, output):
+    x, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W, eps = inputs
+    ctx.save_for_backward(x, output[0], cpe_weight, cpe_bias, norm_weight, norm_bias)
+    ctx.grid, ctx.eps = (H, W), eps
+
+
+def _cpe_residual_norm_backward(ctx, dr, dh):
+    x, r, cpe_weight, cpe_bias, norm_weight, norm_bias = ctx.saved_tensors
+    grads = torch.ops.mlla_fast.cpe_residual_norm_bwd(
+        dr, dh, x, r, cpe_weight, cpe_bias, norm_weight, norm_bias, *ctx.grid, ctx.eps
+    )
+    return (*grads, None, None, None)
+
+
+_cpe_residual_norm_fwd_op.register_autograd(
+    _cpe_residual_norm_backward, setup_context=_cpe_residual_norm_setup_context
+)
+
+
+@torch.library.custom_op(
+    "mlla_fast::dwconv_silu_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor bias, SymInt H, SymInt W) -> Tensor",
+)
+def _dwconv_silu_fwd_op(x, weight, bias, H, W):
+    return dwconv_silu_fwd(x, weight, bias, (H, W))
+
+
+@_dwconv_silu_fwd_op.register_fake
+def _(x, weight, bias, H, W):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(
+    "mlla_fast::dwconv_silu_bwd", mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor weight, Tensor bias, SymInt H, SymInt W) -> (Tensor, Tensor, Tensor)",
+)
+def _dwconv_silu_bwd_op(dy, x, weight, bias, H, W):
+    return dwconv_silu_bwd(dy, x, weight, bias, (H, W))
+
+
+@_dwconv_silu_bwd_op.register_fake
+def _(dy, x, weight, bias, H, W):
+    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _dwconv_silu_setup_context(ctx, inputs, output):
+    x, weight, bias, H, W = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.grid = (H, W)
+
+
+def _dwconv_silu_backward(ctx, dy):
+    x, weight, bias = ctx.saved_tensors
+    return (*torch.ops.mlla_fast.dwconv_silu_bwd(dy, x, weight, bias, *ctx.grid), None, None)
+
+
+_dwconv_silu_fwd_op.register_autograd(_dwconv_silu_backward, setup_context=_dwconv_silu_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions (arguments mirror reference/ops.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def cpe_residual_norm(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                      hw: tuple[int, int], eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Conditional positional encoding, residual and LayerNorm, fused: ``r = x + dwconv3x3(x)``, ``h = LN(r)``.
+
+    Args:
+        x: (B, N, C) tokens on the grid hw (N = H * W, row-major), float32/bfloat16/float16, C a
+            multiple of 32 (at most 4096); channels contiguous, token and batch strides free.
+        cpe_weight, cpe_bias: (C, 1, 3, 3) and (C,) depthwise convolution (zero padding 1).
+        norm_weight, norm_bias: (C,) LayerNorm affine parameters.
+        hw: the grid (H, W).
+        eps: LayerNorm epsilon.
+
+    Returns:
+        (r, h), both (B, N, C) contiguous in x's dtype. Differentiable in x and all four parameters;
+        parameter gradients come back in each parameter's dtype.
+    """
+    H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
+                                                     "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
+    return torch.ops.mlla_fast.cpe_residual_norm_fwd(x, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W,
+                                                     float(eps))
+
+
+def dwconv_silu(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int]) -> Tensor:
+    """SiLU of a depthwise 3x3 convolution (zero padding 1, with bias) of tokens, fused.
+
+    Args:
+        x: (B, N, C) tokens on the grid hw (N = H * W, row-major), float32/bfloat16/float16, C a
+            multiple of 32; channels contiguous, token and batch strides free (e.g. a column slice
+            of a wider projection output).
+        weight, bias: (C, 1, 3, 3) and (C,) depthwise convolution parameters.
+        hw: the grid (H, W).
+
+    Returns:
+        (B, N, C) contiguous in x's dtype. Differentiable in x, weight and bias; parameter
+        gradients come back in each parameter's dtype.
+    """
+    H, W = _check_stencil_inputs(x, hw, weight, {"bias": bias})
+    return torch.ops.mlla_fast.dwconv_silu_fwd(x, weight, bias, H, W)

@@ -1,0 +1,703 @@
+"""Fused MLLA linear attention with LePE and gate (SPEC §2) in Triton, forward and backward.
+
+``linear_attention(qk, v, g, lepe_weight, lepe_bias, hw, num_heads)`` mirrors
+``reference.ops.linear_attention_ref`` argument for argument and returns ``(attention(v) + lepe(v)) * g``.
+
+Layout: token-major ``(B, N, C)`` tensors whose channel stride is 1 (batch and token strides are
+free, so a slice of a wider GEMM output is read in place); heads are contiguous 32-channel slices.
+Every program works on one (batch, head) and a block of tokens. Inside a head the 16 RoPE pairs
+(2p, 2p+1) are loaded as two [BLOCK_N, 16] halves ("a" = even channels, "b" = odd channels), so the
+rotation is plain elementwise math; the d x d state kv is kept in that split order (rows 0-15 the
+a-pairs, rows 16-31 the b-pairs), as is the d-vector mean phi(k).
+
+Forward: ``_la_fwd_reduce_kernel`` (partials of kv and sum phi(k) over token ranges, summed in a fixed
+order on the host: deterministic), then ``_la_fwd_out_kernel`` (one pass over tokens: phi, RoPE,
+q~ . kv, normaliser, LePE stencil, gate). Backward: ``_la_bwd_reduce_kernel`` (dKV and the normaliser's
+k-side vector), then ``_la_bwd_main_kernel`` (dq, dk, dv, dg and the LePE weight/bias partials).
+Only the inputs and kv, mean phi(k) (O(B h d^2)) are kept for the backward; everything else is
+recomputed. The derivation is in ``kernels/README.md``.
+"""
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..backend import interpreter_enabled
+from ..reference.ops import NORMALISER_EPS, ROPE_BASE
+
+HEAD_DIM = 32
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_TOKENS = 2**31 - 1 - 4096  # token indices (and their stencil neighbours) are int32 inside the kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Launch parameters of the four kernels (tokens per block, warps), to tune per card.
+
+    Block sizes must be powers of two >= 16 (tl.dot tiles). The two reduction kernels and the
+    backward main kernel loop over token blocks: each (batch, head) gets about
+    ``programs_per_sm * SMs / (B * heads)`` programs, each summing a contiguous token range.
+    ``lowp_dot_precision`` is the tl.dot input precision for bf16/fp16 activations ("tf32" or
+    "ieee"); fp32 activations always use "ieee" so the fp32 path meets the 1e-5 rule.
+    """
+
+    fwd_reduce_block_n: int = 128
+    fwd_reduce_warps: int = 4
+    fwd_out_block_n: int = 64
+    fwd_out_warps: int = 4
+    bwd_reduce_block_n: int = 64
+    bwd_reduce_warps: int = 4
+    bwd_main_block_n: int = 64
+    bwd_main_warps: int = 4
+    programs_per_sm: int = 4
+    lowp_dot_precision: str = "tf32"
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith("block_n") and (value < 16 or value & (value - 1)):
+                raise ValueError(f"{field.name}: expected a power of two >= 16, got {value}")
+        if self.lowp_dot_precision not in ("tf32", "ieee"):
+            raise ValueError(f"lowp_dot_precision: expected 'tf32' or 'ieee', got {self.lowp_dot_precision!r}")
+
+
+CONFIG = LinearAttentionConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _phi(x):
+    """phi(x) = ELU(x) + 1 and its derivative (1 for x > 0, exp(x) = phi(x) otherwise)."""
+    e = tl.exp(tl.minimum(x, 0.0))
+    return tl.where(x > 0, x + 1.0, e), tl.where(x > 0, 1.0, e)
+
+
+@triton.jit
+def _rope_cos_sin(o_n, W, p_theta, i_h, C_QUARTER: tl.constexpr):
+    """cos and sin [BN, 16] of the RoPE angles of head i_h's 16 pairs at tokens o_n [BN] (int32).
+
+    Global pair j < C/4 turns by row * theta_j, pair j >= C/4 by col * theta_(j - C/4); the angle is
+    one fp32 product, as in the reference table, so cos/sin see the same argument.
+    """
+    o_j = i_h * 16 + tl.arange(0, 16)
+    b_theta = tl.load(p_theta + o_j)
+    b_row = (o_n // W).to(tl.float32)
+    b_col = (o_n % W).to(tl.float32)
+    b_pos = tl.where((o_j < C_QUARTER)[None, :], b_row[:, None], b_col[:, None])
+    b_angle = b_pos * b_theta[None, :]
+    return tl.cos(b_angle), tl.sin(b_angle)
+
+
+@triton.jit
+def _load_pairs(p_head, o_row, m_n):
+    """The even ("a") and odd ("b") channels [BN, 16] of a 32-channel head, as fp32 (0 where masked)."""
+    o_p = tl.arange(0, 16)
+    p = p_head + o_row[:, None] + 2 * o_p[None, :]
+    b_a = tl.load(p, mask=m_n[:, None], other=0.0).to(tl.float32)
+    b_b = tl.load(p + 1, mask=m_n[:, None], other=0.0).to(tl.float32)
+    return b_a, b_b
+
+
+@triton.jit
+def _store_pairs(p_head, o_row, m_n, b_a, b_b):
+    o_p = tl.arange(0, 16)
+    p = p_head + o_row[:, None] + 2 * o_p[None, :]
+    tl.store(p, b_a.to(p_head.dtype.element_ty), mask=m_n[:, None])
+    tl.store(p + 1, b_b.to(p_head.dtype.element_ty), mask=m_n[:, None])
+
+
+@triton.jit
+def _load_state(p, o_bh):
+    """A [32, 32] state in split order, returned as its a-rows and b-rows [16, 32]."""
+    o_p = tl.arange(0, 16)
+    o_d = tl.arange(0, 32)
+    p_a = p + o_bh * 1024 + o_p[:, None] * 32 + o_d[None, :]
+    return tl.load(p_a), tl.load(p_a + 512)
+
+
+@triton.jit
+def _store_state(p, o_slot, b_a, b_b):
+    o_p = tl.arange(0, 16)
+    o_d = tl.arange(0, 32)
+    p_a = p + o_slot * 1024 + o_p[:, None] * 32 + o_d[None, :]
+    tl.store(p_a, b_a)
+    tl.store(p_a + 512, b_b)
+
+
+@triton.jit
+def _la_fwd_reduce_kernel(
+    p_qk, p_v, p_theta, p_kv_part, p_ksum_part,
+    N, W, blocks_per_split,
+    s_qk_b, s_qk_n, s_v_b, s_v_n,
+    C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Partial sums over one token range of kv = sum_m k~_m v_m^T and sum_m phi(k_m), per (batch, head).
+
+    Grid (splits, B * heads); writes kv_part[split, bh] [32, 32] and ksum_part[split, bh] [32].
+    """
+    i_s = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // NUM_HEADS).to(tl.int64)
+    i_h = i_bh % NUM_HEADS
+    o_t = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, 32)
+    p_k = p_qk + i_b * s_qk_b + C + i_h * 32
+    p_vh = p_v + i_b * s_v_b + i_h * 32
+
+    b_kv_a = tl.zeros([16, 32], dtype=tl.float32)
+    b_kv_b = tl.zeros([16, 32], dtype=tl.float32)
+    b_ks_a = tl.zeros([16], dtype=tl.float32)
+    b_ks_b = tl.zeros([16], dtype=tl.float32)
+    blk_start = i_s * blocks_per_split
+    blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(N, BLOCK_N))
+    for i_blk in range(blk_start, blk_end):
+        o_n = i_blk * BLOCK_N + o_t
+        m_n = o_n < N
+        o_n64 = o_n.to(tl.int64)
+        b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n)
+        b_ka, _ = _phi(b_ka)
+        b_kb, _ = _phi(b_kb)
+        # phi(0) = 1: padding tokens must not count in sum phi(k)
+        b_ka = tl.where(m_n[:, None], b_ka, 0.0)
+        b_kb = tl.where(m_n[:, None], b_kb, 0.0)
+        b_cos, b_sin = _rope_cos_sin(o_n, W, p_theta, i_h, C // 4)
+        b_kra = b_ka * b_cos - b_kb * b_sin  # [BN, 16]
+        b_krb = b_ka * b_sin + b_kb * b_cos
+        b_v = tl.load(p_vh + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
+        b_kv_a = tl.dot(tl.trans(b_kra), b_v, b_kv_a, input_precision=DOT_PRECISION)  # [16, 32]
+        b_kv_b = tl.dot(tl.trans(b_krb), b_v, b_kv_b, input_precision=DOT_PRECISION)
+        b_ks_a += tl.sum(b_ka, axis=0)
+        b_ks_b += tl.sum(b_kb, axis=0)
+
+    o_slot = (i_s * tl.num_programs(1) + i_bh).to(tl.int64)
+    _store_state(p_kv_part, o_slot, b_kv_a, b_kv_b)
+    o_p = tl.arange(0, 16)
+    tl.store(p_ksum_part + o_slot * 32 + o_p, b_ks_a)
+    tl.store(p_ksum_part + o_slot * 32 + 16 + o_p, b_ks_b)
+
+
+@triton.jit
+def _attention_numerator(p_qk, s_qk_n, p_theta, p_kv, p_ksum, o_n, m_n, W, i_bh, i_h,
+                         C_QUARTER: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Recompute q's features at tokens o_n: returns phi(q) halves, their ELU' halves, q~ halves,
+    cos, sin [BN, 16], the numerator q~ . kv [BN, 32] and the normaliser z [BN]."""
+    b_qa, b_qb = _load_pairs(p_qk, o_n.to(tl.int64) * s_qk_n, m_n)
+    b_qa, b_dqa = _phi(b_qa)
+    b_qb, b_dqb = _phi(b_qb)
+    b_cos, b_sin = _rope_cos_sin(o_n, W, p_theta, i_h, C_QUARTER)
+    b_qra = b_qa * b_cos - b_qb * b_sin
+    b_qrb = b_qa * b_sin + b_qb * b_cos
+    b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
+    b_num = tl.dot(b_qra, b_kv_a, input_precision=DOT_PRECISION)
+    b_num = tl.dot(b_qrb, b_kv_b, b_num, input_precision=DOT_PRECISION)  # [BN, 32]
+    o_p = tl.arange(0, 16)
+    b_ks_a = tl.load(p_ksum + i_bh * 32 + o_p)
+    b_ks_b = tl.load(p_ksum + i_bh * 32 + 16 + o_p)
+    b_den = tl.sum(b_qa * b_ks_a[None, :], axis=1) + tl.sum(b_qb * b_ks_b[None, :], axis=1) + EPS
+    b_z = 1.0 / b_den
+    return b_qa, b_qb, b_dqa, b_dqb, b_qra, b_qrb, b_cos, b_sin, b_num, b_z
+
+
+@triton.jit
+def _neighbour(o_n, m_n, H, W, DI: tl.constexpr, DJ: tl.constexpr):
+    """Token index [BN] of the grid neighbour (row + DI, col + DJ) of tokens o_n, and its validity."""
+    b_row = o_n // W
+    b_col = o_n % W
+    m = m_n & (b_row + DI >= 0) & (b_row + DI < H) & (b_col + DJ >= 0) & (b_col + DJ < W)
+    return o_n + DI * W + DJ, m
+
+
+@triton.jit
+def _la_fwd_out_kernel(
+    p_qk, p_v, p_g, p_w, p_bias, p_theta, p_kv, p_ksum, p_y,
+    N, H, W,
+    s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n,
+    C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
+    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads)."""
+    i_blk = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // NUM_HEADS).to(tl.int64)
+    i_h = i_bh % NUM_HEADS
+    o_d = tl.arange(0, 32)
+    o_n = i_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_c = i_h * 32 + o_d
+
+    _, _, _, _, _, _, _, _, b_num, b_z = _attention_numerator(
+        p_qk + i_b * s_qk_b + i_h * 32, s_qk_n, p_theta, p_kv, p_ksum, o_n, m_n, W, i_bh, i_h, C // 4, EPS,
+        DOT_PRECISION)
+    b_o = b_num * b_z[:, None] + tl.load(p_bias + o_c).to(tl.float32)[None, :]
+    p_vh = p_v + i_b * s_v_b + i_h * 32
+    for k in tl.static_range(9):
+        o_nb, m_nb = _neighbour(o_n, m_n, H, W, k // 3 - 1, k % 3 - 1)
+        b_vn = tl.load(p_vh + o_nb.to(tl.int64)[:, None] * s_v_n + o_d[None, :], mask=m_nb[:, None], other=0.0)
+        b_o += b_vn.to(tl.float32) * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
+    o_n64 = o_n.to(tl.int64)
+    if HAS_GATE:
+        p_gt = p_g + i_b * s_g_b + o_n64[:, None] * s_g_n + o_c[None, :]
+        b_o *= tl.load(p_gt, mask=m_n[:, None], other=0.0).to(tl.float32)
+    p_yt = p_y + i_b * N * C + o_n64[:, None] * C + o_c[None, :]
+    tl.store(p_yt, b_o.to(p_y.dtype.element_ty), mask=m_n[:, None])
+
+
+@triton.jit
+def _load_do(p_dy, p_g, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE: tl.constexpr):
+    """dy and do = dy * g [BN, 32] in fp32 at tokens o_n (0 where m_n is false)."""
+    o_n64 = o_n.to(tl.int64)
+    b_dy = tl.load(p_dy + o_n64[:, None] * s_dy_n + o_c[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
+    if HAS_GATE:
+        b_g = tl.load(p_g + o_n64[:, None] * s_g_n + o_c[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
+        b_do = b_dy * b_g
+    else:
+        b_do = b_dy
+    return b_dy, b_do
+
+
+@triton.jit
+def _la_bwd_reduce_kernel(
+    p_qk, p_g, p_dy, p_theta, p_kv, p_ksum, p_dkv_part, p_dksum_part,
+    N, W, blocks_per_split,
+    s_qk_b, s_qk_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
+    C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
+    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Partial sums over one token range of dKV = sum_n z_n q~_n do_n^T and of the normaliser's
+    d-vector sum_n u_n phi(q_n), u_n = -z_n^2 (num_n . do_n). Grid (splits, B * heads)."""
+    i_s = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // NUM_HEADS).to(tl.int64)
+    i_h = i_bh % NUM_HEADS
+    o_t = tl.arange(0, BLOCK_N)
+    o_c = i_h * 32 + tl.arange(0, 32)
+    p_q = p_qk + i_b * s_qk_b + i_h * 32
+    p_dyb = p_dy + i_b * s_dy_b
+    p_gb = p_g + i_b * s_g_b
+
+    b_dkv_a = tl.zeros([16, 32], dtype=tl.float32)
+    b_dkv_b = tl.zeros([16, 32], dtype=tl.float32)
+    b_dks_a = tl.zeros([16], dtype=tl.float32)
+    b_dks_b = tl.zeros([16], dtype=tl.float32)
+    blk_start = i_s * blocks_per_split
+    blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(N, BLOCK_N))
+    for i_blk in range(blk_start, blk_end):
+        o_n = i_blk * BLOCK_N + o_t
+        m_n = o_n < N
+        b_qa, b_qb, _, _, b_qra, b_qrb, _, _, b_num, b_z = _attention_numerator(
+            p_q, s_qk_n, p_theta, p_kv, p_ksum, o_n, m_n, W, i_bh, i_h, C // 4, EPS, DOT_PRECISION)
+        _, b_do = _load_do(p_dyb, p_gb, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE)  # 0 on padding tokens
+        b_zdo = b_do * b_z[:, None]
+        b_dkv_a = tl.dot(tl.trans(b_qra), b_zdo, b_dkv_a, input_precision=DOT_PRECISION)
+        b_dkv_b = tl.dot(tl.trans(b_qrb), b_zdo, b_dkv_b, input_precision=DOT_PRECISION)
+        b_u = -b_z * b_z * tl.sum(b_num * b_do, axis=1)  # [BN]
+        b_dks_a += tl.sum(b_u[:, None] * b_qa, axis=0)
+        b_dks_b += tl.sum(b_u[:, None] * b_qb, axis=0)
+
+    o_slot = (i_s * tl.num_programs(1) + i_bh).to(tl.int64)
+    _store_state(p_dkv_part, o_slot, b_dkv_a, b_dkv_b)
+    o_p = tl.arange(0, 16)
+    tl.store(p_dksum_part + o_slot * 32 + o_p, b_dks_a)
+    tl.store(p_dksum_part + o_slot * 32 + 16 + o_p, b_dks_b)
+
+
+@triton.jit
+def _la_bwd_main_kernel(
+    p_qk, p_v, p_g, p_dy, p_w, p_bias, p_theta, p_kv, p_ksum, p_dkv, p_dksum,
+    p_dqk, p_dv, p_dg, p_dw_part, p_db_part,
+    N, H, W, blocks_per_split, inv_n,
+    s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
+    C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
+    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Per token: dq, dk (both halves of dqk), dv (attention and LePE paths), dg; per program the
+    partial LePE weight [9, 32] and bias [32] gradients over its token range. Grid (splits, B * heads)."""
+    i_s = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // NUM_HEADS).to(tl.int64)
+    i_h = i_bh % NUM_HEADS
+    o_t = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, 32)
+    o_p = tl.arange(0, 16)
+    o_c = i_h * 32 + o_d
+    p_q = p_qk + i_b * s_qk_b + i_h * 32
+    p_k = p_q + C
+    p_vh = p_v + i_b * s_v_b + i_h * 32
+    p_dyb = p_dy + i_b * s_dy_b
+    p_gb = p_g + i_b * s_g_b
+    p_dq = p_dqk + i_b * N * 2 * C + i_h * 32
+    p_dk = p_dq + C
+
+    b_dkv_a, b_dkv_b = _load_state(p_dkv, i_bh)
+    b_dks_a = tl.load(p_dksum + i_bh * 32 + o_p) * inv_n
+    b_dks_b = tl.load(p_dksum + i_bh * 32 + 16 + o_p) * inv_n
+    b_ks_a = tl.load(p_ksum + i_bh * 32 + o_p)
+    b_ks_b = tl.load(p_ksum + i_bh * 32 + 16 + o_p)
+    b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
+    b_bias = tl.load(p_bias + o_c).to(tl.float32)
+    o_k = tl.arange(0, 16)
+    b_dw = tl.zeros([16, 32], dtype=tl.float32)  # rows 0..8: the 3x3 taps
+    b_db = tl.zeros([32], dtype=tl.float32)
+
+    blk_start = i_s * blocks_per_split
+    blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(N, BLOCK_N))
+    for i_blk in range(blk_start, blk_end):
+        o_n = i_blk * BLOCK_N + o_t
+        m_n = o_n < N
+        o_n64 = o_n.to(tl.int64)
+        _, _, b_eqa, b_eqb, _, _, b_cos, b_sin, b_num, b_z = _attention_numerator(
+            p_q, s_qk_n, p_theta, p_kv, p_ksum, o_n, m_n, W, i_bh, i_h, C // 4, EPS, DOT_PRECISION)
+        b_dy, b_do = _load_do(p_dyb, p_gb, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE)
+
+        # o = a + lepe(v) (for dg); dw[k] = sum_n do_n v_(n + off_k); dv_lepe = sum_k w_k do_(n - off_k)
+        b_o = b_num * b_z[:, None] + b_bias[None, :]
+        b_dv = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
+        for k in tl.static_range(9):
+            b_wk = tl.load(p_w + o_c * 9 + k).to(tl.float32)
+            o_nb, m_nb = _neighbour(o_n, m_n, H, W, k // 3 - 1, k % 3 - 1)
+            b_vn = tl.load(p_vh + o_nb.to(tl.int64)[:, None] * s_v_n + o_d[None, :], mask=m_nb[:, None], other=0.0)
+            b_vn = b_vn.to(tl.float32)
+            b_o += b_vn * b_wk[None, :]
+            b_dw += tl.where(o_k[:, None] == k, tl.sum(b_do * b_vn, axis=0)[None, :], 0.0)
+            o_src, m_src = _neighbour(o_n, m_n, H, W, 1 - k // 3, 1 - k % 3)
+            _, b_do_src = _load_do(p_dyb, p_gb, o_src, m_src, o_c, s_dy_n, s_g_n, HAS_GATE)
+            b_dv += b_do_src * b_wk[None, :]
+        b_db += tl.sum(b_do, axis=0)
+        if HAS_GATE:
+            tl.store(p_dg + i_b * N * C + o_n64[:, None] * C + o_c[None, :], (b_dy * b_o).to(p_dg.dtype.element_ty),
+                     mask=m_n[:, None])
+
+        # dq: through q~ (z KV do, rotated back) and through z (u phi-side), times ELU'
+        b_u = -b_z * b_z * tl.sum(b_num * b_do, axis=1)
+        b_zdo = b_do * b_z[:, None]
+        b_dqra = tl.dot(b_zdo, tl.trans(b_kv_a), input_precision=DOT_PRECISION)  # [BN, 16]
+        b_dqrb = tl.dot(b_zdo, tl.trans(b_kv_b), input_precision=DOT_PRECISION)
+        b_dqa = (b_dqra * b_cos + b_dqrb * b_sin + b_u[:, None] * b_ks_a[None, :]) * b_eqa
+        b_dqb = (b_dqrb * b_cos - b_dqra * b_sin + b_u[:, None] * b_ks_b[None, :]) * b_eqb
+        _store_pairs(p_dq, o_n64 * 2 * C, m_n, b_dqa, b_dqb)
+
+        # dk: through k~ (dKV v / N, rotated back) and through mean phi(k) (dksum / N), times ELU'
+        b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n)
+        b_ka, b_eka = _phi(b_ka)
+        b_kb, b_ekb = _phi(b_kb)
+        b_v = tl.load(p_vh + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
+        b_dkra = tl.dot(b_v, tl.trans(b_dkv_a), input_precision=DOT_PRECISION) * inv_n
+        b_dkrb = tl.dot(b_v, tl.trans(b_dkv_b), input_precision=DOT_PRECISION) * inv_n
+        b_dka = (b_dkra * b_cos + b_dkrb * b_sin + b_dks_a[None, :]) * b_eka
+        b_dkb = (b_dkrb * b_cos - b_dkra * b_sin + b_dks_b[None, :]) * b_ekb
+        _store_pairs(p_dk, o_n64 * 2 * C, m_n, b_dka, b_dkb)
+
+        # dv: attention path k~ dKV / N plus the LePE path accumulated above
+        b_kra = b_ka * b_cos - b_kb * b_sin
+        b_krb = b_ka * b_sin + b_kb * b_cos
+        b_dva = tl.dot(b_kra, b_dkv_a, input_precision=DOT_PRECISION)
+        b_dva = tl.dot(b_krb, b_dkv_b, b_dva, input_precision=DOT_PRECISION)
+        b_dv += b_dva * inv_n
+        tl.store(p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :], b_dv.to(p_dv.dtype.element_ty),
+                 mask=m_n[:, None])
+
+    # partial slot (split, batch): dw_part (splits, B, C, 9), db_part (splits, B, C)
+    o_slot = i_s.to(tl.int64) * (tl.num_programs(1) // NUM_HEADS) + i_b
+    tl.store(p_dw_part + o_slot * C * 9 + o_c[None, :] * 9 + o_k[:, None], b_dw, mask=(o_k < 9)[:, None])
+    tl.store(p_db_part + o_slot * C + o_c, b_db)
+
+
+@triton.jit
+def _rope_table_kernel(p_theta, p_out, N, W, C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The cos/sin the kernels use, written as a (N, C/2, 2) table. Grid (blocks, heads)."""
+    i_h = tl.program_id(1)
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    b_cos, b_sin = _rope_cos_sin(o_n, W, p_theta, i_h, C // 4)
+    o_j = i_h * 16 + tl.arange(0, 16)
+    p = p_out + o_n.to(tl.int64)[:, None] * C + 2 * o_j[None, :]
+    tl.store(p, b_cos, mask=m_n[:, None])
+    tl.store(p + 1, b_sin, mask=m_n[:, None])
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Allocation of every kernel output (tests replace it with a NaN-filled allocator)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.cache
+def _pair_frequencies(C: int, device: torch.device) -> Tensor:
+    """theta of each of the C/2 channel pairs (C/2,) fp32: pair j uses theta_(j mod C/4).
+
+    Built on the CPU with the very expression of ``reference.ops.rope_table`` (also what a released
+    checkpoint's ``rope.rotations`` buffer holds), so the kernels' angles are bit-identical to the table's.
+    """
+    m = C // 4
+    theta = 1.0 / (ROPE_BASE ** (torch.arange(m) / m))
+    return torch.cat([theta, theta]).to(device)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _splits(n_tokens: int, block_n: int, columns: int, device: torch.device) -> tuple[int, int]:
+    """(number of splits, blocks per split) for kernels that loop over token blocks: about
+    programs_per_sm * SMs programs in all, fixed for a shape and device (so results are reproducible)."""
+    n_blocks = triton.cdiv(n_tokens, block_n)
+    target = max(1, CONFIG.programs_per_sm * _multiprocessors(device) // columns)
+    per_split = triton.cdiv(n_blocks, min(target, n_blocks))
+    return triton.cdiv(n_blocks, per_split), per_split
+
+
+def _token_major(x: Tensor) -> Tensor:
+    """x itself when its channels are contiguous (any batch/token strides), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else CONFIG.lowp_dot_precision
+
+
+def _gate_args(g: Tensor | None, v: Tensor) -> tuple[Tensor, int, int]:
+    """Pointer and strides for the gate; v stands in (never read) when there is no gate."""
+    if g is None:
+        return v, 0, 0
+    return g, g.stride(0), g.stride(1)
+
+
+def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
+                          H: int, W: int, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward: returns y (B, N, C) and the saved state kv (B*h, 32, 32), mean phi(k) (B*h, 32)."""
+    qk, v = _token_major(qk), _token_major(v)
+    g = None if g is None else _token_major(g)
+    B, N, C = v.shape
+    bh = B * num_heads
+    device = v.device
+    theta = _pair_frequencies(C, device)
+    precision = _dot_precision(v.dtype)
+
+    block_n = CONFIG.fwd_reduce_block_n
+    n_split, per_split = _splits(N, block_n, bh, device)
+    kv_part = _empty((n_split, bh, HEAD_DIM, HEAD_DIM), torch.float32, device)
+    ksum_part = _empty((n_split, bh, HEAD_DIM), torch.float32, device)
+    _la_fwd_reduce_kernel[(n_split, bh)](
+        qk, v, theta, kv_part, ksum_part, N, W, per_split,
+        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1),
+        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, DOT_PRECISION=precision, num_warps=CONFIG.fwd_reduce_warps,
+    )
+    kv = kv_part.sum(0).div_(N)
+    ksum = ksum_part.sum(0).div_(N)
+
+    y = _empty((B, N, C), v.dtype, device)
+    g_arg, s_g_b, s_g_n = _gate_args(g, v)
+    block_n = CONFIG.fwd_out_block_n
+    _la_fwd_out_kernel[(triton.cdiv(N, block_n), bh)](
+        qk, v, g_arg, lepe_weight.reshape(C, 9).contiguous(), lepe_bias.contiguous(), theta, kv, ksum, y, N, H, W,
+        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
+        C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
+        DOT_PRECISION=precision, num_warps=CONFIG.fwd_out_warps,
+    )
+    return y, kv, ksum
+
+
+def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
+                          lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int,
+                          num_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch the backward: returns dqk (B, N, 2C), dv (B, N, C), dg (B, N, C; empty when g is None),
+    d lepe_weight (C, 1, 3, 3) and d lepe_bias (C,) in their parameters' dtypes."""
+    dy, qk, v = _token_major(dy), _token_major(qk), _token_major(v)
+    g = None if g is None else _token_major(g)
+    B, N, C = v.shape
+    bh = B * num_heads
+    device = v.device
+    theta = _pair_frequencies(C, device)
+    precision = _dot_precision(v.dtype)
+    g_arg, s_g_b, s_g_n = _gate_args(g, v)
+    weight = lepe_weight.reshape(C, 9).contiguous()
+
+    block_n = CONFIG.bwd_reduce_block_n
+    n_split, per_split = _splits(N, block_n, bh, device)
+    dkv_part = _empty((n_split, bh, HEAD_DIM, HEAD_DIM), torch.float32, device)
+    dksum_part = _empty((n_split, bh, HEAD_DIM), torch.float32, device)
+    _la_bwd_reduce_kernel[(n_split, bh)](
+        qk, g_arg, dy, theta, kv, ksum, dkv_part, dksum_part, N, W, per_split,
+        qk.stride(0), qk.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
+        C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
+        DOT_PRECISION=precision, num_warps=CONFIG.bwd_reduce_warps,
+    )
+    dkv = dkv_part.sum(0)
+    dksum = dksum_part.sum(0)
+
+    dqk = _empty((B, N, 2 * C), qk.dtype, device)
+    dv = _empty((B, N, C), v.dtype, device)
+    dg = _empty((B, N, C) if g is not None else (0,), v.dtype, device)
+    block_n = CONFIG.bwd_main_block_n
+    n_split, per_split = _splits(N, block_n, bh, device)
+    dw_part = _empty((n_split, B, C, 9), torch.float32, device)
+    db_part = _empty((n_split, B, C), torch.float32, device)
+    _la_bwd_main_kernel[(n_split, bh)](
+        qk, v, g_arg, dy, weight, lepe_bias.contiguous(), theta, kv, ksum, dkv, dksum,
+        dqk, dv, dg if g is not None else dv, dw_part, db_part, N, H, W, per_split, 1.0 / N,
+        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
+        C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
+        DOT_PRECISION=precision, num_warps=CONFIG.bwd_main_warps,
+    )
+    dw = dw_part.sum((0, 1)).reshape(C, 1, 3, 3).to(lepe_weight.dtype)
+    db = db_part.sum((0, 1)).to(lepe_bias.dtype)
+    return dqk, dv, dg, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# torch custom ops and autograd
+# ----------------------------------------------------------------------------------------------
+
+_FWD_SCHEMA = "(Tensor qk, Tensor v, Tensor? g, Tensor lepe_weight, Tensor lepe_bias, SymInt H, SymInt W, " \
+    "int num_heads) -> (Tensor, Tensor, Tensor)"
+_BWD_SCHEMA = "(Tensor dy, Tensor qk, Tensor v, Tensor? g, Tensor lepe_weight, Tensor lepe_bias, Tensor kv, " \
+    "Tensor ksum, SymInt H, SymInt W, int num_heads) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+linear_attention_fwd_op = torch.library.custom_op(
+    "mlla_fast::linear_attention_fwd", _linear_attention_fwd, mutates_args=(), schema=_FWD_SCHEMA)
+linear_attention_bwd_op = torch.library.custom_op(
+    "mlla_fast::linear_attention_bwd", _linear_attention_bwd, mutates_args=(), schema=_BWD_SCHEMA)
+
+
+@linear_attention_fwd_op.register_fake
+def _(qk, v, g, lepe_weight, lepe_bias, H, W, num_heads):
+    B, N, C = v.shape
+    state = v.new_empty((B * num_heads, HEAD_DIM, HEAD_DIM), dtype=torch.float32)
+    return v.new_empty((B, N, C)), state, v.new_empty((B * num_heads, HEAD_DIM), dtype=torch.float32)
+
+
+@linear_attention_bwd_op.register_fake
+def _(dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads):
+    B, N, C = v.shape
+    dg = v.new_empty((B, N, C) if g is not None else (0,))
+    return (qk.new_empty((B, N, 2 * C)), v.new_empty((B, N, C)), dg, lepe_weight.new_empty(lepe_weight.shape),
+            lepe_bias.new_empty(lepe_bias.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    qk, v, g, lepe_weight, lepe_bias, H, W, num_heads = inputs
+    _, kv, ksum = output
+    ctx.save_for_backward(qk, v, g, lepe_weight, lepe_bias, kv, ksum)
+    ctx.grid = (H, W, num_heads)
+
+
+def _backward(ctx, dy, _dkv, _dksum):
+    qk, v, g, lepe_weight, lepe_bias, kv, ksum = ctx.saved_tensors
+    dqk, dv, dg, dw, db = linear_attention_bwd_op(dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, *ctx.grid)
+    return dqk, dv, (dg if g is not None else None), dw, db, None, None, None
+
+
+linear_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
+                  hw: tuple[int, int], num_heads: int) -> tuple[int, int]:
+    """Raise ValueError unless the arguments are what the kernels handle; returns (H, W)."""
+    named = {"qk": qk, "v": v, "g": g, "lepe_weight": lepe_weight, "lepe_bias": lepe_bias}
+    for name, t in named.items():
+        if not isinstance(t, Tensor) and not (name == "g" and t is None):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if v.dim() != 3:
+        raise ValueError(f"v: expected a 3-D (B, N, C) token tensor, got shape {tuple(v.shape)}")
+    B, N, C = v.shape
+    if (not isinstance(hw, (tuple, list, torch.Size)) or len(hw) != 2
+            or not all(isinstance(s, int) and s >= 1 for s in hw)):
+        raise ValueError(f"hw: expected a pair of positive ints (H, W), got {hw!r}")
+    H, W = int(hw[0]), int(hw[1])
+    if H * W != N:
+        raise ValueError(f"v: token count {N} does not match the grid {H}x{W} (expected {H * W} tokens)")
+    if N > MAX_TOKENS:
+        raise ValueError(f"v: expected at most {MAX_TOKENS} tokens per image, got {N}")
+    if B < 1:
+        raise ValueError(f"v: expected a batch of at least 1, got {B}")
+    if C % HEAD_DIM:
+        raise ValueError(f"v: expected a channel count that is a multiple of {HEAD_DIM}, got {C}")
+    if not isinstance(num_heads, int) or num_heads * HEAD_DIM != C:
+        raise ValueError(f"num_heads: expected C / {HEAD_DIM} = {C // HEAD_DIM} heads of {HEAD_DIM} channels "
+                         f"for C = {C}, got {num_heads!r}")
+    if tuple(qk.shape) != (B, N, 2 * C):
+        raise ValueError(f"qk: expected shape {(B, N, 2 * C)} (q and k of v's {C} channels), got {tuple(qk.shape)}")
+    if g is not None and tuple(g.shape) != (B, N, C):
+        raise ValueError(f"g: expected shape {(B, N, C)} like v, got {tuple(g.shape)}")
+    if tuple(lepe_weight.shape) != (C, 1, 3, 3):
+        raise ValueError(f"lepe_weight: expected shape {(C, 1, 3, 3)}, got {tuple(lepe_weight.shape)}")
+    if tuple(lepe_bias.shape) != (C,):
+        raise ValueError(f"lepe_bias: expected shape {(C,)}, got {tuple(lepe_bias.shape)}")
+    if v.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"v: expected one of {ACTIVATION_DTYPES}, got {v.dtype}")
+    for name in ("qk", "g"):
+        if named[name] is not None and named[name].dtype != v.dtype:
+            raise ValueError(f"{name}: expected the activation dtype of v ({v.dtype}), got {named[name].dtype}")
+    for name in ("lepe_weight", "lepe_bias"):
+        if named[name].dtype not in (torch.float32, v.dtype):
+            raise ValueError(f"{name}: expected float32 or the activation dtype {v.dtype}, got {named[name].dtype}")
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"expected all tensors on one device, got {devices}")
+    if v.device.type != "cuda" and not (v.device.type == "cpu" and interpreter_enabled()):
+        raise ValueError(f"expected CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {v.device}")
+    return H, W
+
+
+def linear_attention(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
+                     hw: tuple[int, int], num_heads: int) -> Tensor:
+    """Fused MLLA linear attention with LePE and gate: ``(attention(v) + lepe(v)) * g``.
+
+    Same arguments and result as ``reference.ops.linear_attention_ref`` (with the RoPE table of the
+    grid): phi = ELU + 1 on q and k, 2-D RoPE over the whole C (angles computed in the kernel),
+    per 32-channel head ``out_n = (RoPE(phi(q_n)) . kv) z_n`` with ``kv = sum_m RoPE(phi(k_m)) v_m^T / N``
+    and ``z_n = 1 / (phi(q_n) . mean_m phi(k_m) + 1e-6)``, plus the 3x3 depthwise LePE of v, times g.
+    Differentiable in qk, v, g, lepe_weight and lepe_bias; a torch custom op (``mlla_fast::linear_attention_fwd``
+    and ``_bwd``), so torch.compile traces around it. fp32 accumulation; outputs in the activation dtype.
+
+    Args:
+        qk: (B, N, 2C) the qk projection of v: q is channels [0, C), k channels [C, 2C).
+        v: (B, N, C) the attention input; qk, v and g share one dtype (float32, bfloat16 or float16).
+            Token and batch strides are free; channels must be contiguous (otherwise copied).
+        g: (B, N, C) gate, or None for no gating.
+        lepe_weight, lepe_bias: (C, 1, 3, 3) and (C,), float32 or the activation dtype.
+        hw: the grid (H, W), H * W = N, row-major tokens.
+        num_heads: C / 32 (heads of 32 channels).
+
+    Returns:
+        (B, N, C) in the activation dtype.
+    """
+    H, W = _check_inputs(qk, v, g, lepe_weight, lepe_bias, hw, num_heads)
+    y, _, _ = linear_attention_fwd_op(qk, v, g, lepe_weight, lepe_bias, H, W, num_heads)
+    return y
+
+
+def rope_cos_sin(H: int, W: int, C: int, device: torch.device | str) -> Tensor:
+    """The kernels' RoPE cos/sin (H, W, C/2, 2) fp32, for checking them against ``reference.ops.rope_table``."""
+    if C % HEAD_DIM or H < 1 or W < 1:
+        raise ValueError(f"expected H, W >= 1 and C a multiple of {HEAD_DIM}, got H={H}, W={W}, C={C}")
+    device = torch.device(device)
+    out = _empty((H * W, C // 2, 2), torch.float32, device)
+    block_n = 64
+    _rope_table_kernel[(triton.cdiv(H * W, block_n), C // HEAD_DIM)](
+        _pair_frequencies(C, device), out, H * W, W, C=C, BLOCK_N=block_n)
+    return out.reshape(H, W, C // 2, 2)
+
+
+__all__ = ["CONFIG", "LinearAttentionConfig", "linear_attention", "rope_cos_sin"]

@@ -1,0 +1,787 @@
+"""EDSM (PatchMerging), EUSM (PatchExpand) and the final x4 expand on token-major data.
+
+The reference ops (``reference/ops.py``) move every activation to the (B, C, H, W) image view and
+back; here the tensors stay token-major (B, N, C) throughout and the grid arithmetic lives inside
+three Triton kernels:
+
+- ``dwconv_stride2_relu``: ReLU(depthwise 3x3 conv, stride 2, padding 1, + bias) from the (H, W)
+  grid to the (ceil(H/2), ceil(W/2)) grid. Output pixel (y, x) reads input (2y - 1 + ky, 2x - 1 + kx).
+- ``dwconv_transpose2x``: depthwise ConvTranspose2d (kernel 3, stride 2, padding 1, output_padding 1,
+  no bias) from (H, W) to (2H, 2W). Input (i, j) scatters to (2i - 1 + ky, 2j - 1 + kx), so output
+  (y, x) gathers input ((y + 1 - ky) / 2, (x + 1 - kx) / 2) wherever that is an integer in range.
+- ``pixel_shuffle4_layernorm``: LayerNorm of the (B, H*W, 16C) expand output read as 4x4 patches of
+  C channels, written straight in the (4H, 4W) row-major token order.
+
+The two stencils are adjoint to each other: the input gradient of the stride-2 conv is a
+transposed-conv gather of the output gradient, and the input gradient of the transposed conv is a
+stride-2 gather. So there are two stencil kernels, one that runs over the small grid and gathers
+from the big one (``_down_kernel``) and one that runs over the big grid and gathers from the small
+one (``_up_kernel``); each serves one op's forward and the other op's backward. In a backward launch
+the same program also forms the depthwise weight (and bias) gradient from the values it has
+loaded, accumulating over its tokens in fp32 registers and writing one fp32 partial per program;
+the partials are summed by ``torch.sum`` (no atomics, deterministic).
+
+``input_relu=True`` makes a stencil consume ReLU(x) instead of x (and mask its input gradient by
+x > 0): the composed ops use it to fuse the ReLU after the 1x1 expand GEMM into the stencil, so the
+largest activation of each op is read once and never rewritten.
+
+Each Triton op is a pair of ``torch.library`` custom ops (forward and backward, with fake
+implementations, so ``torch.compile`` traces around them) called from a ``torch.autograd.Function``.
+The 1x1 convolutions are GEMMs on tokens (``F.linear`` with the (out, in) view of the weight) and
+BatchNorm runs on the (B*N, C, 1, 1) view of the tokens, neither with a permute.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+from ..backend import fused_supported
+from ..reference.ops import check_tokens, image_to_tokens, tokens_to_image
+
+__all__ = [
+    "dwconv_stride2_relu",
+    "dwconv_stride2_relu_ref",
+    "dwconv_transpose2x",
+    "dwconv_transpose2x_ref",
+    "final_expand",
+    "patch_expand",
+    "patch_merging",
+    "pixel_shuffle4_layernorm",
+    "pixel_shuffle4_layernorm_ref",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _down_kernel(
+    big_ptr, small_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
+    n_out, Hs, Ws, Hb, Wb, C, tiles_per_prog, num_progs,
+    BIG_PRE_RELU: tl.constexpr, SMALL_PRE_RELU: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_RELU: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr, N_PART: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Programs over small-grid tokens (flattened over the batch); small pixel (y, x) gathers big pixels
+    (2y - 1 + ky, 2x - 1 + kx).
+
+    Forward of the stride-2 conv: big = x, out = [ReLU](sum_tap w * [ReLU](big) + bias).
+    Backward of the transposed conv (WEIGHT_GRAD): big = grad_out, small = x, out = grad_x (masked by
+    x > 0 when SMALL_PRE_RELU), partial[pid, tap] = sum over the program's tokens of [ReLU](x) * big[tap].
+    """
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    o_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    o_p = tl.arange(0, 16)
+    n_small = Hs * Ws
+    b_dw = tl.zeros([16, BLOCK_C], dtype=tl.float32)  # rows: the 9 taps
+    for i in range(tiles_per_prog):
+        o_t = (pid_n + i * num_progs).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] small tokens
+        m_n = o_t < n_out
+        o_b = o_t // n_small
+        o_s = o_t - o_b * n_small
+        o_y = o_s // Ws
+        o_x = o_s - o_y * Ws
+        m = m_n[:, None] & m_c[None, :]
+        p_out = o_t[:, None] * C + o_c[None, :]
+        b_s = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        b_small = b_s
+        if WEIGHT_GRAD:
+            b_s = tl.load(small_ptr + p_out, mask=m, other=0.0).to(tl.float32)
+            b_small = b_s
+            if SMALL_PRE_RELU:
+                b_small = tl.maximum(b_s, 0.0)
+        acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for ky in tl.static_range(3):
+            o_iy = 2 * o_y - 1 + ky
+            m_y = m_n & (o_iy >= 0) & (o_iy < Hb)
+            for kx in tl.static_range(3):
+                o_ix = 2 * o_x - 1 + kx
+                m_t = m_y & (o_ix >= 0) & (o_ix < Wb)
+                p_big = big_ptr + ((o_b * Hb + o_iy) * Wb + o_ix)[:, None] * C + o_c[None, :]
+                b_v = tl.load(p_big, mask=m_t[:, None] & m_c[None, :], other=0.0).to(tl.float32)  # [BN, BC]
+                if BIG_PRE_RELU:
+                    b_v = tl.maximum(b_v, 0.0)
+                b_w = tl.load(w_ptr + o_c * 9 + (ky * 3 + kx), mask=m_c, other=0.0).to(tl.float32)  # [BC]
+                acc += b_v * b_w[None, :]
+                if WEIGHT_GRAD:
+                    b_dw += tl.where(o_p[:, None] == ky * 3 + kx, tl.sum(b_small * b_v, axis=0)[None, :], 0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        if OUT_RELU:
+            acc = tl.maximum(acc, 0.0)
+        if WEIGHT_GRAD and SMALL_PRE_RELU:
+            acc = tl.where(b_s > 0.0, acc, 0.0)
+        tl.store(out_ptr + p_out, acc.to(out_ptr.dtype.element_ty), mask=m)
+    if WEIGHT_GRAD:
+        p_part = part_ptr + pid_n.to(tl.int64) * (N_PART * C) + o_p[:, None] * C + o_c[None, :]
+        tl.store(p_part, b_dw, mask=(o_p < N_PART)[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _up_kernel(
+    small_ptr, mask_ptr, big_ptr, w_ptr, out_ptr, part_ptr,
+    n_out, Hs, Ws, Hb, Wb, C, tiles_per_prog, num_progs,
+    SMALL_PRE_RELU: tl.constexpr, GRAD_MASK: tl.constexpr, BIG_PRE_RELU: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr, N_PART: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Programs over big-grid tokens (flattened over the batch); big pixel (y, x) gathers small pixels
+    ((y + 1 - ky) / 2, (x + 1 - kx) / 2) where both are integers in range.
+
+    Forward of the transposed conv: small = x, out = sum_tap w * [ReLU](small[tap]).
+    Backward of the stride-2 conv (WEIGHT_GRAD): small = grad_y, zeroed where mask = y <= 0 (GRAD_MASK),
+    big = x, out = grad_x (masked by x > 0 when BIG_PRE_RELU), partial[pid, tap] = sum of [ReLU](x) * g[tap]
+    and, with N_PART = 10, partial[pid, 9] = sum of g over the centre tap, which meets every small pixel
+    exactly once because the small grid is ceil(big / 2): the bias gradient.
+    """
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    o_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    o_p = tl.arange(0, 16)
+    n_big = Hb * Wb
+    b_dw = tl.zeros([16, BLOCK_C], dtype=tl.float32)  # rows: the 9 taps, then the bias
+    for i in range(tiles_per_prog):
+        o_t = (pid_n + i * num_progs).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] big tokens
+        m_n = o_t < n_out
+        o_b = o_t // n_big
+        o_s = o_t - o_b * n_big
+        o_y = o_s // Wb
+        o_x = o_s - o_y * Wb
+        m = m_n[:, None] & m_c[None, :]
+        p_out = o_t[:, None] * C + o_c[None, :]
+        b_g = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        b_big = b_g
+        if WEIGHT_GRAD:
+            b_g = tl.load(big_ptr + p_out, mask=m, other=0.0).to(tl.float32)
+            b_big = b_g
+            if BIG_PRE_RELU:
+                b_big = tl.maximum(b_g, 0.0)
+        acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for ky in tl.static_range(3):
+            n_y = o_y + 1 - ky  # >= -1: clamped so that masked-off lanes still point inside the tensor
+            o_iy = tl.maximum(n_y, 0) // 2
+            m_y = m_n & (n_y >= 0) & ((n_y & 1) == 0) & (o_iy < Hs)
+            for kx in tl.static_range(3):
+                n_x = o_x + 1 - kx
+                o_ix = tl.maximum(n_x, 0) // 2
+                m_t = m_y & (n_x >= 0) & ((n_x & 1) == 0) & (o_ix < Ws)
+                m_v = m_t[:, None] & m_c[None, :]
+                p_small = ((o_b * Hs + o_iy) * Ws + o_ix)[:, None] * C + o_c[None, :]
+                b_v = tl.load(small_ptr + p_small, mask=m_v, other=0.0).to(tl.float32)  # [BN, BC]
+                if SMALL_PRE_RELU:
+                    b_v = tl.maximum(b_v, 0.0)
+                if GRAD_MASK:
+                    b_m = tl.load(mask_ptr + p_small, mask=m_v, other=0.0)
+                    b_v = tl.where(b_m > 0, b_v, 0.0)
+                b_w = tl.load(w_ptr + o_c * 9 + (ky * 3 + kx), mask=m_c, other=0.0).to(tl.float32)  # [BC]
+                acc += b_v * b_w[None, :]
+                if WEIGHT_GRAD:
+                    b_dw += tl.where(o_p[:, None] == ky * 3 + kx, tl.sum(b_big * b_v, axis=0)[None, :], 0.0)
+                    if N_PART == 10 and ky * 3 + kx == 4:
+                        b_dw += tl.where(o_p[:, None] == 9, tl.sum(b_v, axis=0)[None, :], 0.0)
+        if WEIGHT_GRAD and BIG_PRE_RELU:
+            acc = tl.where(b_g > 0.0, acc, 0.0)
+        tl.store(out_ptr + p_out, acc.to(out_ptr.dtype.element_ty), mask=m)
+    if WEIGHT_GRAD:
+        p_part = part_ptr + pid_n.to(tl.int64) * (N_PART * C) + o_p[:, None] * C + o_c[None, :]
+        tl.store(p_part, b_dw, mask=(o_p < N_PART)[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _shuffle4_src(o_r, H, W, C):
+    """Offset in the (B, H*W, 16C) expand output of the C channels that become output token o_r of the
+    (B, 4H*4W, C) result: token (4h + p1, 4w + p2) is channel block p1 * 4 + p2 of input token (h, w)."""
+    n_out = 16 * H * W
+    o_b = o_r // n_out
+    o_s = o_r - o_b * n_out
+    o_y = o_s // (4 * W)
+    o_x = o_s - o_y * (4 * W)
+    return ((o_b * H + o_y // 4) * W + o_x // 4) * (16 * C) + ((o_y % 4) * 4 + o_x % 4) * C
+
+
+@triton.jit
+def _shuffle4_ln_fwd_kernel(y_ptr, w_ptr, b_ptr, out_ptr, n_rows, H, W, C, eps,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """LayerNorm over C of BLOCK_R output tokens, each read from its 4x4-patch slot of the expand output."""
+    pid = tl.program_id(0)
+    o_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] output tokens
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    m = (o_r < n_rows)[:, None] & m_c[None, :]
+    p_src = _shuffle4_src(o_r, H, W, C)
+    b_x = tl.load(y_ptr + p_src[:, None] + o_c[None, :], mask=m, other=0.0).to(tl.float32)  # [BR, BC]
+    b_mean = tl.sum(b_x, axis=1) / C
+    b_xc = tl.where(m, b_x - b_mean[:, None], 0.0)
+    b_rstd = 1.0 / tl.sqrt(tl.sum(b_xc * b_xc, axis=1) / C + eps)
+    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_b = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_o = b_xc * b_rstd[:, None] * b_w[None, :] + b_b[None, :]
+    tl.store(out_ptr + o_r[:, None] * C + o_c[None, :], b_o.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _shuffle4_ln_bwd_kernel(y_ptr, g_ptr, w_ptr, dy_ptr, part_ptr, n_rows, H, W, C, eps, tiles_per_prog, num_progs,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """LayerNorm backward (statistics recomputed from y), written back through the inverse shuffle.
+
+    dy = rstd * (w g - xhat * mean(w g xhat) - mean(w g)); partial[pid] = (sum g xhat, sum g) over the
+    program's tokens.
+    """
+    pid = tl.program_id(0)
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    b_db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(tiles_per_prog):
+        o_r = (pid + i * num_progs).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        m = (o_r < n_rows)[:, None] & m_c[None, :]
+        p_src = _shuffle4_src(o_r, H, W, C)[:, None] + o_c[None, :]
+        b_x = tl.load(y_ptr + p_src, mask=m, other=0.0).to(tl.float32)  # [BR, BC]
+        b_g = tl.load(g_ptr + o_r[:, None] * C + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+        b_mean = tl.sum(b_x, axis=1) / C
+        b_xc = tl.where(m, b_x - b_mean[:, None], 0.0)
+        b_rstd = 1.0 / tl.sqrt(tl.sum(b_xc * b_xc, axis=1) / C + eps)
+        b_xhat = b_xc * b_rstd[:, None]
+        b_wg = b_g * b_w[None, :]
+        c1 = tl.sum(b_xhat * b_wg, axis=1) / C
+        c2 = tl.sum(b_wg, axis=1) / C
+        b_dx = (b_wg - b_xhat * c1[:, None] - c2[:, None]) * b_rstd[:, None]
+        tl.store(dy_ptr + p_src, b_dx.to(dy_ptr.dtype.element_ty), mask=m)
+        b_dw += tl.sum(b_g * b_xhat, axis=0)
+        b_db += tl.sum(b_g, axis=0)
+    p_part = part_ptr + pid.to(tl.int64) * (2 * C) + o_c
+    tl.store(p_part, b_dw, mask=m_c)
+    tl.store(p_part + C, b_db, mask=m_c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every buffer a kernel writes is allocated here (the tests fill it with NaN to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _reduction_progs(n_tiles: int, other_progs: int, device: torch.device) -> int:
+    """Programs along the token axis of a launch that also reduces over tokens.
+
+    About eight programs per SM in all (few and long, so the fp32 partials stay small), at most one
+    per tile. In the interpreter a handful, so that the tests run programs looping over several tiles.
+    """
+    target = 8 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+    return max(1, min(n_tiles, triton.cdiv(target, other_progs)))
+
+
+def _stencil_blocks(C: int) -> tuple[int, int]:
+    """(BLOCK_N tokens, BLOCK_C channels) of a stencil tile: 4096 fp32 accumulators, channels contiguous."""
+    block_c = min(64, max(16, triton.next_power_of_2(C)))
+    return 4096 // block_c, block_c
+
+
+def _down_hw(H: int, W: int) -> tuple[int, int]:
+    """Output grid of the 3x3 stride-2 padding-1 conv: (ceil(H/2), ceil(W/2))."""
+    return (H + 1) // 2, (W + 1) // 2
+
+
+def _launch_stencil(kernel, out: Tensor, n_out: int, C: int, n_part: int, weight_grad: bool, args: tuple,
+                    flags: dict) -> Tensor | None:
+    """Launch a stencil kernel over n_out tokens x C channels; returns the (n_part, C) fp32 partial sums or None."""
+    block_n, block_c = _stencil_blocks(C)
+    c_progs = triton.cdiv(C, block_c)
+    n_tiles = triton.cdiv(n_out, block_n)
+    n_progs = _reduction_progs(n_tiles, c_progs, out.device) if weight_grad else n_tiles
+    part = _empty((n_progs, n_part, C), torch.float32, out.device) if weight_grad else out
+    kernel[(n_progs, c_progs)](
+        *args[:4], out, part, *args[4:], triton.cdiv(n_tiles, n_progs), n_progs,
+        WEIGHT_GRAD=weight_grad, N_PART=n_part, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4, **flags,
+    )
+    return part.sum(dim=0) if weight_grad else None
+
+
+def _tap_grad(part: Tensor) -> Tensor:
+    """(9, C) per-tap sums -> the (C, 1, 3, 3) depthwise weight gradient."""
+    return part[:9].t().contiguous().view(-1, 1, 3, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: forward and backward of each Triton op
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "mlla_fast::dwconv_stride2_relu_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor bias, SymInt H, SymInt W, bool input_relu) -> Tensor",
+)
+def _dwconv_stride2_relu_fwd(x: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, input_relu: bool) -> Tensor:
+    B, _, C = x.shape
+    Hs, Ws = _down_hw(H, W)
+    y = _empty((B, Hs * Ws, C), x.dtype, x.device)
+    _launch_stencil(
+        _down_kernel, y, B * Hs * Ws, C, 9, False,
+        (x.contiguous(), x, weight.reshape(C, 9).contiguous(), bias.contiguous(), B * Hs * Ws, Hs, Ws, H, W, C),
+        dict(BIG_PRE_RELU=input_relu, SMALL_PRE_RELU=False, HAS_BIAS=True, OUT_RELU=True),
+    )
+    return y
+
+
+@_dwconv_stride2_relu_fwd.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, input_relu: bool) -> Tensor:
+    Hs, Ws = _down_hw(H, W)
+    return x.new_empty((x.shape[0], Hs * Ws, x.shape[2]))
+
+
+@torch.library.custom_op(
+    "mlla_fast::dwconv_stride2_relu_bwd", mutates_args=(),
+    schema="(Tensor grad_y, Tensor x, Tensor weight, Tensor y, SymInt H, SymInt W, bool input_relu) "
+           "-> (Tensor, Tensor, Tensor)",
+)
+def _dwconv_stride2_relu_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, H: int, W: int,
+                             input_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    B, _, C = x.shape
+    Hs, Ws = _down_hw(H, W)
+    grad_x = _empty(x.shape, x.dtype, x.device)
+    part = _launch_stencil(
+        _up_kernel, grad_x, B * H * W, C, 10, True,
+        (grad_y.contiguous(), y.contiguous(), x.contiguous(), weight.reshape(C, 9).contiguous(),
+         B * H * W, Hs, Ws, H, W, C),
+        dict(SMALL_PRE_RELU=False, GRAD_MASK=True, BIG_PRE_RELU=input_relu),
+    )
+    return grad_x, _tap_grad(part), part[9].clone()
+
+
+@_dwconv_stride2_relu_bwd.register_fake
+def _(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, H: int, W: int,
+      input_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    C = x.shape[2]
+    return (x.new_empty(x.shape), x.new_empty((C, 1, 3, 3), dtype=torch.float32),
+            x.new_empty((C,), dtype=torch.float32))
+
+
+@torch.library.custom_op(
+    "mlla_fast::dwconv_transpose2x_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor weight, SymInt H, SymInt W, bool input_relu) -> Tensor",
+)
+def _dwconv_transpose2x_fwd(x: Tensor, weight: Tensor, H: int, W: int, input_relu: bool) -> Tensor:
+    B, _, C = x.shape
+    y = _empty((B, 4 * H * W, C), x.dtype, x.device)
+    _launch_stencil(
+        _up_kernel, y, B * 4 * H * W, C, 9, False,
+        (x.contiguous(), x, x, weight.reshape(C, 9).contiguous(), B * 4 * H * W, H, W, 2 * H, 2 * W, C),
+        dict(SMALL_PRE_RELU=input_relu, GRAD_MASK=False, BIG_PRE_RELU=False),
+    )
+    return y
+
+
+@_dwconv_transpose2x_fwd.register_fake
+def _(x: Tensor, weight: Tensor, H: int, W: int, input_relu: bool) -> Tensor:
+    return x.new_empty((x.shape[0], 4 * H * W, x.shape[2]))
+
+
+@torch.library.custom_op(
+    "mlla_fast::dwconv_transpose2x_bwd", mutates_args=(),
+    schema="(Tensor grad_y, Tensor x, Tensor weight, SymInt H, SymInt W, bool input_relu) -> (Tensor, Tensor)",
+)
+def _dwconv_transpose2x_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, H: int, W: int,
+                            input_relu: bool) -> tuple[Tensor, Tensor]:
+    B, _, C = x.shape
+    grad_x = _empty(x.shape, x.dtype, x.device)
+    part = _launch_stencil(
+        _down_kernel, grad_x, B * H * W, C, 9, True,
+        (grad_y.contiguous(), x.contiguous(), weight.reshape(C, 9).contiguous(), x, B * H * W, H, W, 2 * H, 2 * W,
+         C),
+        dict(BIG_PRE_RELU=False, SMALL_PRE_RELU=input_relu, HAS_BIAS=False, OUT_RELU=False),
+    )
+    return grad_x, _tap_grad(part)
+
+
+@_dwconv_transpose2x_bwd.register_fake
+def _(grad_y: Tensor, x: Tensor, weight: Tensor, H: int, W: int, input_relu: bool) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), x.new_empty((x.shape[2], 1, 3, 3), dtype=torch.float32)
+
+
+def _shuffle4_blocks(C: int) -> tuple[int, int, int]:
+    """(BLOCK_R rows, BLOCK_C >= C channels, num_warps) of a LayerNorm tile: whole rows, about 4096 elements."""
+    block_c = triton.next_power_of_2(C)
+    return max(1, 4096 // block_c), block_c, 4 if block_c <= 2048 else 8
+
+
+@torch.library.custom_op(
+    "mlla_fast::pixel_shuffle4_layernorm_fwd", mutates_args=(),
+    schema="(Tensor y, Tensor weight, Tensor bias, SymInt H, SymInt W, float eps) -> Tensor",
+)
+def _pixel_shuffle4_layernorm_fwd(y: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, eps: float) -> Tensor:
+    B, C = y.shape[0], y.shape[2] // 16
+    out = _empty((B, 16 * H * W, C), y.dtype, y.device)
+    block_r, block_c, num_warps = _shuffle4_blocks(C)
+    n_rows = B * 16 * H * W
+    _shuffle4_ln_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        y.contiguous(), weight.contiguous(), bias.contiguous(), out, n_rows, H, W, C, eps,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return out
+
+
+@_pixel_shuffle4_layernorm_fwd.register_fake
+def _(y: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, eps: float) -> Tensor:
+    return y.new_empty((y.shape[0], 16 * H * W, y.shape[2] // 16))
+
+
+@torch.library.custom_op(
+    "mlla_fast::pixel_shuffle4_layernorm_bwd", mutates_args=(),
+    schema="(Tensor grad_out, Tensor y, Tensor weight, SymInt H, SymInt W, float eps) -> (Tensor, Tensor, Tensor)",
+)
+def _pixel_shuffle4_layernorm_bwd(grad_out: Tensor, y: Tensor, weight: Tensor, H: int, W: int,
+                                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    B, C = y.shape[0], y.shape[2] // 16
+    grad_y = _empty(y.shape, y.dtype, y.device)
+    block_r, block_c, num_warps = _shuffle4_blocks(C)
+    n_rows = B * 16 * H * W
+    n_tiles = triton.cdiv(n_rows, block_r)
+    n_progs = _reduction_progs(n_tiles, 1, y.device)
+    part = _empty((n_progs, 2, C), torch.float32, y.device)
+    _shuffle4_ln_bwd_kernel[(n_progs,)](
+        y.contiguous(), grad_out.contiguous(), weight.contiguous(), grad_y, part, n_rows, H, W, C, eps,
+        triton.cdiv(n_tiles, n_progs), n_progs, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    part = part.sum(dim=0)
+    return grad_y, part[0].clone(), part[1].clone()
+
+
+@_pixel_shuffle4_layernorm_bwd.register_fake
+def _(grad_out: Tensor, y: Tensor, weight: Tensor, H: int, W: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    C = y.shape[2] // 16
+    return y.new_empty(y.shape), y.new_empty((C,), dtype=torch.float32), y.new_empty((C,), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd functions
+# ----------------------------------------------------------------------------------------------
+
+
+class DWConvStride2ReLUFunction(torch.autograd.Function):
+    """ReLU(depthwise 3x3 stride-2 conv + bias) on tokens, optionally of ReLU(x); Triton forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, input_relu: bool) -> Tensor:
+        y = torch.ops.mlla_fast.dwconv_stride2_relu_fwd(x, weight, bias, H, W, input_relu)
+        ctx.save_for_backward(x, weight, bias, y)
+        ctx.grid = (H, W, input_relu)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, weight, bias, y = ctx.saved_tensors
+        grad_x, grad_w, grad_b = torch.ops.mlla_fast.dwconv_stride2_relu_bwd(grad_y, x, weight, y, *ctx.grid)
+        return grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype), None, None, None
+
+
+class DWConvTranspose2xFunction(torch.autograd.Function):
+    """Depthwise 3x3 stride-2 transposed conv (padding 1, output_padding 1) on tokens; Triton forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, H: int, W: int, input_relu: bool) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.grid = (H, W, input_relu)
+        return torch.ops.mlla_fast.dwconv_transpose2x_fwd(x, weight, H, W, input_relu)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_w = torch.ops.mlla_fast.dwconv_transpose2x_bwd(grad_y, x, weight, *ctx.grid)
+        return grad_x, grad_w.to(weight.dtype), None, None, None
+
+
+class PixelShuffle4LayerNormFunction(torch.autograd.Function):
+    """(B, H*W, 16C) -> 4x4 pixel shuffle -> LayerNorm(C) -> (B, 16*H*W, C); Triton forward and backward."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, eps: float) -> Tensor:
+        ctx.save_for_backward(y, weight, bias)
+        ctx.grid = (H, W, eps)
+        return torch.ops.mlla_fast.pixel_shuffle4_layernorm_fwd(y, weight, bias, H, W, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        y, weight, bias = ctx.saved_tensors
+        grad_y, grad_w, grad_b = torch.ops.mlla_fast.pixel_shuffle4_layernorm_bwd(grad_out, y, weight, *ctx.grid)
+        return grad_y, grad_w.to(weight.dtype), grad_b.to(bias.dtype), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_hw(hw) -> tuple[int, int]:
+    if len(hw) != 2:
+        raise ValueError(f"hw: expected a (H, W) pair, got {hw!r}")
+    H, W = hw
+    if H < 1 or W < 1:
+        raise ValueError(f"hw: expected H, W >= 1, got {H}x{W}")
+    return H, W
+
+
+def _check_input(x: Tensor, hw: tuple[int, int], name: str, channels: int | None = None) -> tuple[int, int]:
+    """Validate a (B, H*W, C) activation for the Triton kernels; returns (H, W)."""
+    H, W = _check_hw(hw)
+    check_tokens(x, (H, W), channels, name)
+    reason = fused_supported(x)
+    if reason is not None:
+        raise ValueError(f"{name}: {reason}")
+    if x.shape[0] < 1 or x.shape[2] < 1:
+        raise ValueError(f"{name}: expected a non-empty (B, N, C) tensor, got shape {tuple(x.shape)}")
+    return H, W
+
+
+def _check_param(t: Tensor, shape: tuple[int, ...], name: str, like: Tensor) -> None:
+    """Raise ValueError unless t is a floating tensor of the given shape on like's device."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if not t.is_floating_point() or t.dtype == torch.float64:
+        raise ValueError(f"{name}: expected a float32, bfloat16 or float16 tensor, got dtype {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device}, got one on {t.device}")
+
+
+def _check_batch_norm(bn: nn.Module, channels: int) -> None:
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise ValueError(f"bn: expected a BatchNorm module (nn.BatchNorm2d), got {type(bn).__name__}")
+    if bn.num_features != channels:
+        raise ValueError(f"bn: expected a BatchNorm over {channels} channels, got num_features={bn.num_features}")
+
+
+def _batch_norm_tokens(y: Tensor, bn: nn.Module) -> Tensor:
+    """Apply bn to tokens y (B, N, C) through the (B*N, C, 1, 1) view: the same per-channel statistics over
+    (B, H, W) as on the image, no copy, and the module's own train/eval logic (running statistics,
+    momentum or cumulative average, num_batches_tracked)."""
+    B, N, C = y.shape
+    return bn(y.reshape(B * N, C, 1, 1)).view(B, N, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------
+
+
+def dwconv_stride2_relu(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int],
+                        input_relu: bool = False) -> Tensor:
+    """ReLU(depthwise 3x3 conv, stride 2, padding 1, + bias) on token-major data.
+
+    Args:
+        x: (B, H*W, C) tokens on the grid hw = (H, W); with ``input_relu`` the conv reads ReLU(x).
+        weight: (C, 1, 3, 3) depthwise weight. bias: (C,).
+        hw: the input grid (H, W), any H, W >= 1.
+        input_relu: apply ReLU to x on load (and mask its gradient), fusing a preceding ReLU.
+
+    Returns:
+        (B, ceil(H/2) * ceil(W/2), C) tokens, row-major over the output grid, in x's dtype.
+    """
+    H, W = _check_input(x, hw, "x")
+    C = x.shape[2]
+    _check_param(weight, (C, 1, 3, 3), "weight", x)
+    _check_param(bias, (C,), "bias", x)
+    return DWConvStride2ReLUFunction.apply(x, weight, bias, H, W, bool(input_relu))
+
+
+def dwconv_stride2_relu_ref(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int],
+                            input_relu: bool = False) -> Tensor:
+    """PyTorch reference of ``dwconv_stride2_relu`` (same arguments), through the image view."""
+    image = tokens_to_image(x, hw)
+    if input_relu:
+        image = F.relu(image)
+    return image_to_tokens(F.relu(F.conv2d(image, weight, bias, stride=2, padding=1, groups=x.shape[2])))
+
+
+def dwconv_transpose2x(x: Tensor, weight: Tensor, hw: tuple[int, int], input_relu: bool = False) -> Tensor:
+    """Depthwise ConvTranspose2d (kernel 3, stride 2, padding 1, output_padding 1, no bias) on tokens.
+
+    Args:
+        x: (B, H*W, C) tokens on the grid hw = (H, W); with ``input_relu`` the conv reads ReLU(x).
+        weight: (C, 1, 3, 3) depthwise weight (ConvTranspose2d layout, groups = C).
+        hw: the input grid (H, W), any H, W >= 1.
+        input_relu: apply ReLU to x on load (and mask its gradient), fusing a preceding ReLU.
+
+    Returns:
+        (B, 2H * 2W, C) tokens, row-major over the (2H, 2W) grid, in x's dtype.
+    """
+    H, W = _check_input(x, hw, "x")
+    _check_param(weight, (x.shape[2], 1, 3, 3), "weight", x)
+    return DWConvTranspose2xFunction.apply(x, weight, H, W, bool(input_relu))
+
+
+def dwconv_transpose2x_ref(x: Tensor, weight: Tensor, hw: tuple[int, int], input_relu: bool = False) -> Tensor:
+    """PyTorch reference of ``dwconv_transpose2x`` (same arguments), through the image view."""
+    image = tokens_to_image(x, hw)
+    if input_relu:
+        image = F.relu(image)
+    y = F.conv_transpose2d(image, weight, None, stride=2, padding=1, output_padding=1, groups=x.shape[2])
+    return image_to_tokens(y)
+
+
+def pixel_shuffle4_layernorm(y: Tensor, hw: tuple[int, int], norm_weight: Tensor, norm_bias: Tensor,
+                             eps: float = 1e-5) -> Tensor:
+    """LayerNorm(C) of the expand output y read as 4x4 patches, written in (4H, 4W) row-major token order.
+
+    Args:
+        y: (B, H*W, 16C); token (h, w)'s channels are read as (p1 = 4, p2 = 4, c = C) and channel block
+            (p1, p2) becomes output token (4h + p1, 4w + p2).
+        hw: the input grid (H, W). norm_weight, norm_bias: (C,). eps: the LayerNorm epsilon.
+
+    Returns:
+        (B, 16*H*W, C) LayerNorm'd tokens in y's dtype.
+    """
+    H, W = _check_input(y, hw, "y")
+    if y.shape[2] % 16:
+        raise ValueError(f"y: expected 16*C channels (4x4 patches of C), got {y.shape[2]}")
+    C = y.shape[2] // 16
+    _check_param(norm_weight, (C,), "norm_weight", y)
+    _check_param(norm_bias, (C,), "norm_bias", y)
+    return PixelShuffle4LayerNormFunction.apply(y, norm_weight, norm_bias, H, W, float(eps))
+
+
+def pixel_shuffle4_layernorm_ref(y: Tensor, hw: tuple[int, int], norm_weight: Tensor, norm_bias: Tensor,
+                                 eps: float = 1e-5) -> Tensor:
+    """PyTorch reference of ``pixel_shuffle4_layernorm`` (same arguments): rearrange, then F.layer_norm."""
+    B, _, C16 = y.shape
+    H, W = hw
+    C = C16 // 16
+    y = y.reshape(B, H, W, 4, 4, C).permute(0, 1, 3, 2, 4, 5).reshape(B, 16 * H * W, C)
+    return F.layer_norm(y, (C,), norm_weight, norm_bias, eps)
+
+
+def patch_merging(
+    x: Tensor,
+    hw: tuple[int, int],
+    expand_weight: Tensor,
+    expand_bias: Tensor,
+    dw_weight: Tensor,
+    dw_bias: Tensor,
+    reduce_weight: Tensor,
+    reduce_bias: Tensor,
+    bn: nn.BatchNorm2d,
+) -> Tensor:
+    """EDSM on tokens: 1x1 conv C->E + ReLU, DW 3x3 stride-2 conv + ReLU, 1x1 conv E->C_out + BatchNorm.
+
+    Mirrors ``reference.ops.patch_merging_ref``. E = 8C and C_out = 2C in MLLA-UNet.
+
+    Args:
+        x: (B, H*W, C) tokens on the grid hw = (H, W).
+        expand_weight: (E, C, 1, 1), expand_bias: (E,). dw_weight: (E, 1, 3, 3), dw_bias: (E,).
+        reduce_weight: (C_out, E, 1, 1), reduce_bias: (C_out,). bn: BatchNorm2d(C_out), used in its
+            current train/eval mode (training mode updates its running statistics).
+
+    Returns:
+        (B, ceil(H/2) * ceil(W/2), C_out) tokens.
+    """
+    H, W = _check_input(x, hw, "x")
+    C = x.shape[2]
+    if not isinstance(expand_weight, Tensor) or expand_weight.dim() != 4:
+        raise ValueError(f"expand_weight: expected an (E, {C}, 1, 1) 1x1 conv weight, got {_shape(expand_weight)}")
+    E = expand_weight.shape[0]
+    if not isinstance(reduce_weight, Tensor) or reduce_weight.dim() != 4:
+        raise ValueError(f"reduce_weight: expected a (C_out, {E}, 1, 1) 1x1 conv weight, got {_shape(reduce_weight)}")
+    C_out = reduce_weight.shape[0]
+    _check_param(expand_weight, (E, C, 1, 1), "expand_weight", x)
+    _check_param(expand_bias, (E,), "expand_bias", x)
+    _check_param(dw_weight, (E, 1, 3, 3), "dw_weight", x)
+    _check_param(dw_bias, (E,), "dw_bias", x)
+    _check_param(reduce_weight, (C_out, E, 1, 1), "reduce_weight", x)
+    _check_param(reduce_bias, (C_out,), "reduce_bias", x)
+    _check_batch_norm(bn, C_out)
+    h = F.linear(x, expand_weight.view(E, C), expand_bias)
+    h = DWConvStride2ReLUFunction.apply(h, dw_weight, dw_bias, H, W, True)
+    h = F.linear(h, reduce_weight.view(C_out, E), reduce_bias)
+    return _batch_norm_tokens(h, bn)
+
+
+def patch_expand(
+    x: Tensor,
+    hw: tuple[int, int],
+    expand_weight: Tensor,
+    expand_bias: Tensor,
+    dwt_weight: Tensor,
+    reduce_weight: Tensor,
+    reduce_bias: Tensor,
+    bn: nn.BatchNorm2d,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    eps: float = 1e-5,
+) -> Tensor:
+    """EUSM on tokens: 1x1 conv C->E + ReLU, DW transposed 3x3 stride-2 conv, 1x1 conv E->C_out + BatchNorm,
+    LayerNorm(C_out).
+
+    Mirrors ``reference.ops.patch_expand_ref``. E = 4C and C_out = C/2 in MLLA-UNet.
+
+    Args:
+        x: (B, H*W, C) tokens on the grid hw = (H, W).
+        expand_weight: (E, C, 1, 1), expand_bias: (E,). dwt_weight: (E, 1, 3, 3) (no bias).
+        reduce_weight: (C_out, E, 1, 1), reduce_bias: (C_out,). bn: BatchNorm2d(C_out), used in its
+            current train/eval mode. norm_weight, norm_bias: (C_out,). eps: the LayerNorm epsilon.
+
+    Returns:
+        (B, 4*H*W, C_out) tokens on the (2H, 2W) grid.
+    """
+    H, W = _check_input(x, hw, "x")
+    C = x.shape[2]
+    if not isinstance(expand_weight, Tensor) or expand_weight.dim() != 4:
+        raise ValueError(f"expand_weight: expected an (E, {C}, 1, 1) 1x1 conv weight, got {_shape(expand_weight)}")
+    E = expand_weight.shape[0]
+    if not isinstance(reduce_weight, Tensor) or reduce_weight.dim() != 4:
+        raise ValueError(f"reduce_weight: expected a (C_out, {E}, 1, 1) 1x1 conv weight, got {_shape(reduce_weight)}")
+    C_out = reduce_weight.shape[0]
+    _check_param(expand_weight, (E, C, 1, 1), "expand_weight", x)
+    _check_param(expand_bias, (E,), "expand_bias", x)
+    _check_param(dwt_weight, (E, 1, 3, 3), "dwt_weight", x)
+    _check_param(reduce_weight, (C_out, E, 1, 1), "reduce_weight", x)
+    _check_param(reduce_bias, (C_out,), "reduce_bias", x)
+    _check_param(norm_weight, (C_out,), "norm_weight", x)
+    _check_param(norm_bias, (C_out,), "norm_bias", x)
+    _check_batch_norm(bn, C_out)
+    h = F.linear(x, expand_weight.view(E, C), expand_bias)
+    h = DWConvTranspose2xFunction.apply(h, dwt_weight, H, W, True)
+    h = _batch_norm_tokens(F.linear(h, reduce_weight.view(C_out, E), reduce_bias), bn)
+    return F.layer_norm(h, (C_out,), norm_weight, norm_bias, eps)
+
+
+def final_expand(x: Tensor, hw: tuple[int, int], expand_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                 eps: float = 1e-5) -> Tensor:
+    """Final x4 expand on tokens: Linear C->16C (no bias), then the fused 4x4 pixel shuffle + LayerNorm(C).
+
+    Mirrors ``reference.ops.final_expand_ref``.
+
+    Args:
+        x: (B, H*W, C) tokens on the grid hw = (H, W).
+        expand_weight: (16C, C) Linear weight. norm_weight, norm_bias: (C,). eps: the LayerNorm epsilon.
+
+    Returns:
+        (B, 16*H*W, C) tokens, row-major over the (4H, 4W) grid.
+    """
+    H, W = _check_input(x, hw, "x")
+    C = x.shape[2]
+    _check_param(expand_weight, (16 * C, C), "expand_weight", x)
+    _check_param(norm_weight, (C,), "norm_weight", x)
+    _check_param(norm_bias, (C,), "norm_bias", x)
+    return PixelShuffle4LayerNormFunction.apply(F.linear(x, expand_weight), norm_weight, norm_bias, H, W, float(eps))
+
+
+def _shape(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__

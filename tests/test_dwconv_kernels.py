@@ -1,0 +1,234 @@
+"""The fused depthwise-stencil kernels (kernels/dwconv.py) against the float64 reference ops.
+
+Outputs and the gradients of every input and parameter, on fresh random inputs, grids that are not
+tile multiples, strided views, low precision, determinism, torch.compile and the input checks.
+Every buffer the kernels allocate is poisoned with NaN, so an element a kernel fails to write fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tolerance import assert_matches
+
+from mlla_fast.kernels import dwconv
+from mlla_fast.kernels.dwconv import cpe_residual_norm, dwconv_silu
+from mlla_fast.reference.ops import cpe_residual_norm_ref, dwconv_silu_ref
+
+# (B, H, W, C): odd grids, a 1xN row, an Nx1 column, batch 1 and 3, C = 32 ... 128.
+SHAPES = [(1, 1, 33, 32), (3, 7, 7, 64), (1, 13, 17, 96), (3, 14, 14, 128), (2, 9, 1, 32)]
+OPS = ["cpe_residual_norm", "dwconv_silu"]
+LOWP = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(dwconv, "_empty", poisoned)
+
+
+def make_inputs(op: str, B: int, H: int, W: int, C: int, device: str, dtype=torch.float32,
+                param_dtype=torch.float32) -> list[torch.Tensor]:
+    """x (B, H*W, C) with a non-zero mean, then the op's parameters (weight, bias[, norm weight, norm bias])."""
+    x = (torch.randn(B, H * W, C, device=device) + 0.5).to(dtype)
+    params = [torch.randn(C, 1, 3, 3, device=device) * 0.3, torch.randn(C, device=device) * 0.5]
+    if op == "cpe_residual_norm":
+        params += [1.0 + 0.5 * torch.randn(C, device=device), 0.5 * torch.randn(C, device=device)]
+    return [x, *(p.to(param_dtype) for p in params)]
+
+
+def run(op: str, inputs: list[torch.Tensor], hw: tuple[int, int], grad_outs: list[torch.Tensor | None],
+        reference: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Outputs of the kernel (or reference) op and the gradients of all inputs for the given output grads."""
+    fn = {"cpe_residual_norm": (cpe_residual_norm, cpe_residual_norm_ref),
+          "dwconv_silu": (dwconv_silu, dwconv_silu_ref)}[op][reference]
+    outs = fn(*inputs, hw)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    used = [(o, g) for o, g in zip(outs, grad_outs) if g is not None]
+    grads = torch.autograd.grad([o for o, _ in used], inputs, [g for _, g in used])
+    return [o.detach() for o in outs], list(grads)
+
+
+def leaves(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+def names(op: str) -> tuple[list[str], list[str]]:
+    if op == "cpe_residual_norm":
+        return ["r", "h"], ["dx", "d cpe_weight", "d cpe_bias", "d norm_weight", "d norm_bias"]
+    return ["y"], ["dx", "d weight", "d bias"]
+
+
+def check_fp32(op: str, inputs: list[torch.Tensor], hw: tuple[int, int], grad_outs: list[torch.Tensor | None]):
+    """Kernel outputs and gradients against the float64 reference, fp32 rule."""
+    outs, grads = run(op, inputs, hw, grad_outs)
+    ref_outs, ref_grads = run(op, leaves(inputs, torch.float64), hw,
+                              [None if g is None else g.double() for g in grad_outs], reference=True)
+    out_names, grad_names = names(op)
+    for name, out, ref in zip(out_names + grad_names, outs + grads, ref_outs + ref_grads):
+        assert out.dtype == torch.float32, f"{name}: dtype {out.dtype}"
+        assert_matches(f"{op} {name}", out, ref)
+    return outs, grads
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_{}x{}_C{}".format(*s))
+@pytest.mark.parametrize("op", OPS)
+def test_fp32_matches_float64_reference(op, shape, device):
+    B, H, W, C = shape
+    inputs = leaves(make_inputs(op, B, H, W, C, device))
+    grad_outs = [torch.randn(B, H * W, C, device=device) for _ in names(op)[0]]
+    check_fp32(op, inputs, (H, W), grad_outs)
+
+
+def test_cpe_residual_norm_1024_channels_single_pass(device):
+    """The LayerNorm op holds all C channels of a token in one program, up to C = 1024 and beyond."""
+    inputs = leaves(make_inputs("cpe_residual_norm", 2, 3, 5, 1024, device))
+    check_fp32("cpe_residual_norm", inputs, (3, 5), [torch.randn(2, 15, 1024, device=device) for _ in range(2)])
+
+
+@pytest.mark.parametrize("used", ["r", "h"])
+def test_cpe_residual_norm_one_output_used(used, device):
+    """Only r or only h reaches the loss: the other output's gradient is absent, not zero-filled."""
+    B, H, W, C = 2, 6, 5, 64
+    inputs = leaves(make_inputs("cpe_residual_norm", B, H, W, C, device))
+    grad = torch.randn(B, H * W, C, device=device)
+    check_fp32("cpe_residual_norm", inputs, (H, W), [grad, None] if used == "r" else [None, grad])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_strided_views(op, device):
+    """x a column slice of a wider tensor (token stride 3C) taken from every other sample; strided output grads."""
+    B, H, W, C = 2, 7, 9, 64
+    wide = torch.randn(2 * B, H * W, 3 * C, device=device) + 0.5
+    x_view = wide[::2, :, C:2 * C].requires_grad_()
+    _, *params = leaves(make_inputs(op, B, H, W, C, device))
+    inputs = [x_view, *params]
+    assert x_view.stride() == (2 * H * W * 3 * C, 3 * C, 1)
+    grad_outs = [torch.randn(B, H * W, 2 * C, device=device)[..., :C] for _ in names(op)[0]]
+    check_fp32(op, inputs, (H, W), grad_outs)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_many_tiles_per_program(op, device, monkeypatch):
+    """Small tiles and few partial programs: each program loops over several tiles, some past the end."""
+    monkeypatch.setattr(dwconv, "TILE_ELEMENTS", 512)
+    monkeypatch.setattr(dwconv, "PARTIAL_PROGRAMS", 3)
+    B, H, W, C = 2, 11, 10, 64
+    inputs = leaves(make_inputs(op, B, H, W, C, device))
+    check_fp32(op, inputs, (H, W), [torch.randn(B, H * W, C, device=device) for _ in names(op)[0]])
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_low_precision_activations_fp32_params(op, dtype, device):
+    """bf16/fp16 activations with fp32 parameters (as under autocast): outputs in the activation dtype,
+    parameter gradients in fp32; errors within twice PyTorch's own low-precision error plus a floor."""
+    B, H, W, C = 2, 10, 13, 96
+    inputs = make_inputs(op, B, H, W, C, device, dtype=dtype)
+    grad_outs = [torch.randn(B, H * W, C, device=device).to(dtype) for _ in names(op)[0]]
+    outs, grads = run(op, leaves(inputs), (H, W), grad_outs)
+    ref_outs, ref_grads = run(op, leaves(inputs, torch.float64), (H, W), [g.double() for g in grad_outs],
+                              reference=True)
+    lowp_outs, lowp_grads = run(op, leaves(inputs, dtype), (H, W), grad_outs, reference=True)
+    out_names, grad_names = names(op)
+    expected_dtypes = [dtype] * (len(out_names) + 1) + [torch.float32] * (len(grad_names) - 1)
+    for name, out, ref, lowp, expected in zip(out_names + grad_names, outs + grads, ref_outs + ref_grads,
+                                              lowp_outs + lowp_grads, expected_dtypes):
+        assert out.dtype == expected, f"{name}: dtype {out.dtype}, expected {expected}"
+        assert_matches(f"{op} {name}", out, ref, lowp, dtype=dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_deterministic(op, device):
+    B, H, W, C = 2, 9, 12, 64
+    inputs = make_inputs(op, B, H, W, C, device)
+    grad_outs = [torch.randn(B, H * W, C, device=device) for _ in names(op)[0]]
+    first = run(op, leaves(inputs), (H, W), grad_outs)
+    second = run(op, leaves(inputs), (H, W), grad_outs)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+def test_compiles_without_graph_breaks(device):
+    """Both ops inside one torch.compile(fullgraph=True) region, forward and backward, match eager."""
+    B, H, W, C = 2, 5, 6, 64
+    x, w, b, nw, nb = make_inputs("cpe_residual_norm", B, H, W, C, device)
+
+    def block_part(x, w, b, nw, nb):
+        r, h = cpe_residual_norm(x, w, b, nw, nb, (H, W))
+        return r + dwconv_silu(h, w, b, (H, W))
+
+    eager_in, compiled_in = leaves([x, w, b, nw, nb]), leaves([x, w, b, nw, nb])
+    grad = torch.randn(B, H * W, C, device=device)
+    eager = block_part(*eager_in)
+    eager_grads = torch.autograd.grad(eager, eager_in, grad)
+    compiled = torch.compile(block_part, backend="aot_eager", fullgraph=True)(*compiled_in)
+    compiled_grads = torch.autograd.grad(compiled, compiled_in, grad)
+    for a, e in zip((compiled, *compiled_grads), (eager, *eager_grads)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["cpe_residual_norm_fwd", "dwconv_silu_fwd"])
+def test_custom_op_registration(op, device):
+    """Schema, fake (meta) implementation and autograd registration of the custom ops."""
+    H, W = 3, 4
+    inputs = make_inputs(op.removesuffix("_fwd"), 1, H, W, 32, device)
+    args = [inputs[0].requires_grad_(), *inputs[1:], H, W] + ([1e-5] if op.startswith("cpe") else [])
+    torch.library.opcheck(getattr(torch.ops.mlla_fast, op).default, tuple(args),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def _bad_cases(device):
+    C = 64
+    x = torch.randn(2, 12, C, device=device)
+    w, b = torch.randn(C, 1, 3, 3, device=device), torch.randn(C, device=device)
+    return [
+        ("grid", lambda f: f(x, w, b, (3, 5)), "does not match the grid 3x5"),
+        ("grid values", lambda f: f(x, w, b, (0, 12)), "pair of positive integers"),
+        ("grid type", lambda f: f(x, w, b, 12), "pair of positive integers"),
+        ("2-D x", lambda f: f(x[0], w, b, (3, 4)), "3-D"),
+        ("channels", lambda f: f(x[..., :48], w[:48], b[:48], (3, 4)), "multiple of 32, got 48"),
+        ("weight shape", lambda f: f(x, w.view(C, 9), b, (3, 4)), r"\(64, 1, 3, 3\)"),
+        ("weight channels", lambda f: f(x, w[:32], b, (3, 4)), r"\(64, 1, 3, 3\)"),
+        ("bias shape", lambda f: f(x, w, b[:32], (3, 4)), r"bias: expected shape \(64,\)"),
+        ("integer x", lambda f: f(x.long(), w, b, (3, 4)), "floating-point"),
+        ("integer weight", lambda f: f(x, w.int(), b, (3, 4)), "floating-point"),
+        ("float64 x", lambda f: f(x.double(), w, b, (3, 4)), "float32, bfloat16 and float16"),
+        ("empty batch", lambda f: f(x[:0], w, b, (3, 4)), "at least one sample"),
+        ("mixed devices", lambda f: f(x, w.to("meta"), b, (3, 4)), "on meta"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("op", OPS)
+def test_bad_input_raises_value_error(op, case, device):
+    name, call, message = _bad_cases(device)[case]
+
+    def f(x, w, b, hw):
+        if op == "dwconv_silu":
+            return dwconv_silu(x, w, b, hw)
+        C = x.shape[-1] if x.dim() == 3 else b.shape[0]
+        return cpe_residual_norm(x, w, b, torch.ones(C, device=device), torch.zeros(C, device=device), hw)
+
+    with pytest.raises(ValueError, match=message):
+        call(f)
+
+
+def test_cpe_residual_norm_rejects_bad_norm_parameters(device):
+    x = torch.randn(1, 6, 64, device=device)
+    w, b = torch.randn(64, 1, 3, 3, device=device), torch.randn(64, device=device)
+    with pytest.raises(ValueError, match=r"norm_weight: expected shape \(64,\)"):
+        cpe_residual_norm(x, w, b, torch.ones(32, device=device), torch.zeros(64, device=device), (2, 3))
+    with pytest.raises(ValueError, match="at most 4096 channels"):
+        x = torch.randn(1, 1, 4128, device=device)
+        p = torch.ones(4128, device=device)
+        cpe_residual_norm(x, torch.ones(4128, 1, 3, 3, device=device), p, p, p, (1, 1))
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 4, 32)
+    with pytest.raises(ValueError, match="need a CUDA tensor, got one on cpu"):
+        dwconv_silu(x, torch.randn(32, 1, 3, 3), torch.randn(32), (2, 2))
