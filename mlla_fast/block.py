@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import check_backend, use_fused
 from .reference.block import MLLABlock as ReferenceMLLABlock
+from .reference.block import resolve_grid
+from .reference.ops import drop_path
 
 
 class MLLABlock(ReferenceMLLABlock):
@@ -16,7 +20,7 @@ class MLLABlock(ReferenceMLLABlock):
     reference), "triton" (fused kernels or a ``ValueError``) or "torch" (reference); None reads
     ``MLLA_FAST_BACKEND``.
 
-    forward(x, hw=None): x (B, N, C) tokens on the grid hw (default ``input_resolution``).
+    forward(x, hw=None): x (B, N, C) tokens on the grid hw (default ``input_resolution``) -> (B, N, C).
     """
 
     def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, mlp_ratio: float = 4.0,
@@ -28,7 +32,34 @@ class MLLABlock(ReferenceMLLABlock):
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         if use_fused(self.backend, x):
-            from .fused import fused_block_forward
-
-            return fused_block_forward(self, x, hw)
+            if self.dim != 32 * self.num_heads:
+                if self.backend == "triton":
+                    raise ValueError(
+                        f"backend='triton' needs 32 channels per head, got dim={self.dim} with {self.num_heads} heads"
+                    )
+                return super().forward(x, hw)
+            return self.fused_forward(x, hw)
         return super().forward(x, hw)
+
+    def fused_forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        """The block on fused kernels: stencils + norms, gate/value GEMM, fused attention, MLP on cuBLAS."""
+        from .kernels.dwconv import cpe_residual_norm, dwconv_silu
+        from .kernels.linear_attention import linear_attention
+
+        hw = resolve_grid(x, hw, self.input_resolution, self.dim)
+        C = self.dim
+        r, h = cpe_residual_norm(
+            x, self.cpe1.weight, self.cpe1.bias, self.norm1.weight, self.norm1.bias, hw, self.norm1.eps
+        )
+        gate_value_weight = torch.cat([self.act_proj.weight, self.in_proj.weight])
+        gv = F.linear(h, gate_value_weight, torch.cat([self.act_proj.bias, self.in_proj.bias]))
+        gate = F.silu(gv[..., :C])
+        v = dwconv_silu(gv[..., C:], self.dwc.weight, self.dwc.bias, hw)
+        a = linear_attention(
+            self.attn.qk(v), v, gate, self.attn.lepe.weight, self.attn.lepe.bias, hw, self.num_heads
+        )
+        x = r + drop_path(self.out_proj(a), self.drop_path_prob, self.training)
+        r, h = cpe_residual_norm(
+            x, self.cpe2.weight, self.cpe2.bias, self.norm2.weight, self.norm2.bias, hw, self.norm2.eps
+        )
+        return r + drop_path(self.mlp(h), self.drop_path_prob, self.training)

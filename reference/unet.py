@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .block import MLLABlock
@@ -18,12 +19,20 @@ MODEL_CONFIGS: dict[str, dict] = {
 }
 
 
+class ConcatLinear(nn.Linear):
+    """``concat_back_dim``: Linear(2C -> C) applied to cat([decoder, skip], -1) (decoder features first)."""
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return F.linear(torch.cat([x, skip], dim=-1), self.weight, self.bias)
+
+
 class BasicLayer(nn.Module):
     """An encoder stage: MLLA blocks, then an optional EDSM downsample."""
 
     def __init__(
         self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int, mlp_ratio: float,
         qkv_bias: bool, drop: float, drop_path: Sequence[float], downsample: bool, block_cls: Callable,
+        downsample_cls: Callable = PatchMerging,
     ):
         super().__init__()
         self.dim = dim
@@ -32,7 +41,7 @@ class BasicLayer(nn.Module):
                       drop_path=drop_path[j])
             for j in range(depth)
         )
-        self.downsample = PatchMerging(input_resolution, dim) if downsample else None
+        self.downsample = downsample_cls(input_resolution, dim) if downsample else None
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         for blk in self.blocks:
@@ -46,6 +55,7 @@ class BasicLayerUp(nn.Module):
     def __init__(
         self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int, mlp_ratio: float,
         qkv_bias: bool, drop: float, drop_path: Sequence[float], upsample: bool, block_cls: Callable,
+        upsample_cls: Callable = PatchExpand,
     ):
         super().__init__()
         self.dim = dim
@@ -54,7 +64,7 @@ class BasicLayerUp(nn.Module):
                       drop_path=drop_path[j])
             for j in range(depth)
         )
-        self.upsample = PatchExpand(input_resolution, dim) if upsample else None
+        self.upsample = upsample_cls(input_resolution, dim) if upsample else None
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         for blk in self.blocks:
@@ -67,7 +77,9 @@ class MLLAUNet(nn.Module):
 
     ``img_size`` fixes only the grids the RoPE buffers are stored for (the released checkpoints'
     contract); any input whose sides are multiples of 32 runs. A 1-channel image is repeated to
-    3 channels when the model expects 3, as the released wrapper does.
+    3 channels when the model expects 3, as the released wrapper does. The ``*_cls`` arguments
+    inject the parts (the fast package passes its fused versions); a decoder stage's blocks take
+    the drop-path rates of the mirrored encoder stage, the last one repeated if it has more blocks.
     """
 
     def __init__(
@@ -85,6 +97,10 @@ class MLLAUNet(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
         block_cls: Callable = MLLABlock,
+        downsample_cls: Callable = PatchMerging,
+        upsample_cls: Callable = PatchExpand,
+        final_expand_cls: Callable = FinalPatchExpand_X4,
+        concat_cls: Callable = ConcatLinear,
         **kwargs,
     ):
         super().__init__()
@@ -114,7 +130,8 @@ class MLLAUNet(nn.Module):
 
         self.layers = nn.ModuleList(
             BasicLayer(embed_dim * 2**i, grids[i], depths[i], num_heads[i], mlp_ratio, qkv_bias, drop_rate,
-                       dpr[starts[i]:starts[i + 1]], downsample=i < n - 1, block_cls=block_cls)
+                       dpr[starts[i]:starts[i + 1]], downsample=i < n - 1, block_cls=block_cls,
+                       downsample_cls=downsample_cls)
             for i in range(n)
         )
         self.norm = nn.LayerNorm(self.num_features)
@@ -124,18 +141,18 @@ class MLLAUNet(nn.Module):
         for i in range(n):
             s = n - 1 - i
             dim = embed_dim * 2**s
-            self.concat_back_dim.append(nn.Linear(2 * dim, dim) if i > 0 else nn.Identity())
+            self.concat_back_dim.append(concat_cls(2 * dim, dim) if i > 0 else nn.Identity())
             if i == 0:
-                self.layers_up.append(PatchExpand(grids[s], dim))
+                self.layers_up.append(upsample_cls(grids[s], dim))
             else:
                 mirrored = dpr[starts[s]:starts[s + 1]]
                 decoder_dpr = [mirrored[min(j, len(mirrored) - 1)] for j in range(depths_decoder[i])]
                 self.layers_up.append(
                     BasicLayerUp(dim, grids[s], depths_decoder[i], num_heads[s], mlp_ratio, qkv_bias, drop_rate,
-                                 decoder_dpr, upsample=i < n - 1, block_cls=block_cls)
+                                 decoder_dpr, upsample=i < n - 1, block_cls=block_cls, upsample_cls=upsample_cls)
                 )
         self.norm_up = nn.LayerNorm(embed_dim)
-        self.up = FinalPatchExpand_X4(grids[0], embed_dim)
+        self.up = final_expand_cls(grids[0], embed_dim)
         self.output = nn.Conv2d(embed_dim, num_classes, 1, bias=False)
         self.apply(trunc_normal_init)
 
@@ -176,8 +193,7 @@ class MLLAUNet(nn.Module):
             if i == 0:
                 x = layer_up(x, grids[s])
             else:
-                x = self.concat_back_dim[i](torch.cat([x, skips[s]], dim=-1))
-                x = layer_up(x, grids[s])
+                x = layer_up(self.concat_back_dim[i](x, skips[s]), grids[s])
         x = self.up(self.norm_up(x), grids[0])
         x = x.transpose(1, 2).reshape(B, self.embed_dim, H, W)
         return self.output(x)

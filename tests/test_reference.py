@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from golden import golden_module, load_golden
-from tolerance import rel_err
 
 import mlla_fast
 from mlla_fast.reference import (
@@ -19,6 +17,9 @@ from mlla_fast.reference import (
     load_imagenet_pretrained,
     rope_table,
 )
+
+from golden import golden_module, load_golden
+from tolerance import rel_err
 
 CLASSES = {"MLLABlock": MLLABlock, "PatchMerging": PatchMerging, "PatchExpand": PatchExpand, "MLLA_UNet": MLLAUNet}
 GOLDEN_FILES = [
@@ -186,10 +187,10 @@ class TestBadInput:
             model(torch.randn(1, 3, 64, 48))
 
     def test_integer_dtype(self):
-        with pytest.raises(ValueError, match="floating-point.*torch.int64"):
+        with pytest.raises(ValueError, match=r"floating-point.*torch\.int64"):
             MLLABlock(64, (7, 7), 2)(torch.ones(1, 49, 64, dtype=torch.long))
         model = create_reference_model("tiny", num_classes=3, img_size=64, depths=(1, 1, 1, 1))
-        with pytest.raises(ValueError, match="floating-point image.*torch.uint8"):
+        with pytest.raises(ValueError, match=r"floating-point image.*torch\.uint8"):
             model(torch.ones(1, 3, 64, 64, dtype=torch.uint8))
 
     def test_three_d_where_four_d_needed(self):
