@@ -47,7 +47,7 @@ def run(op: str, inputs: list[torch.Tensor], hw: tuple[int, int], grad_outs: lis
     outs = fn(*inputs, hw)
     outs = list(outs) if isinstance(outs, tuple) else [outs]
     used = [(o, g) for o, g in zip(outs, grad_outs) if g is not None]
-    grads = torch.autograd.grad([o for o, _ in used], inputs, [g for _, g in used])
+    grads = torch.autograd.grad([o for o, _ in used], inputs, [g for _, g in used], materialize_grads=True)
     return [o.detach() for o in outs], list(grads)
 
 
