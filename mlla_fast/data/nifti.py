@@ -62,17 +62,20 @@ def load_volume(path: str | Path, role: str = "image") -> nib.Nifti1Image:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{role} file not found: {path}")
+    unreadable = (OSError, EOFError, zlib.error, ImageFileError, HeaderDataError, ValueError)
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, ImageFileError, HeaderDataError, ValueError) as exc:
-        raise DataError(f"{role} {path}: cannot read the file (truncated or corrupt NIfTI?): {exc}") from exc
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(f"{role} {path}: expected a 3-D volume (X, Y, Z), got shape {tuple(data.shape)}")
-    if 0 in data.shape:
-        raise DataError(f"{role} {path}: empty volume, shape {tuple(data.shape)} has a zero-size axis")
+    except unreadable as exc:
+        raise DataError(f"{role} {path}: cannot read the file (corrupt or not NIfTI?): {exc}") from exc
+    shape = tuple(img.shape)
+    if 0 in shape:
+        raise DataError(f"{role} {path}: empty volume, shape {shape} has a zero-size axis")
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+        raise DataError(f"{role} {path}: expected a 3-D volume (X, Y, Z), got shape {shape}")
+    try:
+        data = np.asanyarray(img.dataobj).reshape(shape[:3])
+    except unreadable as exc:
+        raise DataError(f"{role} {path}: cannot read the image data (truncated or corrupt file?): {exc}") from exc
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise DataError(f"{role} {path}: expected real numbers, got data type {data.dtype}")
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
