@@ -42,7 +42,9 @@ class LinearAttentionConfig:
     backward main kernel loop over token blocks: each (batch, head) gets about
     ``programs_per_sm * SMs / (B * heads)`` programs, each summing a contiguous token range.
     ``lowp_dot_precision`` is the tl.dot input precision for bf16/fp16 activations ("tf32" or
-    "ieee"); fp32 activations always use "ieee" so the fp32 path meets the 1e-5 rule.
+    "ieee"); fp32 activations always use "ieee" so the fp32 path meets the 1e-5 rule. ``pair_loads``:
+    "split" loads a head's 32 channels at once and splits the RoPE pairs in registers, "strided" loads
+    the even and odd channels separately.
     """
 
     fwd_reduce_block_n: int = 128
@@ -55,6 +57,7 @@ class LinearAttentionConfig:
     bwd_main_warps: int = 4
     programs_per_sm: int = 4
     lowp_dot_precision: str = "tf32"
+    pair_loads: str = "split"
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -63,6 +66,8 @@ class LinearAttentionConfig:
                 raise ValueError(f"{field.name}: expected a power of two >= 16, got {value}")
         if self.lowp_dot_precision not in ("tf32", "ieee"):
             raise ValueError(f"lowp_dot_precision: expected 'tf32' or 'ieee', got {self.lowp_dot_precision!r}")
+        if self.pair_loads not in ("split", "strided"):
+            raise ValueError(f"pair_loads: expected 'split' or 'strided', got {self.pair_loads!r}")
 
 
 CONFIG = LinearAttentionConfig()
@@ -81,37 +86,49 @@ def _phi(x):
 
 
 @triton.jit
-def _rope_cos_sin(o_n, W, p_theta, i_h, C_QUARTER: tl.constexpr):
-    """cos and sin [BN, 16] of the RoPE angles of head i_h's 16 pairs at tokens o_n [BN] (int32).
+def _rope_cos_sin(b_row, b_col, p_theta, i_h, C_QUARTER: tl.constexpr):
+    """cos and sin [BN, 16] of the RoPE angles of head i_h's 16 pairs at grid rows/columns [BN] (int32).
 
     Global pair j < C/4 turns by row * theta_j, pair j >= C/4 by col * theta_(j - C/4); the angle is
     one fp32 product, as in the reference table, so cos/sin see the same argument.
     """
     o_j = i_h * 16 + tl.arange(0, 16)
     b_theta = tl.load(p_theta + o_j)
-    b_row = (o_n // W).to(tl.float32)
-    b_col = (o_n % W).to(tl.float32)
-    b_pos = tl.where((o_j < C_QUARTER)[None, :], b_row[:, None], b_col[:, None])
+    b_pos = tl.where((o_j < C_QUARTER)[None, :], b_row.to(tl.float32)[:, None], b_col.to(tl.float32)[:, None])
     b_angle = b_pos * b_theta[None, :]
     return tl.cos(b_angle), tl.sin(b_angle)
 
 
 @triton.jit
-def _load_pairs(p_head, o_row, m_n):
-    """The even ("a") and odd ("b") channels [BN, 16] of a 32-channel head, as fp32 (0 where masked)."""
-    o_p = tl.arange(0, 16)
-    p = p_head + o_row[:, None] + 2 * o_p[None, :]
-    b_a = tl.load(p, mask=m_n[:, None], other=0.0).to(tl.float32)
-    b_b = tl.load(p + 1, mask=m_n[:, None], other=0.0).to(tl.float32)
+def _load_pairs(p_head, o_row, m_n, SPLIT_PAIRS: tl.constexpr):
+    """The even ("a") and odd ("b") channels [BN, 16] of a 32-channel head, as fp32 (0 where masked).
+
+    SPLIT_PAIRS: one contiguous [BN, 32] load split in registers; otherwise two stride-2 loads.
+    """
+    if SPLIT_PAIRS:
+        o_d = tl.arange(0, 32)
+        b_x = tl.load(p_head + o_row[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
+        b_a, b_b = tl.split(tl.reshape(b_x, [b_x.shape[0], 16, 2]))
+    else:
+        o_p = tl.arange(0, 16)
+        p = p_head + o_row[:, None] + 2 * o_p[None, :]
+        b_a = tl.load(p, mask=m_n[:, None], other=0.0).to(tl.float32)
+        b_b = tl.load(p + 1, mask=m_n[:, None], other=0.0).to(tl.float32)
     return b_a, b_b
 
 
 @triton.jit
-def _store_pairs(p_head, o_row, m_n, b_a, b_b):
-    o_p = tl.arange(0, 16)
-    p = p_head + o_row[:, None] + 2 * o_p[None, :]
-    tl.store(p, b_a.to(p_head.dtype.element_ty), mask=m_n[:, None])
-    tl.store(p + 1, b_b.to(p_head.dtype.element_ty), mask=m_n[:, None])
+def _store_pairs(p_head, o_row, m_n, b_a, b_b, SPLIT_PAIRS: tl.constexpr):
+    """Store even/odd halves [BN, 16] back as the interleaved channels of a 32-channel head."""
+    if SPLIT_PAIRS:
+        o_d = tl.arange(0, 32)
+        b_x = tl.reshape(tl.join(b_a, b_b), [b_a.shape[0], 32])
+        tl.store(p_head + o_row[:, None] + o_d[None, :], b_x.to(p_head.dtype.element_ty), mask=m_n[:, None])
+    else:
+        o_p = tl.arange(0, 16)
+        p = p_head + o_row[:, None] + 2 * o_p[None, :]
+        tl.store(p, b_a.to(p_head.dtype.element_ty), mask=m_n[:, None])
+        tl.store(p + 1, b_b.to(p_head.dtype.element_ty), mask=m_n[:, None])
 
 
 @triton.jit
@@ -138,6 +155,7 @@ def _la_fwd_reduce_kernel(
     N, W, blocks_per_split,
     s_qk_b, s_qk_n, s_v_b, s_v_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_PAIRS: tl.constexpr,
 ):
     """Partial sums over one token range of kv = sum_m k~_m v_m^T and sum_m phi(k_m), per (batch, head).
 
@@ -162,13 +180,13 @@ def _la_fwd_reduce_kernel(
         o_n = i_blk * BLOCK_N + o_t
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
-        b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n)
+        b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n, SPLIT_PAIRS)
         b_ka, _ = _phi(b_ka)
         b_kb, _ = _phi(b_kb)
         # phi(0) = 1: padding tokens must not count in sum phi(k)
         b_ka = tl.where(m_n[:, None], b_ka, 0.0)
         b_kb = tl.where(m_n[:, None], b_kb, 0.0)
-        b_cos, b_sin = _rope_cos_sin(o_n, W, p_theta, i_h, C // 4)
+        b_cos, b_sin = _rope_cos_sin(o_n // W, o_n % W, p_theta, i_h, C // 4)
         b_kra = b_ka * b_cos - b_kb * b_sin  # [BN, 16]
         b_krb = b_ka * b_sin + b_kb * b_cos
         b_v = tl.load(p_vh + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
@@ -185,14 +203,15 @@ def _la_fwd_reduce_kernel(
 
 
 @triton.jit
-def _attention_numerator(p_qk, s_qk_n, p_theta, p_kv, p_ksum, o_n, m_n, W, i_bh, i_h,
-                         C_QUARTER: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attention_numerator(p_qk, s_qk_n, p_theta, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
+                         C_QUARTER: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         SPLIT_PAIRS: tl.constexpr):
     """Recompute q's features at tokens o_n: returns phi(q) halves, their ELU' halves, q~ halves,
     cos, sin [BN, 16], the numerator q~ . kv [BN, 32] and the normaliser z [BN]."""
-    b_qa, b_qb = _load_pairs(p_qk, o_n.to(tl.int64) * s_qk_n, m_n)
+    b_qa, b_qb = _load_pairs(p_qk, o_n.to(tl.int64) * s_qk_n, m_n, SPLIT_PAIRS)
     b_qa, b_dqa = _phi(b_qa)
     b_qb, b_dqb = _phi(b_qb)
-    b_cos, b_sin = _rope_cos_sin(o_n, W, p_theta, i_h, C_QUARTER)
+    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_theta, i_h, C_QUARTER)
     b_qra = b_qa * b_cos - b_qb * b_sin
     b_qrb = b_qa * b_sin + b_qb * b_cos
     b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
@@ -207,11 +226,10 @@ def _attention_numerator(p_qk, s_qk_n, p_theta, p_kv, p_ksum, o_n, m_n, W, i_bh,
 
 
 @triton.jit
-def _neighbour(o_n, m_n, H, W, DI: tl.constexpr, DJ: tl.constexpr):
-    """Token index [BN] of the grid neighbour (row + DI, col + DJ) of tokens o_n, and its validity."""
-    b_row = o_n // W
-    b_col = o_n % W
-    m = m_n & (b_row + DI >= 0) & (b_row + DI < H) & (b_col + DJ >= 0) & (b_col + DJ < W)
+def _neighbour(o_n, b_row, b_col, m_n, H, W, DI: tl.constexpr, DJ: tl.constexpr):
+    """Token index [BN] of the grid neighbour (row + DI, col + DJ) of tokens o_n at (b_row, b_col), and
+    whether it exists (zero padding outside the grid)."""
+    m = m_n & (b_row >= -DI) & (b_row < H - DI) & (b_col >= -DJ) & (b_col < W - DJ)
     return o_n + DI * W + DJ, m
 
 
@@ -221,7 +239,7 @@ def _la_fwd_out_kernel(
     N, H, W,
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
-    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
 ):
     """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads)."""
     i_blk = tl.program_id(0)
@@ -231,15 +249,17 @@ def _la_fwd_out_kernel(
     o_d = tl.arange(0, 32)
     o_n = i_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
+    b_row = o_n // W
+    b_col = o_n % W
     o_c = i_h * 32 + o_d
 
     _, _, _, _, _, _, _, _, b_num, b_z = _attention_numerator(
-        p_qk + i_b * s_qk_b + i_h * 32, s_qk_n, p_theta, p_kv, p_ksum, o_n, m_n, W, i_bh, i_h, C // 4, EPS,
-        DOT_PRECISION)
+        p_qk + i_b * s_qk_b + i_h * 32, s_qk_n, p_theta, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h, C // 4,
+        EPS, DOT_PRECISION, SPLIT_PAIRS)
     b_o = b_num * b_z[:, None] + tl.load(p_bias + o_c).to(tl.float32)[None, :]
     p_vh = p_v + i_b * s_v_b + i_h * 32
     for k in tl.static_range(9):
-        o_nb, m_nb = _neighbour(o_n, m_n, H, W, k // 3 - 1, k % 3 - 1)
+        o_nb, m_nb = _neighbour(o_n, b_row, b_col, m_n, H, W, k // 3 - 1, k % 3 - 1)
         b_vn = tl.load(p_vh + o_nb.to(tl.int64)[:, None] * s_v_n + o_d[None, :], mask=m_nb[:, None], other=0.0)
         b_o += b_vn.to(tl.float32) * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
     o_n64 = o_n.to(tl.int64)
@@ -269,7 +289,7 @@ def _la_bwd_reduce_kernel(
     N, W, blocks_per_split,
     s_qk_b, s_qk_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
-    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
 ):
     """Partial sums over one token range of dKV = sum_n z_n q~_n do_n^T and of the normaliser's
     d-vector sum_n u_n phi(q_n), u_n = -z_n^2 (num_n . do_n). Grid (splits, B * heads)."""
@@ -293,7 +313,8 @@ def _la_bwd_reduce_kernel(
         o_n = i_blk * BLOCK_N + o_t
         m_n = o_n < N
         b_qa, b_qb, _, _, b_qra, b_qrb, _, _, b_num, b_z = _attention_numerator(
-            p_q, s_qk_n, p_theta, p_kv, p_ksum, o_n, m_n, W, i_bh, i_h, C // 4, EPS, DOT_PRECISION)
+            p_q, s_qk_n, p_theta, p_kv, p_ksum, o_n, o_n // W, o_n % W, m_n, i_bh, i_h, C // 4, EPS, DOT_PRECISION,
+            SPLIT_PAIRS)
         _, b_do = _load_do(p_dyb, p_gb, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE)  # 0 on padding tokens
         b_zdo = b_do * b_z[:, None]
         b_dkv_a = tl.dot(tl.trans(b_qra), b_zdo, b_dkv_a, input_precision=DOT_PRECISION)
@@ -316,7 +337,7 @@ def _la_bwd_main_kernel(
     N, H, W, blocks_per_split, inv_n,
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
-    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
 ):
     """Per token: dq, dk (both halves of dqk), dv (attention and LePE paths), dg; per program the
     partial LePE weight [9, 32] and bias [32] gradients over its token range. Grid (splits, B * heads)."""
@@ -353,8 +374,11 @@ def _la_bwd_main_kernel(
         o_n = i_blk * BLOCK_N + o_t
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
+        b_row = o_n // W
+        b_col = o_n % W
         _, _, b_eqa, b_eqb, _, _, b_cos, b_sin, b_num, b_z = _attention_numerator(
-            p_q, s_qk_n, p_theta, p_kv, p_ksum, o_n, m_n, W, i_bh, i_h, C // 4, EPS, DOT_PRECISION)
+            p_q, s_qk_n, p_theta, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h, C // 4, EPS, DOT_PRECISION,
+            SPLIT_PAIRS)
         b_dy, b_do = _load_do(p_dyb, p_gb, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE)
 
         # o = a + lepe(v) (for dg); dw[k] = sum_n do_n v_(n + off_k); dv_lepe = sum_k w_k do_(n - off_k)
@@ -362,12 +386,12 @@ def _la_bwd_main_kernel(
         b_dv = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
         for k in tl.static_range(9):
             b_wk = tl.load(p_w + o_c * 9 + k).to(tl.float32)
-            o_nb, m_nb = _neighbour(o_n, m_n, H, W, k // 3 - 1, k % 3 - 1)
+            o_nb, m_nb = _neighbour(o_n, b_row, b_col, m_n, H, W, k // 3 - 1, k % 3 - 1)
             b_vn = tl.load(p_vh + o_nb.to(tl.int64)[:, None] * s_v_n + o_d[None, :], mask=m_nb[:, None], other=0.0)
             b_vn = b_vn.to(tl.float32)
             b_o += b_vn * b_wk[None, :]
             b_dw += tl.where(o_k[:, None] == k, tl.sum(b_do * b_vn, axis=0)[None, :], 0.0)
-            o_src, m_src = _neighbour(o_n, m_n, H, W, 1 - k // 3, 1 - k % 3)
+            o_src, m_src = _neighbour(o_n, b_row, b_col, m_n, H, W, 1 - k // 3, 1 - k % 3)
             _, b_do_src = _load_do(p_dyb, p_gb, o_src, m_src, o_c, s_dy_n, s_g_n, HAS_GATE)
             b_dv += b_do_src * b_wk[None, :]
         b_db += tl.sum(b_do, axis=0)
@@ -382,10 +406,10 @@ def _la_bwd_main_kernel(
         b_dqrb = tl.dot(b_zdo, tl.trans(b_kv_b), input_precision=DOT_PRECISION)
         b_dqa = (b_dqra * b_cos + b_dqrb * b_sin + b_u[:, None] * b_ks_a[None, :]) * b_eqa
         b_dqb = (b_dqrb * b_cos - b_dqra * b_sin + b_u[:, None] * b_ks_b[None, :]) * b_eqb
-        _store_pairs(p_dq, o_n64 * 2 * C, m_n, b_dqa, b_dqb)
+        _store_pairs(p_dq, o_n64 * 2 * C, m_n, b_dqa, b_dqb, SPLIT_PAIRS)
 
         # dk: through k~ (dKV v / N, rotated back) and through mean phi(k) (dksum / N), times ELU'
-        b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n)
+        b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n, SPLIT_PAIRS)
         b_ka, b_eka = _phi(b_ka)
         b_kb, b_ekb = _phi(b_kb)
         b_v = tl.load(p_vh + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
@@ -393,7 +417,7 @@ def _la_bwd_main_kernel(
         b_dkrb = tl.dot(b_v, tl.trans(b_dkv_b), input_precision=DOT_PRECISION) * inv_n
         b_dka = (b_dkra * b_cos + b_dkrb * b_sin + b_dks_a[None, :]) * b_eka
         b_dkb = (b_dkrb * b_cos - b_dkra * b_sin + b_dks_b[None, :]) * b_ekb
-        _store_pairs(p_dk, o_n64 * 2 * C, m_n, b_dka, b_dkb)
+        _store_pairs(p_dk, o_n64 * 2 * C, m_n, b_dka, b_dkb, SPLIT_PAIRS)
 
         # dv: attention path k~ dKV / N plus the LePE path accumulated above
         b_kra = b_ka * b_cos - b_kb * b_sin
@@ -416,7 +440,7 @@ def _rope_table_kernel(p_theta, p_out, N, W, C: tl.constexpr, BLOCK_N: tl.conste
     i_h = tl.program_id(1)
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
-    b_cos, b_sin = _rope_cos_sin(o_n, W, p_theta, i_h, C // 4)
+    b_cos, b_sin = _rope_cos_sin(o_n // W, o_n % W, p_theta, i_h, C // 4)
     o_j = i_h * 16 + tl.arange(0, 16)
     p = p_out + o_n.to(tl.int64)[:, None] * C + 2 * o_j[None, :]
     tl.store(p, b_cos, mask=m_n[:, None])
@@ -488,6 +512,7 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
     device = v.device
     theta = _pair_frequencies(C, device)
     precision = _dot_precision(v.dtype)
+    split_pairs = CONFIG.pair_loads == "split"
 
     block_n = CONFIG.fwd_reduce_block_n
     n_split, per_split = _splits(N, block_n, bh, device)
@@ -496,7 +521,8 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
     _la_fwd_reduce_kernel[(n_split, bh)](
         qk, v, theta, kv_part, ksum_part, N, W, per_split,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1),
-        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, DOT_PRECISION=precision, num_warps=CONFIG.fwd_reduce_warps,
+        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs,
+        num_warps=CONFIG.fwd_reduce_warps,
     )
     kv = kv_part.sum(0).div_(N)
     ksum = ksum_part.sum(0).div_(N)
@@ -508,7 +534,7 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
         qk, v, g_arg, lepe_weight.reshape(C, 9).contiguous(), lepe_bias.contiguous(), theta, kv, ksum, y, N, H, W,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        DOT_PRECISION=precision, num_warps=CONFIG.fwd_out_warps,
+        DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, num_warps=CONFIG.fwd_out_warps,
     )
     return y, kv, ksum
 
@@ -525,6 +551,7 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     device = v.device
     theta = _pair_frequencies(C, device)
     precision = _dot_precision(v.dtype)
+    split_pairs = CONFIG.pair_loads == "split"
     g_arg, s_g_b, s_g_n = _gate_args(g, v)
     weight = lepe_weight.reshape(C, 9).contiguous()
 
@@ -536,7 +563,7 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
         qk, g_arg, dy, theta, kv, ksum, dkv_part, dksum_part, N, W, per_split,
         qk.stride(0), qk.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        DOT_PRECISION=precision, num_warps=CONFIG.bwd_reduce_warps,
+        DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, num_warps=CONFIG.bwd_reduce_warps,
     )
     dkv = dkv_part.sum(0)
     dksum = dksum_part.sum(0)
@@ -553,7 +580,7 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
         dqk, dv, dg if g is not None else dv, dw_part, db_part, N, H, W, per_split, 1.0 / N,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        DOT_PRECISION=precision, num_warps=CONFIG.bwd_main_warps,
+        DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, num_warps=CONFIG.bwd_main_warps,
     )
     dw = dw_part.sum((0, 1)).reshape(C, 1, 3, 3).to(lepe_weight.dtype)
     db = db_part.sum((0, 1)).to(lepe_bias.dtype)
