@@ -86,9 +86,8 @@ def _stencil3x3(p_src, stride_n, p_w, row, col, m_t, o_c, m_c, H, W,
                 c = col + (dj - 1)
             m_n = m_t & (r >= 0) & (r < H) & (c >= 0) & (c < W)
             b_w = tl.load(p_w + o_c * 9 + (di * 3 + dj), mask=m_c, other=0.0).to(tl.float32)  # [BLOCK_C]
-            if RESIDUAL:
-                if di * 3 + dj == 4:
-                    b_w += 1.0
+            if RESIDUAL and di * 3 + dj == 4:
+                b_w += 1.0
             o_n = (r * W + c).to(tl.int64) * stride_n
             b_s = tl.load(p_src + o_n[:, None] + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
             b_acc += b_s.to(tl.float32) * b_w[None, :]
@@ -333,7 +332,7 @@ def _check_stencil_inputs(x: Tensor, hw: tuple[int, int], weight: Tensor, params
         raise ValueError(f"x: expected a batch of at least one sample, got shape {tuple(x.shape)}")
     if C % CHANNEL_MULTIPLE:
         raise ValueError(f"x: expected a channel count that is a multiple of {CHANNEL_MULTIPLE}, got {C}")
-    if max_channels is not None and C > max_channels:
+    if max_channels is not None and max_channels < C:
         raise ValueError(f"x: expected at most {max_channels} channels, got {C}")
     named = {"weight": weight, **params}
     for name, p in named.items():
