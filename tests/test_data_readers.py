@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mlla_fast.data import DataError, get_dataset_spec, load_and_preprocess, prepare_dataset, restore_to_source
-from mlla_fast.data.nifti import load_volume
+from mlla_fast.data.nifti import label_indices, load_volume
 from mlla_fast.data.preprocess import plan_geometry, to_prepared_grid, window_intensity, zscore_intensity
 from mlla_fast.data.readers import acdc_split, holdout_split
 from mlla_fast.data.registry import parse_class_map, resolve_spec
@@ -238,6 +238,16 @@ def test_class_and_split_overrides(tmp_path):
         parse_class_map({"1": [2, "liver"]})
     with pytest.raises(ValueError, match="CT datasets"):
         resolve_spec("acdc", window=(0, 1))
+
+
+def test_label_indices_for_any_raw_values():
+    label_map = {0: 0, 3: 1, -2: 2, 70000: 3}
+    raw = np.array([[0, 3, -2, 70000], [3, 3, 0, 0]])
+    expected = [[0, 1, 2, 3], [1, 1, 0, 0]]
+    np.testing.assert_array_equal(label_indices(raw, label_map, Path("x.nii.gz")), expected)
+    np.testing.assert_array_equal(label_indices(raw[:, :2].astype(np.float32), label_map, Path("x")), [[0, 1], [1, 1]])
+    with pytest.raises(DataError, match=r"x\.nii\.gz: values \[5\] are not in the class map"):
+        label_indices(np.array([0, 5]), label_map, Path("x.nii.gz"))
 
 
 def test_holdout_split_is_fixed_and_complete():

@@ -109,10 +109,21 @@ def label_indices(label: np.ndarray, label_map: dict[int, int], path: Path) -> n
     ``label_map`` maps raw value -> training index. Raises :class:`DataError` naming the file for
     non-integer values and for values the class map does not know.
     """
-    values, inverse = np.unique(label, return_inverse=True)
-    if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.round(values)):
-        bad = values[values != np.round(values)][:5].tolist()
-        raise DataError(f"label {path}: expected integer label values, found {bad}")
+    data = np.asarray(label)
+    if np.issubdtype(data.dtype, np.floating):
+        rounded = np.round(data)
+        fractional = data != rounded
+        if fractional.any():
+            raise DataError(f"label {path}: expected integer label values, found {np.unique(data[fractional])[:5]}")
+        data = rounded.astype(np.int64)
+    lo, hi = int(data.min()), int(data.max())
+    if lo >= 0 and hi < 2**16:
+        # small non-negative values (every dataset here): a lookup table, much faster than np.unique
+        data = data.astype(np.intp, copy=False)
+        values = np.flatnonzero(np.bincount(data.ravel(), minlength=hi + 1))
+        inverse = None
+    else:
+        values, inverse = np.unique(data, return_inverse=True)
     raw = [int(v) for v in values]
     unknown = [v for v in raw if v not in label_map]
     if unknown:
@@ -120,5 +131,9 @@ def label_indices(label: np.ndarray, label_map: dict[int, int], path: Path) -> n
             f"label {path}: values {unknown} are not in the class map (known raw values: "
             f"{sorted(label_map)}); pass --classes to map them"
         )
+    if inverse is None:
+        lut = np.zeros(hi + 1, dtype=np.uint8)
+        lut[values] = [label_map[v] for v in raw]
+        return lut[data]
     lut = np.array([label_map[v] for v in raw], dtype=np.uint8)
-    return lut[inverse.reshape(label.shape)]
+    return lut[inverse.reshape(data.shape)]
