@@ -19,6 +19,7 @@ from mlla_fast.data import (
     SliceDataset,
     VolumeDataset,
     augment_slice,
+    get_dataset_spec,
     load_manifest,
     make_phantom,
     prepare_dataset,
@@ -57,6 +58,13 @@ def test_phantom_is_deterministic(raw, tmp_path):
         np.testing.assert_array_equal(a.affine, b.affine)
     first = Path("imagesTr/phantom_000_0000.nii.gz")
     assert not np.array_equal(np.asarray(nib.load(raw / first).dataobj), np.asarray(nib.load(other / first).dataobj))
+
+
+def test_phantom_rewrite_replaces_earlier_cases(tmp_path):
+    make_phantom(tmp_path, cases=4, size=(16, 4))
+    make_phantom(tmp_path, cases=2, size=(16, 4))
+    assert len(list(tmp_path.rglob("*.nii.gz"))) == 4
+    assert [c.id for c in get_dataset_spec("phantom").read(tmp_path)] == ["phantom_000", "phantom_001"]
 
 
 def test_phantom_content(raw):

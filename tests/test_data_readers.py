@@ -135,6 +135,7 @@ def layout_generic_msd(root: Path) -> dict[str, str]:
         training.append({"image": f"./imagesTr/liver_{n}.nii.gz", "label": f"./labelsTr/liver_{n}.nii.gz"})
     write_case(root / "imagesTr" / "liver_9.nii.gz", root / "labelsTr" / "liver_9.nii.gz", seed=9)  # not listed
     write_case(root / "imagesTs" / "liver_7.nii.gz", root / "labelsTs" / "liver_7.nii.gz", seed=7)
+    write_case(root / "imagesTs" / "liver_8.nii.gz", root / "labelsTs" / "liver_8.nii.gz", seed=8)  # not listed
     meta = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver", "2": "cancer"}, "training": training,
             "test": ["./imagesTs/liver_7.nii.gz"]}  # fmt: skip
     write_json(root / "dataset.json", meta)

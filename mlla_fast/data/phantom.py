@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -132,8 +133,8 @@ def make_phantom(
     """Write the synthetic dataset (generic layout, see the module docstring) to ``out``.
 
     ``size = (XY, Z)``: in-plane size and number of slices. The last ``round(cases *
-    test_fraction)`` cases (at least one when ``cases >= 2``) go to imagesTs/labelsTs. Existing
-    files of the same names are overwritten. Returns ``out``.
+    test_fraction)`` cases (at least one when ``cases >= 2``) go to imagesTs/labelsTs. Phantom
+    files already in ``out`` are replaced. Returns ``out``.
     """
     size_xy, size_z = (int(n) for n in size)
     if cases < 1 or size_xy < 16 or size_z < 4:
@@ -143,6 +144,10 @@ def make_phantom(
     folders = {name: out / name for name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
+        # cases of an earlier, larger phantom in the same folder would otherwise join the test split
+        for stale in folder.glob("phantom_*.nii.gz"):
+            if re.fullmatch(r"phantom_\d+(_0000)?\.nii\.gz", stale.name):
+                stale.unlink()
     training, test = [], []
     for i in range(cases):
         rng = np.random.default_rng([seed, i])

@@ -32,9 +32,10 @@ Layouts accepted (``ROOT`` is the folder given to ``--data-root``):
 - generic (Medical Segmentation Decathlon / nnU-Net): ``ROOT/dataset.json``,
   ``ROOT/imagesTr`` + ``labelsTr`` [+ ``imagesTs`` + ``labelsTs``]. Images may be channel
   suffixed (``case_0000.nii.gz``, nnU-Net) or plain (``case.nii.gz``, MSD); the label is
-  ``labelsTr/case.nii.gz``. The cases are dataset.json's ``training`` list when it has one,
-  else every image in ``imagesTr``. Labelled ``imagesTs`` cases are the test split and 10% of
-  the training list is held out as val; without test labels, 10% val and 20% test are held out.
+  ``labelsTr/case.nii.gz``. The cases are dataset.json's ``training`` (and ``test``) list
+  when it has one, else every image in ``imagesTr`` (and ``imagesTs``). Labelled ``imagesTs``
+  cases are the test split and 10% of the training cases are held out as val; without test
+  labels, 10% val and 20% test are held out.
 
 "Fixed" and "held out" splits are a permutation of the sorted case ids by
 ``numpy.random.default_rng(0)``, so they never change between runs or machines.
@@ -405,10 +406,13 @@ def read_generic(root: str | Path) -> list[Case]:
             multichannel[0].name,
         )
     test = []
+    listed_test = None
+    if isinstance(meta.get("test"), list) and meta["test"]:
+        listed_test = {re.sub(r"_0000$", "", nifti_stem(str(entry))) for entry in meta["test"]}
     if (root / "imagesTs").is_dir() and (root / "labelsTs").is_dir():
         for image in _niftis(root / "imagesTs"):
             pair = _generic_image(root / "imagesTs", root / "labelsTs", image)
-            if pair is not None:
+            if pair is not None and (listed_test is None or pair[0] in listed_test):
                 test.append(Case(pair[0], image, pair[1], "test"))
     elif (root / "imagesTs").is_dir():
         logger.info("%s: imagesTs/ has no labelsTs/; test cases are held out from the training list", root)
