@@ -386,17 +386,18 @@ def project_seconds(history: Sequence[tuple[float, float]], size: float) -> floa
 
 def sweep(points: Sequence[P], keys: Sequence[K], run: Callable[[K, P], Measurement], size: Callable[[P], float],
           budget_s: float, describe: Callable[[P], str] = str) -> list[tuple[K, P, Measurement]]:
-    """Measure every key (variant) at every point, smallest point first.
+    """Measure every key (variant) at every point, in the order given (smallest point first).
 
     A key that runs out of memory or past the budget is marked so and dropped from the larger
     points (marked "skipped" there, with the reason); an error or a failed check is repeated at the
     larger points without running. A key whose projected time per call (``project_seconds``) exceeds
-    ``budget_s`` is marked "timeout" without running.
+    ``budget_s`` is marked "timeout" without running; ``size(point)`` is the work measure the
+    projection scales by (e.g. pixels x batch).
     """
     stopped: dict[K, Measurement] = {}
     history: dict[K, list[tuple[float, float]]] = {}
     out: list[tuple[K, P, Measurement]] = []
-    for point in sorted(points, key=size):
+    for point in points:
         for key in keys:
             if key in stopped:
                 out.append((key, point, dataclasses.replace(stopped[key])))
@@ -470,6 +471,11 @@ def forward_backward(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
     return out.detach().float(), leaf.grad.detach().float()
 
 
+def lowp_bound(own_error: float) -> float:
+    """The low-precision sanity bound, given the reference's own low-precision error against fp32."""
+    return LOWP_CHECK_FACTOR * own_error + LOWP_CHECK_FLOOR
+
+
 @dataclasses.dataclass
 class CheckResult:
     passed: bool
@@ -503,7 +509,7 @@ def check_against_reference(candidate: Callable[[torch.Tensor], torch.Tensor],
             got_lp = forward_backward(candidate, x, low_precision, cast_input)
             for name, got, ref, own in zip(("output", "input grad"), got_lp, ref32, ref_lp, strict=True):
                 errors[f"{name} {tag}"] = relative_error(got, ref)
-                bounds[f"{name} {tag}"] = LOWP_CHECK_FACTOR * relative_error(own, ref) + LOWP_CHECK_FLOOR
+                bounds[f"{name} {tag}"] = lowp_bound(relative_error(own, ref))
     except Exception as exc:
         return CheckResult(False, f"check could not run: {describe_error(exc)}", errors, bounds)
     failed = [k for k in errors if not errors[k] <= bounds[k]]
@@ -592,6 +598,13 @@ def fmt_ratio(num: float | None, den: float | None) -> str:
     if num is None or den is None or den <= 0:
         return "-"
     return f"{num / den:.2f}x"
+
+
+def fmt_range(lo: float | None, hi: float | None) -> str:
+    """A spread such as an interquartile range, in ms."""
+    if lo is None or hi is None:
+        return "-"
+    return f"{fmt_ms(lo).removesuffix(' ms')}-{fmt_ms(hi)}"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

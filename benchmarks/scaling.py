@@ -224,7 +224,8 @@ def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConf
         return measure(lambda: build_point(variant, mode, grid, args, weights, device), device, timing)
 
     keys = [(v, m) for v in args.variants for m in args.modes]
-    points = sweep(args.grids, keys, run, size=lambda g: g[0] * g[1], budget_s=timing.budget_s, describe=grid_label)
+    grids = sorted(args.grids, key=lambda g: g[0] * g[1])
+    points = sweep(grids, keys, run, size=lambda g: g[0] * g[1], budget_s=timing.budget_s, describe=grid_label)
     return [
         {"variant": v, "mode": m, "grid": grid_label(g), "height": g[0], "width": g[1], "pixels": g[0] * g[1],
          "batch": args.batch, "dim": args.dim, "heads": args.heads, "dtype": args.dtype, **meas.as_dict()}

@@ -1,0 +1,282 @@
+"""MLLA-UNet throughput and peak memory: training steps and inference, fused against the reference.
+
+Variants, same initialisation (seeded): ``fused`` (``create_model(..., backend="triton")``), ``eager``
+(``backend="torch"``) and ``compiled`` (``torch.compile`` of the ``backend="torch"`` model, static
+shapes; its compile time is the ``first_call_s`` column). The fused variant is reported only if
+this run's quick correctness check against the reference passes (else "failed-check").
+
+Modes: ``train`` = one optimiser step: zero_grad, forward, cross-entropy loss, backward, AdamW step
+(the model compiled, not the optimiser); ``infer`` = eval-mode forward under ``torch.no_grad``.
+bf16 = autocast to bf16 (fp32 weights and input images, as in mixed-precision training); fp32 = no
+autocast. Throughput is batch / median step time.
+
+Prints a table and writes CSV + JSON to ``benchmarks/results/<card>/``. Without a GPU it runs a tiny
+CPU demonstration of the reference.
+
+    python benchmarks/model.py                                      # tiny, bf16, 224:48 512:8 1024:2
+    python benchmarks/model.py --models tiny --sizes 224:48 --modes train --dtypes bf16 fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` folder importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlla_fast
+from benchmarks.common import (
+    CPU_DEMO_LABEL,
+    DTYPES,
+    FAILED_CHECK,
+    OK,
+    SKIPPED,
+    CheckResult,
+    Measurement,
+    TimingConfig,
+    add_output_argument,
+    add_timing_arguments,
+    autocast,
+    check_against_reference,
+    default_device,
+    describe_environment,
+    describe_error,
+    environment,
+    fmt_bytes,
+    fmt_ms,
+    fmt_range,
+    fmt_ratio,
+    format_table,
+    measure,
+    output_dir,
+    sweep,
+    timing_from_args,
+    write_csv,
+    write_json,
+)
+
+VARIANTS = ("fused", "eager", "compiled")
+MODES = ("train", "infer")
+GPU_SIZES = ("224:48", "512:8", "1024:2")
+CPU_SIZES = ("64:2",)
+CHECK_SIZE = 64
+NO_GPU_MESSAGE = (
+    "No CUDA device found: running a tiny CPU demonstration of the reference only "
+    f"({CPU_DEMO_LABEL}). Run this script on an NVIDIA GPU for the real measurements."
+)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"224:48" -> (image side 224, batch 48)."""
+    try:
+        side, batch = (int(p) for p in text.split(":"))
+    except ValueError:
+        side = batch = 0
+    if side < 32 or side % 32 or batch < 1:
+        raise argparse.ArgumentTypeError(f"a size is SIDE:BATCH, SIDE a multiple of 32, BATCH >= 1; got {text!r}")
+    return side, batch
+
+
+def model_name(text: str) -> str:
+    name = text.removeprefix("mlla_unet_")
+    if name not in mlla_fast.MODEL_CONFIGS:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}; expected one of {sorted(mlla_fast.MODEL_CONFIGS)}")
+    return name
+
+
+def build_model(name: str, variant: str, side: int, args: argparse.Namespace,
+                device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(model, callable) for one variant on device: the callable is the model, or its torch.compile."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = mlla_fast.create_model(name, num_classes=args.num_classes, in_chans=args.in_chans, img_size=side,
+                                       backend="triton" if variant == "fused" else "torch")
+    if variant == "compiled":
+        torch._dynamo.reset()  # a fresh compile per point, and no recompile limit across points
+        return model, torch.compile(model, backend=args.compile_backend, dynamic=False)
+    return model, model
+
+
+def check_fused(name: str, args: argparse.Namespace, device: torch.device) -> CheckResult:
+    """The fused model against the eager reference (same weights, eval mode) on one small image."""
+    try:
+        reference, _ = build_model(name, "eager", CHECK_SIZE, args, device)
+        fused, _ = build_model(name, "fused", CHECK_SIZE, args, device)
+        fused.load_state_dict(reference.state_dict(), strict=True)
+    except Exception as exc:
+        return CheckResult(False, f"could not build the models: {describe_error(exc)}")
+    reference.eval()
+    fused.eval()
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    x = torch.randn(1, args.in_chans, CHECK_SIZE, CHECK_SIZE, generator=gen, device=device)
+    low_precision = torch.bfloat16 if "bf16" in args.dtypes else None
+    return check_against_reference(fused, reference, x, low_precision, cast_input=False)
+
+
+def build_point(name: str, variant: str, dtype: str, mode: str, side: int, batch: int, args: argparse.Namespace,
+                device: torch.device):
+    """The (step, setup) pair that common.measure times for one configuration."""
+    model, runner = build_model(name, variant, side, args, device)
+    train = mode == "train"
+    model.train(train)
+    dt = DTYPES[dtype]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01) if train else None
+
+    def setup() -> tuple[Tensor, Tensor | None]:
+        x = torch.randn(batch, args.in_chans, side, side, device=device)
+        y = torch.randint(0, args.num_classes, (batch, side, side), device=device) if train else None
+        return x, y
+
+    def step(x: Tensor, y: Tensor | None) -> None:
+        if train:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, dt):
+                loss = F.cross_entropy(runner(x), y)
+            loss.backward()
+            optimizer.step()
+        else:
+            with torch.no_grad(), autocast(device, dt):
+                runner(x)
+
+    return step, setup
+
+
+def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConfig,
+              checks: dict[str, CheckResult]) -> list[dict[str, Any]]:
+    """Measure every (model, dtype, mode, variant) at every size, smallest image first; one row per point."""
+    cpu = device.type != "cuda"
+
+    def run(key: tuple[str, str, str, str], size: tuple[int, int]) -> Measurement:
+        name, dtype, mode, variant = key
+        side, batch = size
+        if variant == "fused" and cpu:
+            return Measurement(SKIPPED, note="the fused kernels need a CUDA device (CPU demonstration)")
+        if variant == "fused" and not checks[name].passed:
+            return Measurement(FAILED_CHECK, note=checks[name].detail)
+        if variant == "compiled" and side not in args.compiled_sizes:
+            return Measurement(SKIPPED, note=f"compiled only at --compiled-sizes {args.compiled_sizes}")
+        return measure(lambda: build_point(name, variant, dtype, mode, side, batch, args, device), device, timing)
+
+    keys = [(n, d, m, v) for n in args.models for d in args.dtypes for m in args.modes for v in args.variants]
+    sizes = sorted(args.sizes)
+    points = sweep(sizes, keys, run, size=lambda s: s[0] ** 2 * s[1], budget_s=timing.budget_s,
+                   describe=lambda s: f"{s[0]}x{s[0]} batch {s[1]}")
+    rows = []
+    for (name, dtype, mode, variant), (side, batch), meas in points:
+        rows.append({
+            "model": f"mlla_unet_{name}", "image_size": side, "batch": batch, "dtype": dtype, "mode": mode,
+            "variant": variant, **meas.as_dict(),
+            "images_per_s": batch / meas.seconds if meas.status == OK and meas.seconds else None,
+        })
+    return rows
+
+
+def report(rows: Sequence[dict[str, Any]]) -> str:
+    """The printed tables: every point, then fused against the others per configuration."""
+    table = [
+        [r["model"], f"{r['image_size']}", f"{r['batch']}", r["dtype"], r["mode"], r["variant"], r["status"],
+         fmt_ms(r["median_ms"]), fmt_range(r["q25_ms"], r["q75_ms"]),
+         "-" if r["images_per_s"] is None else f"{r['images_per_s']:,.1f}",
+         fmt_bytes(r["peak_bytes"]), "-" if r["first_call_s"] is None else f"{r['first_call_s']:.1f}"]
+        for r in rows
+    ]
+    lines = [format_table(["model", "size", "batch", "dtype", "mode", "variant", "status", "median/step", "IQR",
+                           "images/s", "peak memory", "first call s"], table)]
+    by_key = {(r["model"], r["image_size"], r["dtype"], r["mode"], r["variant"]): r for r in rows}
+    ratios = []
+    for key in dict.fromkeys(k[:4] for k in by_key):
+        fused = by_key.get((*key, "fused"))
+        if fused is None or fused["status"] != OK:
+            continue
+        eager, compiled = by_key.get((*key, "eager"), {}), by_key.get((*key, "compiled"), {})
+        ratios.append([*map(str, key), fmt_ratio(eager.get("median_ms"), fused["median_ms"]),
+                       fmt_ratio(compiled.get("median_ms"), fused["median_ms"]),
+                       fmt_ratio(eager.get("peak_bytes"), fused["peak_bytes"])])
+    if ratios:
+        lines += ["\nfused against the reference (time ratios > 1: fused is faster; memory: eager / fused)",
+                  format_table(["model", "size", "dtype", "mode", "eager/fused", "compiled/fused", "mem eager/fused"],
+                               ratios)]
+    notes = sorted({(r["model"], r["variant"], r["status"], r["note"]) for r in rows if r["note"]})
+    if notes:
+        lines.append("\nnotes")
+        lines += [f"  {m} {v}: {s}: {n}" for m, v, s, n in notes]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", type=model_name, default=["tiny"], help="tiny, small, base")
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=None, metavar="SIDE:BATCH",
+                        help=f"input sizes and batches (default: {' '.join(GPU_SIZES)} on a GPU, "
+                             f"{' '.join(CPU_SIZES)} on CPU)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
+                        help="default: bf16 on a GPU, fp32 on CPU")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                        help="default: all on a GPU, eager on CPU")
+    parser.add_argument("--compiled-sizes", nargs="+", type=int, default=[224], metavar="SIDE",
+                        help="image sides at which the compiled variant runs (each is a compile of minutes)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of 'compiled'")
+    parser.add_argument("--num-classes", type=int, default=9)
+    parser.add_argument("--in-chans", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    add_timing_arguments(parser, budget_s=10.0)
+    add_output_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = default_device()
+    cpu = device.type != "cuda"
+    if cpu:
+        print(NO_GPU_MESSAGE)
+    args.sizes = args.sizes or [parse_size(s) for s in (CPU_SIZES if cpu else GPU_SIZES)]
+    args.dtypes = args.dtypes or (["fp32"] if cpu else ["bf16"])
+    args.variants = args.variants or (["eager"] if cpu else list(VARIANTS))
+    timing = timing_from_args(args)
+    env = environment(device)
+    print(f"MLLA-UNet throughput | {env['card']} | {env['label']}")
+    print(describe_environment(env))
+
+    checks: dict[str, CheckResult] = {}
+    if "fused" in args.variants and not cpu:
+        for name in args.models:
+            checks[name] = check_fused(name, args, device)
+            print(f"fused correctness check, mlla_unet_{name} ({CHECK_SIZE}x{CHECK_SIZE}, B=1): "
+                  f"{'passed' if checks[name].passed else 'FAILED'}: {checks[name].detail}")
+
+    rows = run_sweep(args, device, timing, checks)
+    print(report(rows))
+    if cpu:
+        print(f"\n({CPU_DEMO_LABEL})")
+
+    out = output_dir(args.out, env)
+    if out is not None:
+        sides = "-".join(str(s) for s, _ in sorted(args.sizes))
+        stem = out / f"model_{'-'.join(args.models)}_{'-'.join(args.dtypes)}_{sides}"
+        config = {**{k: v for k, v in vars(args).items() if k != "out"},
+                  "sizes": [f"{s}:{b}" for s, b in args.sizes]}
+        payload = {"benchmark": "model", "label": env["label"], "env": env, "config": config,
+                   "timing": dataclasses.asdict(timing),
+                   "checks": {k: dataclasses.asdict(c) for k, c in checks.items()}, "results": rows}
+        write_json(stem.with_suffix(".json"), payload)
+        write_csv(stem.with_suffix(".csv"), rows, env)
+        print(f"\nwrote {stem.with_suffix('.json')}, {stem.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
