@@ -107,7 +107,20 @@ def case_scores(pred: np.ndarray, truth: np.ndarray, num_classes: int, spacing: 
     return {c: class_scores(pred == c, truth == c, spacing, convention) for c in range(1, num_classes)}
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def foreground_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
+    """Dice of classes 1..K-1 of two label maps, NaN for a class absent from ``truth`` (the present convention)."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} must have one shape")
+    out = []
+    for c in range(1, num_classes):
+        t = truth == c
+        out.append(dice_coefficient(pred == c, t) if t.any() else math.nan)
+    return out
+
+
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the non-NaN values; NaN when there are none."""
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
 
@@ -122,6 +135,6 @@ def summarize(per_case: Mapping[str, Mapping[int, Mapping[str, float]]], class_n
     classes: dict[str, dict[str, float]] = {}
     for c in range(1, len(class_names)):
         rows = [scores[c] for scores in per_case.values()]
-        classes[class_names[c]] = {m: _nanmean([r[m] for r in rows]) for m in metrics}
-    mean = {m: _nanmean([v[m] for v in classes.values()]) for m in metrics}
+        classes[class_names[c]] = {m: nanmean([r[m] for r in rows]) for m in metrics}
+    mean = {m: nanmean([v[m] for v in classes.values()]) for m in metrics}
     return {"classes": classes, "mean": mean}
