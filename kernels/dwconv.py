@@ -86,8 +86,8 @@ def _stencil3x3(p_src, stride_n, p_w, row, col, m_t, o_c, m_c, H, W,
                 c = col + (dj - 1)
             m_n = m_t & (r >= 0) & (r < H) & (c >= 0) & (c < W)
             b_w = tl.load(p_w + o_c * 9 + (di * 3 + dj), mask=m_c, other=0.0).to(tl.float32)  # [BLOCK_C]
-            if RESIDUAL and di * 3 + dj == 4:
-                b_w += 1.0
+            if di * 3 + dj == 4:
+                b_w += 1.0 * RESIDUAL
             o_n = (r * W + c).to(tl.int64) * stride_n
             b_s = tl.load(p_src + o_n[:, None] + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
             b_acc += b_s.to(tl.float32) * b_w[None, :]
