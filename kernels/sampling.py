@@ -269,6 +269,11 @@ def _shuffle4_ln_bwd_kernel(y_ptr, g_ptr, w_ptr, dy_ptr, part_ptr, n_rows, H, W,
 # ----------------------------------------------------------------------------------------------
 
 
+TILE_ELEMENTS = 4096  # fp32 accumulators of one stencil / LayerNorm tile
+PARTIAL_PROGRAMS_PER_SM = 8  # programs per SM along the token axis of a launch that reduces over tokens
+INTERPRETER_PARTIAL_PROGRAMS = 4  # the same, in all, under the interpreter: programs that loop over tiles
+
+
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Every buffer a kernel writes is allocated here (the tests fill it with NaN to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -285,14 +290,17 @@ def _reduction_progs(n_tiles: int, other_progs: int, device: torch.device) -> in
     About eight programs per SM in all (few and long, so the fp32 partials stay small), at most one
     per tile. In the interpreter a handful, so that the tests run programs looping over several tiles.
     """
-    target = 8 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+    if device.type == "cuda":
+        target = PARTIAL_PROGRAMS_PER_SM * _sm_count(device.index or 0)
+    else:
+        target = INTERPRETER_PARTIAL_PROGRAMS
     return max(1, min(n_tiles, triton.cdiv(target, other_progs)))
 
 
 def _stencil_blocks(C: int) -> tuple[int, int]:
-    """(BLOCK_N tokens, BLOCK_C channels) of a stencil tile: 4096 fp32 accumulators, channels contiguous."""
+    """(BLOCK_N tokens, BLOCK_C channels) of a stencil tile of TILE_ELEMENTS accumulators, channels contiguous."""
     block_c = min(64, max(16, triton.next_power_of_2(C)))
-    return 4096 // block_c, block_c
+    return max(1, TILE_ELEMENTS // block_c), block_c
 
 
 def _down_hw(H: int, W: int) -> tuple[int, int]:
@@ -417,9 +425,9 @@ def _(grad_y: Tensor, x: Tensor, weight: Tensor, H: int, W: int, input_relu: boo
 
 
 def _shuffle4_blocks(C: int) -> tuple[int, int, int]:
-    """(BLOCK_R rows, BLOCK_C >= C channels, num_warps) of a LayerNorm tile: whole rows, about 4096 elements."""
+    """(BLOCK_R rows, BLOCK_C >= C channels, num_warps) of a LayerNorm tile: whole rows, about TILE_ELEMENTS."""
     block_c = triton.next_power_of_2(C)
-    return max(1, 4096 // block_c), block_c, 4 if block_c <= 2048 else 8
+    return max(1, TILE_ELEMENTS // block_c), block_c, 4 if block_c <= 2048 else 8
 
 
 @torch.library.custom_op(
@@ -529,12 +537,13 @@ class PixelShuffle4LayerNormFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_hw(hw) -> tuple[int, int]:
-    if len(hw) != 2:
-        raise ValueError(f"hw: expected a (H, W) pair, got {hw!r}")
-    H, W = hw
+def _check_hw(hw: tuple[int, int]) -> tuple[int, int]:
+    try:
+        H, W = (int(s) for s in hw)
+    except (TypeError, ValueError):
+        raise ValueError(f"hw: expected a pair of positive integers (H, W), got {hw!r}") from None
     if H < 1 or W < 1:
-        raise ValueError(f"hw: expected H, W >= 1, got {H}x{W}")
+        raise ValueError(f"hw: expected a pair of positive integers (H, W), got {hw!r}")
     return H, W
 
 
@@ -546,7 +555,7 @@ def _check_input(x: Tensor, hw: tuple[int, int], name: str, channels: int | None
     if reason is not None:
         raise ValueError(f"{name}: {reason}")
     if x.shape[0] < 1 or x.shape[2] < 1:
-        raise ValueError(f"{name}: expected a non-empty (B, N, C) tensor, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected at least one sample and one channel, got shape {tuple(x.shape)}")
     return H, W
 
 
@@ -570,11 +579,25 @@ def _check_batch_norm(bn: nn.Module, channels: int) -> None:
 
 
 def _batch_norm_tokens(y: Tensor, bn: nn.Module) -> Tensor:
-    """Apply bn to tokens y (B, N, C) through the (B*N, C, 1, 1) view: the same per-channel statistics over
-    (B, H, W) as on the image, no copy, and the module's own train/eval logic (running statistics,
-    momentum or cumulative average, num_batches_tracked)."""
+    """bn applied to tokens y (B, N, C): per-channel statistics over all B*N tokens, as over (B, H, W) on the image.
+
+    An ``nn.BatchNorm2d`` runs as ``F.batch_norm`` on the (B*N, C) token matrix (no copy) with the module's own
+    train/eval logic: batch statistics and a running-statistics update (momentum, or the cumulative average
+    when momentum is None, counted by num_batches_tracked) in training mode, the running statistics in eval
+    mode. Other BatchNorm modules (e.g. SyncBatchNorm) run their own forward on the (B*N, C, 1, 1) view.
+    """
     B, N, C = y.shape
-    return bn(y.reshape(B * N, C, 1, 1)).view(B, N, C)
+    if type(bn) is not nn.BatchNorm2d:
+        return bn(y.reshape(B * N, C, 1, 1)).view(B, N, C)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    running = not bn.training or bn.track_running_stats
+    out = F.batch_norm(y.reshape(B * N, C), bn.running_mean if running else None, bn.running_var if running else None,
+                       bn.weight, bn.bias, batch_stats, factor, bn.eps)
+    return out.view(B, N, C)
 
 
 # ----------------------------------------------------------------------------------------------
