@@ -86,7 +86,7 @@ def save_overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndar
         ax.set_title(name)
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
