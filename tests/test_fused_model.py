@@ -1,0 +1,182 @@
+"""The drop-in MLLABlock and MLLAUNet on the fused kernels against the float64 reference.
+
+Without CUDA the kernels run through Triton's interpreter on CPU tensors (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from golden import load_golden
+from tolerance import assert_matches, rel_err
+
+import mlla_fast
+from mlla_fast.reference import MLLABlock as ReferenceBlock
+from mlla_fast.reference import MLLAUNet as ReferenceUNet
+
+SMALL_UNET = dict(embed_dim=32, depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
+
+
+def _randomise(module: torch.nn.Module, std: float = 0.2) -> None:
+    """Random parameters and BatchNorm statistics, so that no path is hidden by a zero or an identity."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, std)
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+def _compare(fast: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor, device: str) -> None:
+    """Output, input gradient and every parameter gradient of fast (fp32) against ref in float64."""
+    ref64 = ref.double()
+    x64 = x.double().requires_grad_()
+    y64 = ref64(x64)
+    grad_out = torch.randn_like(y64)
+    (y64 * grad_out).sum().backward()
+
+    fast = fast.to(device)
+    xf = x.to(device).requires_grad_()
+    y = fast(xf)
+    y.backward(grad_out.to(device=device, dtype=y.dtype))
+    assert_matches("output", y.cpu(), y64)
+    assert_matches("input gradient", xf.grad.cpu(), x64.grad)
+    ref_params = dict(ref64.named_parameters())
+    fast_params = dict(fast.named_parameters())
+    for name, p in fast_params.items():
+        assert p.grad is not None, f"{name} got no gradient"
+        if name in _zero_by_construction(fast):
+            weight_grad = fast_params[name.replace(".bias", ".weight")].grad
+            assert p.grad.norm() <= 1e-5 * weight_grad.norm(), f"{name}: gradient should vanish"
+            continue
+        assert_matches(f"gradient of {name}", p.grad.cpu(), ref_params[name].grad)
+
+
+def _zero_by_construction(model: torch.nn.Module) -> set[str]:
+    """Biases of convolutions followed by a BatchNorm in training mode: their exact gradient is 0
+    (the batch mean removes them), so only its smallness can be checked, not a relative error."""
+    names = set()
+    for name, m in model.named_modules():
+        conv, norm = getattr(m, "conv", None), getattr(m, "norm", None)
+        if isinstance(norm, torch.nn.BatchNorm2d) and norm.training and getattr(conv, "bias", None) is not None:
+            names.add(f"{name}.conv.bias")
+    return names
+
+
+@pytest.mark.parametrize(("dim", "heads", "hw", "batch"), [(64, 2, (7, 9), 2), (96, 3, (5, 6), 1), (32, 1, (1, 13), 3)])
+def test_fused_block_matches_reference(dim, heads, hw, batch, device):
+    ref = ReferenceBlock(dim, hw, heads)
+    _randomise(ref)
+    fast = mlla_fast.MLLABlock(dim, hw, heads, backend="triton")
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    _compare(fast, ref, torch.randn(batch, hw[0] * hw[1], dim), device)
+
+
+def test_fused_block_on_another_grid(device):
+    ref = ReferenceBlock(64, (8, 8), 2)
+    _randomise(ref)
+    fast = mlla_fast.MLLABlock(64, (8, 8), 2, backend="triton").to(device)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 5 * 11, 64)
+    y64 = ref.double()(x.double(), (5, 11))
+    assert_matches("output", fast(x.to(device), (5, 11)).cpu(), y64)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fused_unet_matches_reference(train, device):
+    ref = ReferenceUNet(img_size=64, num_classes=3, drop_path_rate=0.0, **SMALL_UNET)
+    _randomise(ref)
+    fast = mlla_fast.MLLAUNet(img_size=64, num_classes=3, drop_path_rate=0.0, backend="triton", **SMALL_UNET)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    ref.train(train)
+    fast.train(train)
+    _compare(fast, ref, torch.randn(2, 3, 32, 64), device)
+    if train:
+        for (name, a), b in zip(fast.named_buffers(), ref.buffers(), strict=True):
+            if "running" in name:
+                assert rel_err(a.cpu(), b) <= 1e-5, name
+
+
+def test_fused_unet_golden(device):
+    data = load_golden("unet_tiny_64px.pt")
+    config = {k: v for k, v in data["config"].items() if k not in ("cls", "B")}
+    model = mlla_fast.MLLAUNet(**config, backend="triton").to(device).eval()
+    model.load_state_dict(data["state_dict"], strict=True)
+    y = model(data["x"].to(device))
+    assert_matches("golden U-Net output", y.cpu(), data["y"])
+
+
+def test_backends_switch_and_agree(monkeypatch, device):
+    ref = ReferenceBlock(64, (6, 6), 2)
+    _randomise(ref)
+    x = torch.randn(2, 36, 64, device=device)
+    monkeypatch.setenv("MLLA_FAST_BACKEND", "torch")
+    plain = mlla_fast.MLLABlock(64, (6, 6), 2).to(device)
+    plain.load_state_dict(ref.state_dict())
+    assert plain.backend == "torch"
+    monkeypatch.setenv("MLLA_FAST_BACKEND", "triton")
+    fused = mlla_fast.MLLABlock(64, (6, 6), 2).to(device)
+    fused.load_state_dict(ref.state_dict())
+    assert fused.backend == "triton"
+    assert rel_err(fused(x), plain(x).double()) <= 1e-5
+
+
+def test_bad_backend_environment(monkeypatch):
+    monkeypatch.setenv("MLLA_FAST_BACKEND", "fast")
+    with pytest.raises(ValueError, match="MLLA_FAST_BACKEND must be one of"):
+        mlla_fast.MLLABlock(64, (6, 6), 2)
+
+
+def test_triton_backend_where_it_cannot_run(monkeypatch):
+    block = mlla_fast.MLLABlock(64, (6, 6), 2, backend="triton")
+    with pytest.raises(ValueError, match="float32, bfloat16 and float16, got torch.float64"):
+        block.double()(torch.randn(1, 36, 64, dtype=torch.float64))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need a CUDA tensor"):
+        block.float()(torch.randn(1, 36, 64))
+    auto = mlla_fast.MLLABlock(64, (6, 6), 2, backend="auto")
+    assert auto(torch.randn(1, 36, 64)).shape == (1, 36, 64)
+
+
+def test_triton_backend_rejects_other_head_sizes():
+    block = mlla_fast.MLLABlock(64, (6, 6), 1, backend="triton")
+    with pytest.raises(ValueError, match="32 channels per head"):
+        block(torch.randn(1, 36, 64))
+
+
+def test_activation_checkpointing_and_drop_path(device):
+    torch.manual_seed(1)
+    block = mlla_fast.MLLABlock(64, (5, 5), 2, drop_path=0.5, backend="triton").to(device).train()
+    x = torch.randn(4, 25, 64, device=device, requires_grad=True)
+    torch.manual_seed(7)
+    y = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    y.sum().backward()
+    grad_ckpt = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(7)
+    block(x).sum().backward()
+    assert torch.equal(grad_ckpt, x.grad)
+
+
+def test_convergence_matches_reference(device):
+    """A tiny network trained from one seed on both backends: the loss agrees at every step."""
+    losses = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = mlla_fast.MLLAUNet(img_size=32, num_classes=3, drop_path_rate=0.0, backend=backend,
+                                   **SMALL_UNET).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(4, 3, 32, 32, generator=gen).to(device)
+        target = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+        curve = []
+        for _ in range(12):
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        losses[backend] = torch.tensor(curve)
+    assert losses["torch"][-1] < 0.8 * losses["torch"][0], "the tiny network did not learn"
+    torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-3, atol=1e-4)
