@@ -33,6 +33,7 @@ BatchNorm runs on the (B*N, C, 1, 1) view of the tokens, neither with a permute.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -269,9 +270,32 @@ def _shuffle4_ln_bwd_kernel(y_ptr, g_ptr, w_ptr, dy_ptr, part_ptr, n_rows, H, W,
 # ----------------------------------------------------------------------------------------------
 
 
-TILE_ELEMENTS = 4096  # fp32 accumulators of one stencil / LayerNorm tile
-PARTIAL_PROGRAMS_PER_SM = 8  # programs per SM along the token axis of a launch that reduces over tokens
-INTERPRETER_PARTIAL_PROGRAMS = 4  # the same, in all, under the interpreter: programs that loop over tiles
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Launch shape of one kernel.
+
+    A tile holds about ``tile_elements`` fp32 accumulators: ``block_c`` channels (a power of two; the
+    LayerNorm kernels always hold whole rows) by tile_elements / block_c tokens. A launch that reduces
+    over tokens runs ``programs_per_sm`` programs per SM along the token axis in all, each looping over
+    tiles (few programs keep the fp32 partials small).
+    """
+
+    tile_elements: int = 4096
+    block_c: int = 64
+    num_warps: int = 4
+    programs_per_sm: int = 8
+
+
+# One entry per kernel launch; benchmarks/sampling.py --tune searches them.
+CONFIGS: dict[str, LaunchConfig] = {
+    "stride2_fwd": LaunchConfig(),
+    "stride2_bwd": LaunchConfig(),
+    "transpose2x_fwd": LaunchConfig(),
+    "transpose2x_bwd": LaunchConfig(),
+    "shuffle4_ln_fwd": LaunchConfig(),
+    "shuffle4_ln_bwd": LaunchConfig(),
+}
+INTERPRETER_PARTIAL_PROGRAMS = 4  # programs along the token axis of a reducing launch under the interpreter
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -284,23 +308,15 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _reduction_progs(n_tiles: int, other_progs: int, device: torch.device) -> int:
-    """Programs along the token axis of a launch that also reduces over tokens.
-
-    About eight programs per SM in all (few and long, so the fp32 partials stay small), at most one
-    per tile. In the interpreter a handful, so that the tests run programs looping over several tiles.
-    """
+def _reduction_progs(n_tiles: int, other_progs: int, device: torch.device, config: LaunchConfig) -> int:
+    """Programs along the token axis of a launch that also reduces over tokens: config.programs_per_sm per SM
+    in all (INTERPRETER_PARTIAL_PROGRAMS in the interpreter, so that the tests run programs looping over
+    several tiles), at most one per tile."""
     if device.type == "cuda":
-        target = PARTIAL_PROGRAMS_PER_SM * _sm_count(device.index or 0)
+        target = config.programs_per_sm * _sm_count(device.index or 0)
     else:
         target = INTERPRETER_PARTIAL_PROGRAMS
     return max(1, min(n_tiles, triton.cdiv(target, other_progs)))
-
-
-def _stencil_blocks(C: int) -> tuple[int, int]:
-    """(BLOCK_N tokens, BLOCK_C channels) of a stencil tile of TILE_ELEMENTS accumulators, channels contiguous."""
-    block_c = min(64, max(16, triton.next_power_of_2(C)))
-    return max(1, TILE_ELEMENTS // block_c), block_c
 
 
 def _down_hw(H: int, W: int) -> tuple[int, int]:
@@ -308,17 +324,19 @@ def _down_hw(H: int, W: int) -> tuple[int, int]:
     return (H + 1) // 2, (W + 1) // 2
 
 
-def _launch_stencil(kernel, out: Tensor, n_out: int, C: int, n_part: int, weight_grad: bool, args: tuple,
-                    flags: dict) -> Tensor | None:
+def _launch_stencil(kernel, config: LaunchConfig, out: Tensor, n_out: int, C: int, n_part: int, weight_grad: bool,
+                    args: tuple, flags: dict) -> Tensor | None:
     """Launch a stencil kernel over n_out tokens x C channels; returns the (n_part, C) fp32 partial sums or None."""
-    block_n, block_c = _stencil_blocks(C)
+    block_c = min(config.block_c, max(16, triton.next_power_of_2(C)))
+    block_n = max(1, config.tile_elements // block_c)
     c_progs = triton.cdiv(C, block_c)
     n_tiles = triton.cdiv(n_out, block_n)
-    n_progs = _reduction_progs(n_tiles, c_progs, out.device) if weight_grad else n_tiles
+    n_progs = _reduction_progs(n_tiles, c_progs, out.device, config) if weight_grad else n_tiles
     part = _empty((n_progs, n_part, C), torch.float32, out.device) if weight_grad else out
     kernel[(n_progs, c_progs)](
         *args[:4], out, part, *args[4:], triton.cdiv(n_tiles, n_progs), n_progs,
-        WEIGHT_GRAD=weight_grad, N_PART=n_part, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4, **flags,
+        WEIGHT_GRAD=weight_grad, N_PART=n_part, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=config.num_warps,
+        **flags,
     )
     return part.sum(dim=0) if weight_grad else None
 
@@ -342,7 +360,7 @@ def _dwconv_stride2_relu_fwd(x: Tensor, weight: Tensor, bias: Tensor, H: int, W:
     Hs, Ws = _down_hw(H, W)
     y = _empty((B, Hs * Ws, C), x.dtype, x.device)
     _launch_stencil(
-        _down_kernel, y, B * Hs * Ws, C, 9, False,
+        _down_kernel, CONFIGS["stride2_fwd"], y, B * Hs * Ws, C, 9, False,
         (x.contiguous(), x, weight.reshape(C, 9).contiguous(), bias.contiguous(), B * Hs * Ws, Hs, Ws, H, W, C),
         dict(BIG_PRE_RELU=input_relu, SMALL_PRE_RELU=False, HAS_BIAS=True, OUT_RELU=True),
     )
@@ -366,7 +384,7 @@ def _dwconv_stride2_relu_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tenso
     Hs, Ws = _down_hw(H, W)
     grad_x = _empty(x.shape, x.dtype, x.device)
     part = _launch_stencil(
-        _up_kernel, grad_x, B * H * W, C, 10, True,
+        _up_kernel, CONFIGS["stride2_bwd"], grad_x, B * H * W, C, 10, True,
         (grad_y.contiguous(), y.contiguous(), x.contiguous(), weight.reshape(C, 9).contiguous(),
          B * H * W, Hs, Ws, H, W, C),
         dict(SMALL_PRE_RELU=False, GRAD_MASK=True, BIG_PRE_RELU=input_relu),
@@ -390,7 +408,7 @@ def _dwconv_transpose2x_fwd(x: Tensor, weight: Tensor, H: int, W: int, input_rel
     B, _, C = x.shape
     y = _empty((B, 4 * H * W, C), x.dtype, x.device)
     _launch_stencil(
-        _up_kernel, y, B * 4 * H * W, C, 9, False,
+        _up_kernel, CONFIGS["transpose2x_fwd"], y, B * 4 * H * W, C, 9, False,
         (x.contiguous(), x, x, weight.reshape(C, 9).contiguous(), B * 4 * H * W, H, W, 2 * H, 2 * W, C),
         dict(SMALL_PRE_RELU=input_relu, GRAD_MASK=False, BIG_PRE_RELU=False),
     )
@@ -411,7 +429,7 @@ def _dwconv_transpose2x_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, H: int, W
     B, _, C = x.shape
     grad_x = _empty(x.shape, x.dtype, x.device)
     part = _launch_stencil(
-        _down_kernel, grad_x, B * H * W, C, 9, True,
+        _down_kernel, CONFIGS["transpose2x_bwd"], grad_x, B * H * W, C, 9, True,
         (grad_y.contiguous(), x.contiguous(), weight.reshape(C, 9).contiguous(), x, B * H * W, H, W, 2 * H, 2 * W,
          C),
         dict(BIG_PRE_RELU=False, SMALL_PRE_RELU=input_relu, HAS_BIAS=False, OUT_RELU=False),
@@ -424,10 +442,10 @@ def _(grad_y: Tensor, x: Tensor, weight: Tensor, H: int, W: int, input_relu: boo
     return x.new_empty(x.shape), x.new_empty((x.shape[2], 1, 3, 3), dtype=torch.float32)
 
 
-def _shuffle4_blocks(C: int) -> tuple[int, int, int]:
-    """(BLOCK_R rows, BLOCK_C >= C channels, num_warps) of a LayerNorm tile: whole rows, about TILE_ELEMENTS."""
+def _shuffle4_blocks(C: int, config: LaunchConfig) -> tuple[int, int, int]:
+    """(BLOCK_R rows, BLOCK_C >= C channels, num_warps) of a LayerNorm tile: whole rows, about tile_elements."""
     block_c = triton.next_power_of_2(C)
-    return max(1, TILE_ELEMENTS // block_c), block_c, 4 if block_c <= 2048 else 8
+    return max(1, config.tile_elements // block_c), block_c, config.num_warps if block_c <= 2048 else 8
 
 
 @torch.library.custom_op(
@@ -437,7 +455,7 @@ def _shuffle4_blocks(C: int) -> tuple[int, int, int]:
 def _pixel_shuffle4_layernorm_fwd(y: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, eps: float) -> Tensor:
     B, C = y.shape[0], y.shape[2] // 16
     out = _empty((B, 16 * H * W, C), y.dtype, y.device)
-    block_r, block_c, num_warps = _shuffle4_blocks(C)
+    block_r, block_c, num_warps = _shuffle4_blocks(C, CONFIGS["shuffle4_ln_fwd"])
     n_rows = B * 16 * H * W
     _shuffle4_ln_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
         y.contiguous(), weight.contiguous(), bias.contiguous(), out, n_rows, H, W, C, eps,
@@ -459,10 +477,11 @@ def _pixel_shuffle4_layernorm_bwd(grad_out: Tensor, y: Tensor, weight: Tensor, H
                                   eps: float) -> tuple[Tensor, Tensor, Tensor]:
     B, C = y.shape[0], y.shape[2] // 16
     grad_y = _empty(y.shape, y.dtype, y.device)
-    block_r, block_c, num_warps = _shuffle4_blocks(C)
+    config = CONFIGS["shuffle4_ln_bwd"]
+    block_r, block_c, num_warps = _shuffle4_blocks(C, config)
     n_rows = B * 16 * H * W
     n_tiles = triton.cdiv(n_rows, block_r)
-    n_progs = _reduction_progs(n_tiles, 1, y.device)
+    n_progs = _reduction_progs(n_tiles, 1, y.device, config)
     part = _empty((n_progs, 2, C), torch.float32, y.device)
     _shuffle4_ln_bwd_kernel[(n_progs,)](
         y.contiguous(), grad_out.contiguous(), weight.contiguous(), grad_y, part, n_rows, H, W, C, eps,

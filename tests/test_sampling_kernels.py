@@ -127,9 +127,9 @@ def test_pixel_shuffle4_layernorm_fp32_matches_float64_reference(shape, device):
 @pytest.mark.parametrize("op", STENCILS)
 def test_many_tiles_per_program(op, device, monkeypatch):
     """Small tiles and three partial programs: each reducing program loops over several tiles, some past the end."""
-    monkeypatch.setattr(sampling, "TILE_ELEMENTS", 1024)
+    for key in sampling.CONFIGS:
+        monkeypatch.setitem(sampling.CONFIGS, key, sampling.LaunchConfig(tile_elements=1024, block_c=32))
     monkeypatch.setattr(sampling, "INTERPRETER_PARTIAL_PROGRAMS", 3)
-    monkeypatch.setattr(sampling, "PARTIAL_PROGRAMS_PER_SM", 1)
     check_stencil_fp32(op, 2, 5, 7, 64, True, device)
 
 
