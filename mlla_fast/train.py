@@ -174,7 +174,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
     best = {"dice": -math.inf, "iteration": None}
     start = 0
     if resume:
-        state = load_checkpoint(run_dir, "last", map_location=ctx.device)
+        state = load_checkpoint(run_dir, "last")  # on the CPU: RNG states must stay CPU tensors
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -198,3 +198,29 @@ def test_evaluating_a_run_without_checkpoints_says_so(prepared, tmp_path, capsys
     save_config(out, tiny_config(prepared, out), {"class_names": ["background"], "num_classes": 1})
     assert main(["evaluate", "--run", str(out)]) == 2
     assert "no best.pt" in capsys.readouterr().err
+
+
+def test_pretrained_weights_load_through_the_imagenet_mapping_on_fresh_runs_only(prepared, tmp_path, monkeypatch,
+                                                                                  one_thread):
+    config = tiny_config(prepared, tmp_path / "run", iterations=2, val_every=2)
+    encoder = {k: torch.full_like(v, 0.5) for k, v in build_model(config, 6).state_dict().items()
+               if k.startswith("layers.0.blocks.0.norm1")}
+    checkpoint = tmp_path / "mlla_t.pth"
+    torch.save({"model": {**encoder, "head.weight": torch.zeros(3, 3)}}, checkpoint)
+    loaded = []
+    real = train_module.load_imagenet_pretrained
+
+    def spy(model, path):
+        result = real(model, path)
+        loaded.append(result[0])
+        assert torch.equal(model.layers_up[3].blocks[0].norm1.weight, torch.full((32,), 0.5))  # mirrored to the decoder
+        return result
+
+    monkeypatch.setattr(train_module, "load_imagenet_pretrained", spy)
+    config.pretrained = str(checkpoint)
+    train_module.train(config, progress=False)
+    assert loaded == [sorted(["layers.0.blocks.0.norm1.weight", "layers.0.blocks.0.norm1.bias",
+                              "layers_up.3.blocks.0.norm1.weight", "layers_up.3.blocks.0.norm1.bias"])]
+    config.iterations = 2
+    train_module.train(config, resume=True, progress=False)
+    assert len(loaded) == 1
