@@ -69,6 +69,7 @@ MODES = ("train", "infer")
 GPU_SIZES = ("224:48", "512:8", "1024:2")
 CPU_SIZES = ("64:2",)
 CHECK_SIZE = 64
+OVERRIDES = ("embed_dim", "depths", "depths_decoder", "num_heads")
 NO_GPU_MESSAGE = (
     "No CUDA device found: running a tiny CPU demonstration of the reference only "
     f"({CPU_DEMO_LABEL}). Run this script on an NVIDIA GPU for the real measurements."
@@ -93,6 +94,11 @@ def model_name(text: str) -> str:
     return name
 
 
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Architecture flags given on the command line, replacing the named config's values."""
+    return {k: tuple(v) if isinstance(v, list) else v for k in OVERRIDES if (v := getattr(args, k)) is not None}
+
+
 def build_model(name: str, variant: str, side: int, args: argparse.Namespace,
                 device: torch.device) -> tuple[nn.Module, nn.Module]:
     """(model, callable) for one variant on device: the callable is the model, or its torch.compile."""
@@ -101,7 +107,7 @@ def build_model(name: str, variant: str, side: int, args: argparse.Namespace,
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = mlla_fast.create_model(name, num_classes=args.num_classes, in_chans=args.in_chans, img_size=side,
-                                       backend="triton" if variant == "fused" else "torch")
+                                       backend="triton" if variant == "fused" else "torch", **overrides(args))
     if variant == "compiled":
         torch._dynamo.reset()  # a fresh compile per point, and no recompile limit across points
         return model, torch.compile(model, backend=args.compile_backend, dynamic=False)
@@ -172,10 +178,11 @@ def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConf
     sizes = sorted(args.sizes)
     points = sweep(sizes, keys, run, size=lambda s: s[0] ** 2 * s[1], budget_s=timing.budget_s,
                    describe=lambda s: f"{s[0]}x{s[0]} batch {s[1]}")
+    suffix = "+custom" if overrides(args) else ""
     rows = []
     for (name, dtype, mode, variant), (side, batch), meas in points:
         rows.append({
-            "model": f"mlla_unet_{name}", "image_size": side, "batch": batch, "dtype": dtype, "mode": mode,
+            "model": f"mlla_unet_{name}{suffix}", "image_size": side, "batch": batch, "dtype": dtype, "mode": mode,
             "variant": variant, **meas.as_dict(),
             "images_per_s": batch / meas.seconds if meas.status == OK and meas.seconds else None,
         })
@@ -229,6 +236,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--compiled-sizes", nargs="+", type=int, default=[224], metavar="SIDE",
                         help="image sides at which the compiled variant runs (each is a compile of minutes)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of 'compiled'")
+    arch = parser.add_argument_group("architecture overrides (default: the named config's values)")
+    arch.add_argument("--embed-dim", type=int, default=None, help="C0, a multiple of 32")
+    arch.add_argument("--depths", nargs=4, type=int, default=None, help="encoder blocks per stage")
+    arch.add_argument("--depths-decoder", nargs=4, type=int, default=None, help="decoder blocks per stage")
+    arch.add_argument("--num-heads", nargs=4, type=int, default=None, help="heads per stage (32 channels each)")
     parser.add_argument("--num-classes", type=int, default=9)
     parser.add_argument("--in-chans", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
