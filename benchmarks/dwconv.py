@@ -23,17 +23,21 @@ For each op (``cpe_residual_norm``, ``dwconv_silu``), dtype (bf16, fp32) and siz
 A case whose check fails is still timed, but no speedup or bandwidth claim is printed for it.
 Prints a table and writes ``dwconv.csv``, ``dwconv.json`` and ``dwconv.log`` to ``--out``'s card folder.
 
-    python benchmarks/dwconv.py --out "$OUT"       # the full GPU run (H100: a few minutes)
-    python benchmarks/dwconv.py --cpu-smoke        # a tiny case through the Triton interpreter on the CPU
+    python benchmarks/dwconv.py --out "$OUT"                              # the GPU run
+    python benchmarks/dwconv.py --out "$OUT" --tile-elements 1024 2048 4096  # also compare tile sizes
+    python benchmarks/dwconv.py --cpu-smoke                                # a tiny case through the interpreter
+
+Results are written after every case, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +74,9 @@ MODES = ("fwd", "fwd+bwd")
 MIN_PASSES = {("cpe_residual_norm", "fwd"): 3, ("cpe_residual_norm", "fwd+bwd"): 8,
               ("dwconv_silu", "fwd"): 2, ("dwconv_silu", "fwd+bwd"): 5}
 BANDWIDTH_TARGET = 0.6
-# (B, H, W, C): MLLA-UNet-T training at 224x224, batch 48 (stages 0-3), and one block at 512x512, batch 2.
-GPU_CASES = [(48, 56, 56, 64), (48, 28, 28, 128), (48, 14, 14, 256), (48, 7, 7, 512), (2, 512, 512, 64)]
+# (B, H, W, C): one block at 512x512, batch 2 (first: the clearest bandwidth figure), then MLLA-UNet-T
+# training at 224x224, batch 48 (stages 0-3).
+GPU_CASES = [(2, 512, 512, 64), (48, 56, 56, 64), (48, 28, 28, 128), (48, 14, 14, 256), (48, 7, 7, 512)]
 # Check-only cases: (B, H, W, C, strided input view).
 GPU_CHECK_CASES = [(3, 97, 61, 96, False), (2, 64, 64, 128, True), (2, 33, 1, 1024, False), (1, 1, 300, 32, True)]
 SMOKE_CASES = [(2, 5, 7, 64)]
@@ -101,6 +106,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", type=parse_case, default=None, metavar="B,H,W,C",
                         help="timed cases (default: the MLLA-UNet-T stages at 224^2 batch 48 and 512^2 batch 2)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--tile-elements", nargs="+", type=int, default=None, metavar="N",
+                        help="check and time the fused kernels with tiles of about N elements each "
+                             "(default: the kernels' own setting)")
     parser.add_argument("--seed", type=int, default=0)
     add_output_argument(parser)
     return parser.parse_args(argv)
@@ -350,52 +358,69 @@ def time_case(op: str, dtype_name: str, case: tuple[int, int, int, int], impls: 
     return rows
 
 
-def annotate(rows: list[dict[str, Any]], passed: bool, copy_gbs: float | None) -> None:
-    """Add bandwidth and speedups to the triton rows of one (op, dtype, case), unless its check failed."""
-    by = {(r["impl"], r["mode"]): r for r in rows}
+@contextlib.contextmanager
+def tile_elements(n: int | None) -> Iterator[None]:
+    """Run the fused kernels with tiles of about n elements (None: the module's default)."""
+    from mlla_fast.kernels import dwconv
+
+    saved = dwconv.TILE_ELEMENTS
+    dwconv.TILE_ELEMENTS = n or saved
+    try:
+        yield
+    finally:
+        dwconv.TILE_ELEMENTS = saved
+
+
+def annotate(rows: list[dict[str, Any]], copy_gbs: float | None) -> None:
+    """Add bandwidth and speedups to the triton rows of one (op, dtype, case) whose check passed."""
+    baseline = {(r["impl"], r["mode"]): r for r in rows if r["impl"] != "triton"}
     for r in rows:
-        r["triton_check"] = "passed" if passed else "FAILED"
         if r["impl"] != "triton" or r.get("status") != "ok":
             continue
-        if not passed:
+        if r["triton_check"] != "passed":
             r["note"] = "check failed: no speedup or bandwidth reported"
             continue
         r["gbs"] = r["min_bytes"] / (r["median_ms"] * 1e-3) / 1e9
         if copy_gbs:
             r["copy_fraction"] = r["gbs"] / copy_gbs
         for impl in ("eager", "compile"):
-            other = by.get((impl, r["mode"]))
+            other = baseline.get((impl, r["mode"]))
             if other is not None and other.get("status") == "ok":
                 r[f"speedup_vs_{impl}"] = other["median_ms"] / r["median_ms"]
 
 
 def report(rows: list[dict[str, Any]]) -> str:
+    """One line per triton row: its time, the baselines', speedups, bandwidth and peak memory."""
     table = []
-    keyed = {(r["op"], r["dtype"], r["B"], r["H"], r["W"], r["C"], r["mode"], r["impl"]): r for r in rows}
+    baseline = {(r["op"], r["dtype"], r["B"], r["H"], r["W"], r["C"], r["mode"], r["impl"]): r
+                for r in rows if r["impl"] != "triton"}
+
+    def ms(row: dict[str, Any]) -> str:
+        return fmt_ms(row.get("median_ms")) if row.get("status") == "ok" else row.get("status", "-")
+
+    def ratio(row: dict[str, Any], name: str) -> str:
+        return f"{row[name]:.2f}x" if name in row else "-"
+
     for r in rows:
         if r["impl"] != "triton":
             continue
         key = (r["op"], r["dtype"], r["B"], r["H"], r["W"], r["C"], r["mode"])
-        others = {impl: keyed.get((*key, impl), {}) for impl in IMPLS}
-
-        def ms(row: dict[str, Any]) -> str:
-            return fmt_ms(row.get("median_ms")) if row.get("status") == "ok" else row.get("status", "-")
-
-        def ratio(row: dict[str, Any], name: str) -> str:
-            return f"{row[name]:.2f}x" if name in row else "-"
-
+        eager, compiled = baseline.get((*key, "eager"), {}), baseline.get((*key, "compile"), {})
         frac = r.get("copy_fraction")
         table.append([
-            r["op"], r["dtype"], f"{r['B']}x{r['H']}x{r['W']}x{r['C']}", r["mode"], r["triton_check"],
-            ms(r), ms(others["eager"]), ms(others["compile"]),
-            ratio(r, "speedup_vs_eager"), ratio(r, "speedup_vs_compile"),
-            f"{r['gbs']:.0f}" if "gbs" in r else "-",
+            r["op"], r["dtype"], f"{r['B']}x{r['H']}x{r['W']}x{r['C']}", r["mode"], str(r["tile_elements"]),
+            r["triton_check"], ms(r), ms(eager), ms(compiled), ratio(r, "speedup_vs_eager"),
+            ratio(r, "speedup_vs_compile"), f"{r['gbs']:.0f}" if "gbs" in r else "-",
             "-" if frac is None else f"{100 * frac:.0f}%{'' if frac >= BANDWIDTH_TARGET else ' (<60%)'}",
-            " / ".join(fmt_bytes(o.get("peak_bytes")) for o in others.values()),
+            " / ".join(fmt_bytes(o.get("peak_bytes")) for o in (r, eager, compiled)),
         ])
-    headers = ["op", "dtype", "BxHxWxC", "mode", "check", "triton", "eager", "compile", "vs eager", "vs compile",
-               "GB/s", "of copy", "peak mem triton / eager / compile"]
+    headers = ["op", "dtype", "BxHxWxC", "mode", "tile", "check", "triton", "eager", "compile", "vs eager",
+               "vs compile", "GB/s", "of copy", "peak mem triton / eager / compile"]
     return format_table(headers, table)
+
+
+def log_check(log: Log, result: dict[str, Any], what: str) -> None:
+    log(f"[{'pass' if result['passed'] else 'FAIL'}] {what}: {result['detail']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -408,31 +433,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print("No CUDA device: run this on a GPU, or pass --cpu-smoke for a tiny interpreter run.")
         return 2
+    from mlla_fast.kernels import dwconv
+
     cases = args.cases or (SMOKE_CASES if args.cpu_smoke else GPU_CASES)
     check_cases = SMOKE_CHECK_CASES if args.cpu_smoke else GPU_CHECK_CASES
+    large_case = SMOKE_LARGE_CASE if args.cpu_smoke else GPU_LARGE_CASE
+    tiles = args.tile_elements or [dwconv.TILE_ELEMENTS]
     compile_backend = "aot_eager" if args.cpu_smoke else "inductor"
-    impls = [i for i in IMPLS if not (args.no_compile and i == "compile")]
+    baselines = [i for i in IMPLS if i != "triton" and not (args.no_compile and i == "compile")]
 
     env = environment(device)
     out = output_dir(args.out, env)
     log = Log()
     log(f"Fused depthwise-stencil kernels: check and timing | {env['label']}")
     log(describe_environment(env))
-    log(f"minimal-bytes bandwidth target: {100 * BANDWIDTH_TARGET:.0f}% of the copy bandwidth "
-        f"({env['copy_bandwidth_gbs']} GB/s)")
-
+    log(f"bandwidth target: {100 * BANDWIDTH_TARGET:.0f}% of the copy bandwidth ({env['copy_bandwidth_gbs']} GB/s) "
+        f"for the minimal bytes; tile sizes (elements): {tiles}, default {dwconv.TILE_ELEMENTS}")
     checks: list[dict[str, Any]] = []
-    for op in args.ops:
-        result = check_compiled(op, device, args.seed, compile_backend)
-        checks.append({"op": op, "case": "torch.compile fullgraph, 2x24x20x64 strided", **result})
-        log(f"[{'pass' if result['passed'] else 'FAIL'}] {op} under torch.compile: {result['detail']}")
-        for B, H, W, C, strided in check_cases:
-            for dtype_name in args.dtypes:
-                result = check(op, DTYPES[dtype_name], (B, H, W, C), device, args.seed, strided)
-                label = f"{B}x{H}x{W}x{C}{' strided' if strided else ''}"
-                checks.append({"op": op, "dtype": dtype_name, "case": label, **result})
-                log(f"[{'pass' if result['passed'] else 'FAIL'}] {op} {dtype_name} {label}: {result['detail']}")
-
     rows: list[dict[str, Any]] = []
 
     def save() -> None:
@@ -443,30 +460,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "checks": checks, "results": rows})
         (out / "dwconv.log").write_text("\n".join(log.lines) + "\n")
 
+    for op in args.ops:
+        result = check_compiled(op, device, args.seed, compile_backend)
+        checks.append({"op": op, "case": "torch.compile fullgraph, 2x24x20x64 strided", **result})
+        log_check(log, result, f"{op} under torch.compile")
+        for B, H, W, C, strided in check_cases:
+            for dtype_name in args.dtypes:
+                result = check(op, DTYPES[dtype_name], (B, H, W, C), device, args.seed, strided)
+                label = f"{B}x{H}x{W}x{C}{' strided' if strided else ''}"
+                checks.append({"op": op, "dtype": dtype_name, "case": label, **result})
+                log_check(log, result, f"{op} {dtype_name} {label}")
     save()
+
     for case in cases:
+        label = "x".join(map(str, case))
         for op in args.ops:
             for dtype_name in args.dtypes:
-                result = check(op, DTYPES[dtype_name], case, device, args.seed)
-                label = "x".join(map(str, case))
-                checks.append({"op": op, "dtype": dtype_name, "case": label, **result})
-                log(f"[{'pass' if result['passed'] else 'FAIL'}] {op} {dtype_name} {label}: {result['detail']}")
-                free_memory(device)
-                case_rows = time_case(op, dtype_name, case, impls, device, args.seed, compile_backend)
-                annotate(case_rows, result["passed"], env["copy_bandwidth_gbs"])
+                case_rows = []
+                for tile in tiles:
+                    with tile_elements(tile):
+                        result = check(op, DTYPES[dtype_name], case, device, args.seed)
+                        checks.append({"op": op, "dtype": dtype_name, "case": label, "tile_elements": tile, **result})
+                        log_check(log, result, f"{op} {dtype_name} {label} tile {tile}")
+                        free_memory(device)
+                        for r in time_case(op, dtype_name, case, ["triton"], device, args.seed, compile_backend):
+                            case_rows.append(r | {"tile_elements": tile,
+                                                  "triton_check": "passed" if result["passed"] else "FAILED"})
+                case_rows += time_case(op, dtype_name, case, baselines, device, args.seed, compile_backend)
+                annotate(case_rows, env["copy_bandwidth_gbs"])
                 rows.extend(case_rows)
                 for r in case_rows:
                     if r["impl"] == "triton":
-                        log(f"    {r['mode']:8s} triton {fmt_ms(r.get('median_ms'))}"
+                        log(f"    {r['mode']:8s} triton tile {r['tile_elements']}: {fmt_ms(r.get('median_ms'))}"
                             + (f", {r['gbs']:.0f} GB/s ({100 * r.get('copy_fraction', 0):.0f}% of copy)"
                                if "gbs" in r else f" [{r.get('status')}; {r.get('note', '')}]"))
                 save()
 
-    large_case = SMOKE_LARGE_CASE if args.cpu_smoke else GPU_LARGE_CASE
     for op in args.ops:
         result = check_large_offsets(op, large_case, device, args.seed)
         checks.append({"op": op, "dtype": "bf16", "case": "x".join(map(str, large_case)), **result})
-        log(f"[{'pass' if result['passed'] else 'FAIL'}] {op} 64-bit offsets: {result['detail']}")
+        log_check(log, result, f"{op} 64-bit offsets")
 
     log()
     log(report(rows))
@@ -476,10 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                            for c in failed)))
     if args.cpu_smoke:
         log("(CPU smoke run through the Triton interpreter: the times and bandwidths mean nothing)")
-    save()
     if out is not None:
         log(f"wrote {out / 'dwconv.csv'}, {out / 'dwconv.json'}, {out / 'dwconv.log'}")
-        save()
+    save()
     return 1 if failed else 0
 
 
