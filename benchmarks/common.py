@@ -292,6 +292,20 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def release_compiled(device: torch.device) -> None:
+    """Drop torch.compile's caches (graphs, guards) and the memory they held, before the next variant."""
+    torch._dynamo.reset()
+    free_memory(device)
+
+
+def describe_measurement(m: Measurement) -> str:
+    """One progress line's worth: the status, or the median time, peak memory and first-call time."""
+    if not m.ok:
+        return f"{m.status}" + (f" ({m.note})" if m.note else "")
+    peak = "" if m.peak_bytes is None else f", peak {fmt_bytes(m.peak_bytes)}"
+    return f"{fmt_ms(m.median_ms)} median of {m.repeats}{peak}, first call {m.first_call_s:.1f} s"
+
+
 Build = Callable[[], tuple[Callable[..., object], Callable[[], Sequence[Any]]]]
 
 
@@ -385,14 +399,15 @@ def project_seconds(history: Sequence[tuple[float, float]], size: float) -> floa
 
 
 def sweep(points: Sequence[P], keys: Sequence[K], run: Callable[[K, P], Measurement], size: Callable[[P], float],
-          budget_s: float, describe: Callable[[P], str] = str) -> list[tuple[K, P, Measurement]]:
+          budget_s: float, describe: Callable[[P], str] = str,
+          log: Callable[[K, P, Measurement], None] | None = None) -> list[tuple[K, P, Measurement]]:
     """Measure every key (variant) at every point, in the order given (smallest point first).
 
     A key that runs out of memory or past the budget is marked so and dropped from the larger
     points (marked "skipped" there, with the reason); an error or a failed check is repeated at the
     larger points without running. A key whose projected time per call (``project_seconds``) exceeds
     ``budget_s`` is marked "timeout" without running; ``size(point)`` is the work measure the
-    projection scales by (e.g. pixels x batch).
+    projection scales by (e.g. pixels x batch). ``log`` sees every result as it comes.
     """
     stopped: dict[K, Measurement] = {}
     history: dict[K, list[tuple[float, float]]] = {}
@@ -401,6 +416,8 @@ def sweep(points: Sequence[P], keys: Sequence[K], run: Callable[[K, P], Measurem
         for key in keys:
             if key in stopped:
                 out.append((key, point, dataclasses.replace(stopped[key])))
+                if log is not None:
+                    log(key, point, out[-1][2])
                 continue
             projected = project_seconds(history.get(key, []), size(point))
             if projected is not None and projected > budget_s:
@@ -408,6 +425,8 @@ def sweep(points: Sequence[P], keys: Sequence[K], run: Callable[[K, P], Measurem
             else:
                 m = run(key, point)
             out.append((key, point, m))
+            if log is not None:
+                log(key, point, m)
             if m.ok and m.seconds is not None:
                 history.setdefault(key, []).append((size(point), m.seconds))
             elif m.status in STOPPING:

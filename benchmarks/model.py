@@ -50,6 +50,7 @@ from benchmarks.common import (
     default_device,
     describe_environment,
     describe_error,
+    describe_measurement,
     environment,
     fmt_bytes,
     fmt_ms,
@@ -58,6 +59,7 @@ from benchmarks.common import (
     format_table,
     measure,
     output_dir,
+    release_compiled,
     sweep,
     timing_from_args,
     write_csv,
@@ -172,12 +174,18 @@ def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConf
             return Measurement(FAILED_CHECK, note=checks[name].detail)
         if variant == "compiled" and side not in args.compiled_sizes:
             return Measurement(SKIPPED, note=f"compiled only at --compiled-sizes {args.compiled_sizes}")
-        return measure(lambda: build_point(name, variant, dtype, mode, side, batch, args, device), device, timing)
+        result = measure(lambda: build_point(name, variant, dtype, mode, side, batch, args, device), device, timing)
+        if variant == "compiled":
+            release_compiled(device)
+        return result
+
+    def log(key: tuple[str, str, str, str], size: tuple[int, int], m: Measurement) -> None:
+        print(f"  {size[0]:>4}:{size[1]:<3} {' '.join(key)}: {describe_measurement(m)}", flush=True)
 
     keys = [(n, d, m, v) for n in args.models for d in args.dtypes for m in args.modes for v in args.variants]
     sizes = sorted(args.sizes)
     points = sweep(sizes, keys, run, size=lambda s: s[0] ** 2 * s[1], budget_s=timing.budget_s,
-                   describe=lambda s: f"{s[0]}x{s[0]} batch {s[1]}")
+                   describe=lambda s: f"{s[0]}x{s[0]} batch {s[1]}", log=log)
     suffix = "+custom" if overrides(args) else ""
     rows = []
     for (name, dtype, mode, variant), (side, batch), meas in points:

@@ -55,6 +55,7 @@ from benchmarks.common import (
     default_device,
     describe_environment,
     describe_error,
+    describe_measurement,
     environment,
     fit_loglog_slope,
     fmt_bytes,
@@ -63,6 +64,7 @@ from benchmarks.common import (
     format_table,
     measure,
     output_dir,
+    release_compiled,
     sweep,
     timing_from_args,
     write_csv,
@@ -221,11 +223,18 @@ def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConf
             return Measurement(SKIPPED, note="the fused kernels need a CUDA device (CPU demonstration)")
         if variant in checks and not checks[variant].passed:
             return Measurement(FAILED_CHECK, note=checks[variant].detail)
-        return measure(lambda: build_point(variant, mode, grid, args, weights, device), device, timing)
+        result = measure(lambda: build_point(variant, mode, grid, args, weights, device), device, timing)
+        if variant == "compiled":
+            release_compiled(device)
+        return result
+
+    def log(key: tuple[str, str], grid: tuple[int, int], m: Measurement) -> None:
+        print(f"  {grid_label(grid):>9}  {key[0]:<8} {key[1]:<7} {describe_measurement(m)}", flush=True)
 
     keys = [(v, m) for v in args.variants for m in args.modes]
     grids = sorted(args.grids, key=lambda g: g[0] * g[1])
-    points = sweep(grids, keys, run, size=lambda g: g[0] * g[1], budget_s=timing.budget_s, describe=grid_label)
+    points = sweep(grids, keys, run, size=lambda g: g[0] * g[1], budget_s=timing.budget_s, describe=grid_label,
+                   log=log)
     return [
         {"variant": v, "mode": m, "grid": grid_label(g), "height": g[0], "width": g[1], "pixels": g[0] * g[1],
          "batch": args.batch, "dim": args.dim, "heads": args.heads, "dtype": args.dtype, **meas.as_dict()}
