@@ -349,13 +349,14 @@ def _check_stencil_inputs(x: Tensor, hw: tuple[int, int], weight: Tensor, params
     return H, W
 
 
-def _check_grad(name: str, grad: Tensor | None, like: Tensor) -> None:
-    if grad is None:
+def _check_like(name: str, t: Tensor | None, like: Tensor) -> None:
+    """Raise unless t (skipped when None) is a floating-point tensor of like's shape on like's device."""
+    if t is None:
         return
-    if grad.shape != like.shape or grad.device != like.device or not grad.is_floating_point():
+    if t.shape != like.shape or t.device != like.device or not t.is_floating_point():
         raise ValueError(
-            f"{name}: expected a floating-point gradient of shape {tuple(like.shape)} on {like.device}, "
-            f"got {grad.dtype} of shape {tuple(grad.shape)} on {grad.device}"
+            f"{name}: expected a floating-point tensor of shape {tuple(like.shape)} on {like.device}, "
+            f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}"
         )
 
 
@@ -417,8 +418,8 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, r: Te
     """
     H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
                                                      "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
-    for name, grad in (("dr", dr), ("dh", dh), ("r", r)):
-        _check_grad(name, grad, x)
+    for name, t in (("dr", dr), ("dh", dh), ("r", r)):
+        _check_like(name, t, x)
     x, r = _tokens_major(x), _tokens_major(r)
     dr = None if dr is None else _tokens_major(dr)
     dh = None if dh is None else _tokens_major(dh)
@@ -481,7 +482,7 @@ def dwconv_silu_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
     d weight (C, 1, 3, 3), d bias (C,)), each parameter gradient in its parameter's dtype.
     """
     H, W = _check_stencil_inputs(x, hw, weight, {"bias": bias})
-    _check_grad("dy", dy, x)
+    _check_like("dy", dy, x)
     x, dy = _tokens_major(x), _tokens_major(dy)
     B, N, C = x.shape
     weight_c = weight.contiguous()

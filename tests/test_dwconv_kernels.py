@@ -237,3 +237,12 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     x = torch.randn(1, 4, 32)
     with pytest.raises(ValueError, match="need a CUDA tensor, got one on cpu"):
         dwconv_silu(x, torch.randn(32, 1, 3, 3), torch.randn(32), (2, 2))
+
+
+def test_backward_launchers_check_their_tensors(device):
+    x = torch.randn(1, 6, 32, device=device)
+    w, b = torch.randn(32, 1, 3, 3, device=device), torch.randn(32, device=device)
+    with pytest.raises(ValueError, match=r"dy: expected a floating-point tensor of shape \(1, 6, 32\)"):
+        dwconv.dwconv_silu_bwd(x[:, :3], x, w, b, (2, 3))
+    with pytest.raises(ValueError, match=r"dh: expected a floating-point tensor of shape \(1, 6, 32\)"):
+        dwconv.cpe_residual_norm_bwd(None, x.long(), x, x, w, b, b, b, (2, 3))
