@@ -40,7 +40,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cuda": {"model_args": {}, "image_size": 224, "batch_size": 24, "lr": 1e-3, "workers": 4},
 }
 MIN_ITERATIONS, MAX_ITERATIONS = 60, 3000
-TRAIN_SHARE = 0.85  # of the time left after data preparation; the rest is for evaluation and slack
+TRAIN_SHARE = 0.85  # of the time left after data preparation; the rest is for evaluation
+PLANNED_SHARE = 0.8  # of the training time that the planned iterations take; slack for a machine that slows down
 
 
 def seconds_per_iteration(config: TrainConfig, num_classes: int, device: torch.device, steps: int = 3,
@@ -121,8 +122,8 @@ def run_demo(out: str | Path = "mlla-fast-demo", minutes: float = 5.0, device: s
             per_iteration = seconds_per_iteration(config, manifest["num_classes"], torch_device)
             timing = f"{per_iteration:.2f} s per iteration measured, "
         budget = max(60 * minutes - (time.monotonic() - began), 0.0) * TRAIN_SHARE
-        iterations = int(min(max(budget / per_iteration, MIN_ITERATIONS), MAX_ITERATIONS))
-        config.max_minutes = budget / 60 + 0.5
+        iterations = int(min(max(PLANNED_SHARE * budget / per_iteration, MIN_ITERATIONS), MAX_ITERATIONS))
+        config.max_minutes = budget / 60
     else:
         timing = ""
     config.iterations = iterations
