@@ -8,7 +8,6 @@ default for modules built with ``backend=None``.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -34,9 +33,7 @@ def check_backend(name: str | None) -> str:
     return name
 
 
-@functools.cache
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def interpreter_enabled() -> bool:
@@ -45,7 +42,7 @@ def interpreter_enabled() -> bool:
 
 def fused_supported(x: torch.Tensor) -> str | None:
     """None when the fused kernels can run on x; otherwise the reason they cannot."""
-    if not triton_installed():
+    if not TRITON_INSTALLED:
         return "Triton is not installed"
     if x.device.type != "cuda" and not (interpreter_enabled() and x.device.type == "cpu"):
         return f"the fused kernels need a CUDA tensor, got one on {x.device.type}"

@@ -6,6 +6,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # fp32 results are judged against float64 at 1e-5: no TF32 in PyTorch's own GEMMs and convolutions.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 import pytest
 
