@@ -127,7 +127,7 @@ def run_demo(out: str | Path = "mlla-fast-demo", minutes: float = 5.0, device: s
     else:
         timing = ""
     config.iterations = iterations
-    config.val_every = max(iterations // 4, 1)
+    config.val_every = -(-iterations // 4)  # four validations, the last at the end
     config.log_every = max(iterations // 50, 1)
     print(f"[3/4] training on {torch_device.type} ({timing}{iterations} iterations, batch {config.batch_size}, "
           f"{config.image_size}x{config.image_size}) into {run_dir}")
