@@ -23,11 +23,14 @@
    ``CONFIGS``) at the 224^2 stage-0 shapes; the best is used for the rest and printed, to be made the default.
 
 No speedup or bandwidth is reported for a case whose check failed.
-Prints a summary and writes ``sampling.csv``, ``sampling.json`` and ``sampling.log`` to ``--out``'s card folder.
+Prints a summary and writes ``sampling[-TAG].csv``, ``.json`` and ``.log`` to ``--out``'s card folder.
 
-    python benchmarks/sampling.py --out "$OUT"             # the full GPU run
-    python benchmarks/sampling.py --tune --out "$OUT"      # the same after tuning the launch configurations
-    python benchmarks/sampling.py --cpu-smoke              # tiny cases through the Triton interpreter on the CPU
+    python benchmarks/sampling.py --out "$OUT"                  # everything (several minutes)
+    python benchmarks/sampling.py --sizes 224x48 --tag 224 --out "$OUT"             # or in two runs:
+    python benchmarks/sampling.py --sizes 512x2 1024x2 --compile-sizes 512x2 1024x2 --no-extra-checks \
+        --tag large --out "$OUT"
+    python benchmarks/sampling.py --tune --sizes 224x48 --out "$OUT"  # tune the launch configurations first
+    python benchmarks/sampling.py --cpu-smoke                   # tiny cases through the Triton interpreter
 """
 
 from __future__ import annotations
@@ -289,19 +292,24 @@ def guarded(check: Callable[[], dict[str, Any]], device: torch.device) -> dict[s
 # ----------------------------------------------------------------------------------------------------------
 
 
-def composed_build(case: Case, impl: str, mode: str, dtype: torch.dtype, device: torch.device, backend: str):
-    """A ``common.measure`` build: the op (training mode, fp32 parameters, autocast to dtype) on fresh inputs."""
+class Runner:
+    """One implementation of a case, built once for both timed modes (so a compiled baseline compiles once):
+    the op in training mode with fp32 parameters, autocast to dtype."""
 
-    def build():
-        sampling = kernels()
-        module = make_module(case, device).train()
-        args = sampling.module_args(module)
-        hw = (case.H, case.W)
-        fn = op_fn(case, impl)
+    def __init__(self, case: Case, impl: str, dtype: torch.dtype, device: torch.device, backend: str) -> None:
+        self.case, self.dtype, self.device = case, dtype, device
+        self.module = make_module(case, device).train()
+        self.args = kernels().module_args(self.module)
+        self.fn = op_fn(case, impl)
         if impl == "compile":
             torch._dynamo.reset()
-            fn = torch.compile(fn, backend=backend, dynamic=False)
-        params = list(module.parameters())
+            self.fn = torch.compile(self.fn, backend=backend, dynamic=False)
+
+    def build(self, mode: str):
+        """A ``common.measure`` build: ``setup`` makes fresh inputs and clears the parameter gradients."""
+        case, dtype, device = self.case, self.dtype, self.device
+        hw = (case.H, case.W)
+        params = list(self.module.parameters())
 
         def setup():
             for p in params:
@@ -311,13 +319,11 @@ def composed_build(case: Case, impl: str, mode: str, dtype: torch.dtype, device:
 
         def step(x: Tensor, grad: Tensor) -> None:
             with autocast(device, dtype):
-                y = fn(x, hw, *args)
+                y = self.fn(x, hw, *self.args)
             if mode == "fwd+bwd":
                 y.backward(grad)
 
-        return step, setup
-
-    return build
+        return lambda: (step, setup)
 
 
 def stencil_shapes(case: Case) -> tuple[str, int, int, int, int]:
@@ -379,7 +385,7 @@ def profile_breakdown(case: Case, dtype: torch.dtype, device: torch.device) -> s
     """CUDA time per kernel of one fused fwd+bwd, from the profiler."""
     if device.type != "cuda":
         return "(no CUDA profiler on the CPU)"
-    step, setup = composed_build(case, "triton", "fwd+bwd", dtype, device, "inductor")()
+    step, setup = Runner(case, "triton", dtype, device, "inductor").build("fwd+bwd")()
     step(*setup())
     torch.cuda.synchronize(device)
     args = setup()
@@ -442,6 +448,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-extra-checks", action="store_true",
                         help="skip the compile, eval-mode and > 2^31-element checks (timed cases are still checked)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="suffix of the output files (sampling-TAG.csv ...), to keep the "
+                                                  "results of runs over different sizes apart")
     add_output_argument(parser)
     return parser.parse_args(argv)
 
@@ -472,14 +480,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
 
+    stem = "sampling" + (f"-{args.tag}" if args.tag else "")
+
     def save() -> None:
         if out is None:
             return
-        write_csv(out / "sampling.csv", rows, env)
-        write_json(out / "sampling.json", {"benchmark": "sampling", "env": env, "args": vars(args) | {"out": None},
+        write_csv(out / f"{stem}.csv", rows, env)
+        write_json(out / f"{stem}.json", {"benchmark": "sampling", "env": env, "args": vars(args) | {"out": None},
                                            "configs": {k: dataclasses.asdict(v) for k, v in sampling.CONFIGS.items()},
                                            "checks": checks, "results": rows})
-        (out / "sampling.log").write_text("\n".join(log.lines) + "\n")
+        (out / f"{stem}.log").write_text("\n".join(log.lines) + "\n")
 
     def record(name: str, result: dict[str, Any]) -> bool:
         checks.append({"case": name, **result})
@@ -524,13 +534,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             for impl in IMPLS:
                 if impl == "compile" and case.size not in compile_sizes:
                     continue
+                try:
+                    runner = Runner(case, impl, dtype, device, backend)
+                except Exception as exc:
+                    log(f"    {impl}: {describe_error(exc)}")
+                    continue
                 for mode in MODES:
-                    m = measure(composed_build(case, impl, mode, dtype, device, backend), device, timing)
+                    m = measure(runner.build(mode), device, timing)
                     row = {"kind": "composed", "size": case.size, "op": case.op, "B": case.B, "H": case.H,
                            "W": case.W, "C": case.C, "dtype": dtype_name, "impl": impl, "mode": mode,
                            "check": "passed" if passed else "FAILED"} | m.as_dict()
                     rows.append(row)
                     by_mode.setdefault(mode, {})[impl] = row
+                del runner
+                free_memory(device)
             for impls in by_mode.values():
                 tri = impls.get("triton")
                 for other in ("eager", "compile"):
@@ -563,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if smoke:
         log("(CPU smoke run through the Triton interpreter: the times and bandwidths mean nothing)")
     if out is not None:
-        log(f"wrote {out / 'sampling.csv'}, {out / 'sampling.json'}, {out / 'sampling.log'}")
+        log(f"wrote {out / stem}.csv, .json and .log")
     save()
     return 1 if failed else 0
 

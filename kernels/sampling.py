@@ -28,7 +28,7 @@ largest activation of each op is read once and never rewritten.
 Each Triton op is a pair of ``torch.library`` custom ops (forward and backward, with fake
 implementations, so ``torch.compile`` traces around them) called from a ``torch.autograd.Function``.
 The 1x1 convolutions are GEMMs on tokens (``F.linear`` with the (out, in) view of the weight) and
-BatchNorm runs on the (B*N, C, 1, 1) view of the tokens, neither with a permute.
+BatchNorm is ``F.batch_norm`` on the (B*N, C) token matrix, neither with a permute.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ..backend import fused_supported
 from ..reference.ops import check_tokens, image_to_tokens, tokens_to_image
+from ..reference.sampling import FinalPatchExpand_X4, PatchExpand, PatchMerging
 
 __all__ = [
     "dwconv_stride2_relu",
@@ -51,6 +52,7 @@ __all__ = [
     "dwconv_transpose2x",
     "dwconv_transpose2x_ref",
     "final_expand",
+    "module_args",
     "patch_expand",
     "patch_merging",
     "pixel_shuffle4_layernorm",
@@ -63,7 +65,11 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Grid sizes vary from call to call: not specialised on (so not recompiled for) their divisibility.
+_GRID_ARGS = ["n_out", "Hs", "Ws", "Hb", "Wb", "tiles_per_prog", "num_progs"]
+
+
+@triton.jit(do_not_specialize=_GRID_ARGS)
 def _down_kernel(
     big_ptr, small_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
     n_out, Hs, Ws, Hb, Wb, C, tiles_per_prog, num_progs,
@@ -127,7 +133,7 @@ def _down_kernel(
         tl.store(p_part, b_dw, mask=(o_p < N_PART)[:, None] & m_c[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_GRID_ARGS)
 def _up_kernel(
     small_ptr, mask_ptr, big_ptr, w_ptr, out_ptr, part_ptr,
     n_out, Hs, Ws, Hb, Wb, C, tiles_per_prog, num_progs,
@@ -209,7 +215,7 @@ def _shuffle4_src(o_r, H, W, C):
     return ((o_b * H + o_y // 4) * W + o_x // 4) * (16 * C) + ((o_y % 4) * 4 + o_x % 4) * C
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "H", "W"])
 def _shuffle4_ln_fwd_kernel(y_ptr, w_ptr, b_ptr, out_ptr, n_rows, H, W, C, eps,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """LayerNorm over C of BLOCK_R output tokens, each read from its 4x4-patch slot of the expand output."""
@@ -229,7 +235,7 @@ def _shuffle4_ln_fwd_kernel(y_ptr, w_ptr, b_ptr, out_ptr, n_rows, H, W, C, eps,
     tl.store(out_ptr + o_r[:, None] * C + o_c[None, :], b_o.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "H", "W", "tiles_per_prog", "num_progs"])
 def _shuffle4_ln_bwd_kernel(y_ptr, g_ptr, w_ptr, dy_ptr, part_ptr, n_rows, H, W, C, eps, tiles_per_prog, num_progs,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """LayerNorm backward (statistics recomputed from y), written back through the inverse shuffle.
@@ -324,9 +330,15 @@ def _down_hw(H: int, W: int) -> tuple[int, int]:
     return (H + 1) // 2, (W + 1) // 2
 
 
-def _launch_stencil(kernel, config: LaunchConfig, out: Tensor, n_out: int, C: int, n_part: int, weight_grad: bool,
-                    args: tuple, flags: dict) -> Tensor | None:
-    """Launch a stencil kernel over n_out tokens x C channels; returns the (n_part, C) fp32 partial sums or None."""
+def _launch_stencil(kernel, config: LaunchConfig, inputs: tuple[Tensor, ...], out: Tensor,
+                    grid: tuple[int, int, int, int, int], n_part: int, weight_grad: bool, flags: dict) -> Tensor | None:
+    """Launch a stencil kernel with its four input pointers, writing out (B, N_out, C).
+
+    grid = (Hs, Ws, Hb, Wb) of the small and big grids and the batch size B. Returns the (n_part, C) sums
+    of the fp32 partials of a WEIGHT_GRAD launch, else None.
+    """
+    Hs, Ws, Hb, Wb, B = grid
+    n_out, C = B * out.shape[1], out.shape[2]
     block_c = min(config.block_c, max(16, triton.next_power_of_2(C)))
     block_n = max(1, config.tile_elements // block_c)
     c_progs = triton.cdiv(C, block_c)
@@ -334,7 +346,7 @@ def _launch_stencil(kernel, config: LaunchConfig, out: Tensor, n_out: int, C: in
     n_progs = _reduction_progs(n_tiles, c_progs, out.device, config) if weight_grad else n_tiles
     part = _empty((n_progs, n_part, C), torch.float32, out.device) if weight_grad else out
     kernel[(n_progs, c_progs)](
-        *args[:4], out, part, *args[4:], triton.cdiv(n_tiles, n_progs), n_progs,
+        *inputs, out, part, n_out, Hs, Ws, Hb, Wb, C, triton.cdiv(n_tiles, n_progs), n_progs,
         WEIGHT_GRAD=weight_grad, N_PART=n_part, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=config.num_warps,
         **flags,
     )
@@ -359,10 +371,10 @@ def _dwconv_stride2_relu_fwd(x: Tensor, weight: Tensor, bias: Tensor, H: int, W:
     B, _, C = x.shape
     Hs, Ws = _down_hw(H, W)
     y = _empty((B, Hs * Ws, C), x.dtype, x.device)
+    x = x.contiguous()
     _launch_stencil(
-        _down_kernel, CONFIGS["stride2_fwd"], y, B * Hs * Ws, C, 9, False,
-        (x.contiguous(), x, weight.reshape(C, 9).contiguous(), bias.contiguous(), B * Hs * Ws, Hs, Ws, H, W, C),
-        dict(BIG_PRE_RELU=input_relu, SMALL_PRE_RELU=False, HAS_BIAS=True, OUT_RELU=True),
+        _down_kernel, CONFIGS["stride2_fwd"], (x, x, weight.reshape(C, 9).contiguous(), bias.contiguous()), y,
+        (Hs, Ws, H, W, B), 9, False, dict(BIG_PRE_RELU=input_relu, SMALL_PRE_RELU=False, HAS_BIAS=True, OUT_RELU=True),
     )
     return y
 
@@ -384,10 +396,9 @@ def _dwconv_stride2_relu_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tenso
     Hs, Ws = _down_hw(H, W)
     grad_x = _empty(x.shape, x.dtype, x.device)
     part = _launch_stencil(
-        _up_kernel, CONFIGS["stride2_bwd"], grad_x, B * H * W, C, 10, True,
-        (grad_y.contiguous(), y.contiguous(), x.contiguous(), weight.reshape(C, 9).contiguous(),
-         B * H * W, Hs, Ws, H, W, C),
-        dict(SMALL_PRE_RELU=False, GRAD_MASK=True, BIG_PRE_RELU=input_relu),
+        _up_kernel, CONFIGS["stride2_bwd"],
+        (grad_y.contiguous(), y.contiguous(), x.contiguous(), weight.reshape(C, 9).contiguous()), grad_x,
+        (Hs, Ws, H, W, B), 10, True, dict(SMALL_PRE_RELU=False, GRAD_MASK=True, BIG_PRE_RELU=input_relu),
     )
     return grad_x, _tap_grad(part), part[9].clone()
 
@@ -407,10 +418,10 @@ def _(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, H: int, W: int,
 def _dwconv_transpose2x_fwd(x: Tensor, weight: Tensor, H: int, W: int, input_relu: bool) -> Tensor:
     B, _, C = x.shape
     y = _empty((B, 4 * H * W, C), x.dtype, x.device)
+    x = x.contiguous()
     _launch_stencil(
-        _up_kernel, CONFIGS["transpose2x_fwd"], y, B * 4 * H * W, C, 9, False,
-        (x.contiguous(), x, x, weight.reshape(C, 9).contiguous(), B * 4 * H * W, H, W, 2 * H, 2 * W, C),
-        dict(SMALL_PRE_RELU=input_relu, GRAD_MASK=False, BIG_PRE_RELU=False),
+        _up_kernel, CONFIGS["transpose2x_fwd"], (x, x, x, weight.reshape(C, 9).contiguous()), y,
+        (H, W, 2 * H, 2 * W, B), 9, False, dict(SMALL_PRE_RELU=input_relu, GRAD_MASK=False, BIG_PRE_RELU=False),
     )
     return y
 
@@ -428,10 +439,10 @@ def _dwconv_transpose2x_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, H: int, W
                             input_relu: bool) -> tuple[Tensor, Tensor]:
     B, _, C = x.shape
     grad_x = _empty(x.shape, x.dtype, x.device)
+    x = x.contiguous()
     part = _launch_stencil(
-        _down_kernel, CONFIGS["transpose2x_bwd"], grad_x, B * H * W, C, 9, True,
-        (grad_y.contiguous(), x.contiguous(), weight.reshape(C, 9).contiguous(), x, B * H * W, H, W, 2 * H, 2 * W,
-         C),
+        _down_kernel, CONFIGS["transpose2x_bwd"], (grad_y.contiguous(), x, weight.reshape(C, 9).contiguous(), x),
+        grad_x, (H, W, 2 * H, 2 * W, B), 9, True,
         dict(BIG_PRE_RELU=False, SMALL_PRE_RELU=input_relu, HAS_BIAS=False, OUT_RELU=False),
     )
     return grad_x, _tap_grad(part)
@@ -827,3 +838,21 @@ def final_expand(x: Tensor, hw: tuple[int, int], expand_weight: Tensor, norm_wei
 
 def _shape(t) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def module_args(module: nn.Module) -> tuple:
+    """The arguments after (x, hw) of ``patch_merging``, ``patch_expand`` or ``final_expand`` for a reference
+    ``PatchMerging``, ``PatchExpand`` or ``FinalPatchExpand_X4`` (or a subclass): its parameters and BatchNorm,
+    so that e.g. ``patch_merging(x, hw, *module_args(module))`` computes ``module(x, hw)``."""
+    if isinstance(module, PatchMerging):
+        c0, c1, c2 = module.conv
+        return c0.conv.weight, c0.conv.bias, c1.conv.weight, c1.conv.bias, c2.conv.weight, c2.conv.bias, c2.norm
+    if isinstance(module, PatchExpand):
+        c0, c1, c2 = module.conv
+        return (c0.conv.weight, c0.conv.bias, c1.weight, c2.conv.weight, c2.conv.bias, c2.norm, module.norm.weight,
+                module.norm.bias, module.norm.eps)
+    if isinstance(module, FinalPatchExpand_X4):
+        return module.expand.weight, module.norm.weight, module.norm.bias, module.norm.eps
+    raise ValueError(
+        f"module: expected a PatchMerging, PatchExpand or FinalPatchExpand_X4, got {type(module).__name__}"
+    )
