@@ -51,10 +51,13 @@ STOPPING = (OOM, TIMEOUT, ERROR, FAILED_CHECK)
 
 # The quick correctness checks: fp32 without TF32 against the eager reference, norm-wise relative error.
 FP32_CHECK_RTOL = 1e-4
-# Low precision is a sanity bound only (precision is the test suite's job): the candidate's error against
-# the fp32 reference may be at most LOWP_CHECK_FACTOR times PyTorch's own low-precision error plus the floor.
+# Low precision is a sanity bound only, for gross errors (precision is the test suite's job, and the strict
+# fp32 check always runs first): the candidate's error against the fp32 reference may be at most
+# LOWP_CHECK_FACTOR times PyTorch's own low-precision error plus the floor. A fused path keeps more
+# intermediates in bf16 than autocast does (~3x autocast's error on a block's input gradient under the
+# Triton interpreter).
 LOWP_CHECK_FACTOR = 2.0
-LOWP_CHECK_FLOOR = 1e-2
+LOWP_CHECK_FLOOR = 5e-2
 
 K = TypeVar("K", bound=Hashable)
 P = TypeVar("P")
@@ -536,6 +539,24 @@ def check_against_reference(candidate: Callable[[torch.Tensor], torch.Tensor],
     if failed:
         return CheckResult(False, "relative error over the bound: " + summary, errors, bounds)
     return CheckResult(True, summary, errors, bounds)
+
+
+def check_batches(candidate: Callable[[torch.Tensor], torch.Tensor], reference: Callable[[torch.Tensor], torch.Tensor],
+                  make_input: Callable[[int], torch.Tensor], batches: Sequence[int] = (1, 2),
+                  low_precision: torch.dtype | None = None, cast_input: bool = True) -> CheckResult:
+    """``check_against_reference`` at each batch size (B = 1 and B > 1 fail in different ways); the first
+    failure, or all errors with a ``B=<b>`` prefix."""
+    errors: dict[str, float] = {}
+    bounds: dict[str, float] = {}
+    details = []
+    for batch in batches:
+        result = check_against_reference(candidate, reference, make_input(batch), low_precision, cast_input)
+        if not result.passed:
+            return CheckResult(False, f"B={batch}: {result.detail}", result.errors, result.bounds)
+        errors.update({f"B={batch} {k}": v for k, v in result.errors.items()})
+        bounds.update({f"B={batch} {k}": v for k, v in result.bounds.items()})
+        details.append(f"B={batch}: {result.detail}")
+    return CheckResult(True, "; ".join(details), errors, bounds)
 
 
 # ----------------------------------------------------------------------------------------------------------

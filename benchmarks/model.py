@@ -46,7 +46,7 @@ from benchmarks.common import (
     add_output_argument,
     add_timing_arguments,
     autocast,
-    check_against_reference,
+    check_batches,
     default_device,
     describe_environment,
     describe_error,
@@ -117,7 +117,7 @@ def build_model(name: str, variant: str, side: int, args: argparse.Namespace,
 
 
 def check_fused(name: str, args: argparse.Namespace, device: torch.device) -> CheckResult:
-    """The fused model against the eager reference (same weights, eval mode) on one small image."""
+    """The fused model against the eager reference (same weights, eval mode) on small images, B = 1 and 2."""
     try:
         reference, _ = build_model(name, "eager", CHECK_SIZE, args, device)
         fused, _ = build_model(name, "fused", CHECK_SIZE, args, device)
@@ -127,9 +127,12 @@ def check_fused(name: str, args: argparse.Namespace, device: torch.device) -> Ch
     reference.eval()
     fused.eval()
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    x = torch.randn(1, args.in_chans, CHECK_SIZE, CHECK_SIZE, generator=gen, device=device)
+
+    def images(batch: int) -> Tensor:
+        return torch.randn(batch, args.in_chans, CHECK_SIZE, CHECK_SIZE, generator=gen, device=device)
+
     low_precision = torch.bfloat16 if "bf16" in args.dtypes else None
-    return check_against_reference(fused, reference, x, low_precision, cast_input=False)
+    return check_batches(fused, reference, images, low_precision=low_precision, cast_input=False)
 
 
 def build_point(name: str, variant: str, dtype: str, mode: str, side: int, batch: int, args: argparse.Namespace,
@@ -208,9 +211,9 @@ def report(rows: Sequence[dict[str, Any]]) -> str:
     ]
     lines = [format_table(["model", "size", "batch", "dtype", "mode", "variant", "status", "median/step", "IQR",
                            "images/s", "peak memory", "first call s"], table)]
-    by_key = {(r["model"], r["image_size"], r["dtype"], r["mode"], r["variant"]): r for r in rows}
+    by_key = {(r["model"], r["image_size"], r["batch"], r["dtype"], r["mode"], r["variant"]): r for r in rows}
     ratios = []
-    for key in dict.fromkeys(k[:4] for k in by_key):
+    for key in dict.fromkeys(k[:5] for k in by_key):
         fused = by_key.get((*key, "fused"))
         if fused is None or fused["status"] != OK:
             continue
@@ -220,8 +223,8 @@ def report(rows: Sequence[dict[str, Any]]) -> str:
                        fmt_ratio(eager.get("peak_bytes"), fused["peak_bytes"])])
     if ratios:
         lines += ["\nfused against the reference (time ratios > 1: fused is faster; memory: eager / fused)",
-                  format_table(["model", "size", "dtype", "mode", "eager/fused", "compiled/fused", "mem eager/fused"],
-                               ratios)]
+                  format_table(["model", "size", "batch", "dtype", "mode", "eager/fused", "compiled/fused",
+                                "mem eager/fused"], ratios)]
     notes = sorted({(r["model"], r["variant"], r["status"], r["note"]) for r in rows if r["note"]})
     if notes:
         lines.append("\nnotes")
@@ -275,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "fused" in args.variants and not cpu:
         for name in args.models:
             checks[name] = check_fused(name, args, device)
-            print(f"fused correctness check, mlla_unet_{name} ({CHECK_SIZE}x{CHECK_SIZE}, B=1): "
+            print(f"fused correctness check, mlla_unet_{name} ({CHECK_SIZE}x{CHECK_SIZE}): "
                   f"{'passed' if checks[name].passed else 'FAILED'}: {checks[name].detail}")
 
     rows = run_sweep(args, device, timing, checks)
