@@ -87,13 +87,13 @@ SMOKE_BATCH = (3, 4, 5, 64)
 TUNE_KNOBS: list[dict[str, Any]] = [
     {"pair_loads": v} for v in ("split", "strided")
 ] + [
-    {"fwd_reduce_block_n": n, "fwd_reduce_warps": w} for n, w in ((64, 4), (128, 4), (256, 4), (256, 8))
+    {"fwd_reduce_block_n": n, "fwd_reduce_warps": w} for n, w in ((64, 4), (128, 4), (128, 8), (256, 8))
 ] + [
-    {"fwd_out_block_n": n, "fwd_out_warps": w} for n, w in ((32, 4), (64, 4), (128, 4), (128, 8))
+    {"fwd_out_block_n": n, "fwd_out_warps": w} for n, w in ((64, 4), (64, 8), (128, 8), (256, 8))
 ] + [
-    {"bwd_reduce_block_n": n, "bwd_reduce_warps": w} for n, w in ((32, 4), (64, 4), (128, 4), (128, 8))
+    {"bwd_q_block_n": n, "bwd_q_warps": w} for n, w in ((32, 4), (64, 4), (64, 8), (128, 8))
 ] + [
-    {"bwd_main_block_n": n, "bwd_main_warps": w} for n, w in ((32, 4), (64, 4), (64, 8), (128, 8))
+    {"bwd_kv_block_n": n, "bwd_kv_warps": w} for n, w in ((64, 4), (64, 8), (128, 8), (256, 8))
 ] + [
     {"programs_per_sm": v} for v in (2, 4, 8, 16)
 ]

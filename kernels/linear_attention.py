@@ -12,8 +12,9 @@ a-pairs, rows 16-31 the b-pairs), as is the d-vector mean phi(k).
 
 Forward: ``_la_fwd_reduce_kernel`` (partials of kv and sum phi(k) over token ranges, summed in a fixed
 order on the host: deterministic), then ``_la_fwd_out_kernel`` (one pass over tokens: phi, RoPE,
-q~ . kv, normaliser, LePE stencil, gate). Backward: ``_la_bwd_reduce_kernel`` (dKV and the normaliser's
-k-side vector), then ``_la_bwd_main_kernel`` (dq, dk, dv, dg and the LePE weight/bias partials).
+q~ . kv, normaliser, LePE stencil, gate). Backward: ``_la_bwd_q_kernel`` (everything that needs only the
+forward's state: dq, dg, and partials of dKV, the normaliser's k-side vector and the LePE weight/bias
+gradients), then ``_la_bwd_kv_kernel`` (dk, and dv through kv and the transposed LePE stencil).
 Only the inputs and kv, mean phi(k) (O(B h d^2)) are kept for the backward; everything else is
 recomputed. The derivation is in ``kernels/README.md``.
 """
@@ -25,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 from ..backend import interpreter_enabled
 from ..reference.ops import NORMALISER_EPS, ROPE_BASE
@@ -32,14 +34,17 @@ from ..reference.ops import NORMALISER_EPS, ROPE_BASE
 HEAD_DIM = 32
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_TOKENS = 2**31 - 1 - 4096  # token indices (and their stencil neighbours) are int32 inside the kernels
+# RoPE angles reach thousands of radians: compiled kernels call libdevice's cosf/sinf (full range reduction)
+# explicitly; the interpreter has no libdevice and evaluates tl.cos/tl.sin with numpy.
+_LIBDEVICE_TRIG = tl.constexpr(not interpreter_enabled())
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearAttentionConfig:
     """Launch parameters of the four kernels (tokens per block, warps), to tune per card.
 
-    Block sizes must be powers of two >= 16 (tl.dot tiles). The two reduction kernels and the
-    backward main kernel loop over token blocks: each (batch, head) gets about
+    Block sizes must be powers of two >= 16 (tl.dot tiles). The forward reduction and the backward
+    q-side kernel loop over token blocks: each (batch, head) gets about
     ``programs_per_sm * SMs / (B * heads)`` programs, each summing a contiguous token range.
     ``lowp_dot_precision`` is the tl.dot input precision for bf16/fp16 activations ("tf32" or
     "ieee"); fp32 activations always use "ieee" so the fp32 path meets the 1e-5 rule. ``pair_loads``:
@@ -48,13 +53,13 @@ class LinearAttentionConfig:
     """
 
     fwd_reduce_block_n: int = 128
-    fwd_reduce_warps: int = 4
+    fwd_reduce_warps: int = 8
     fwd_out_block_n: int = 64
-    fwd_out_warps: int = 4
-    bwd_reduce_block_n: int = 64
-    bwd_reduce_warps: int = 4
-    bwd_main_block_n: int = 64
-    bwd_main_warps: int = 4
+    fwd_out_warps: int = 8
+    bwd_q_block_n: int = 64
+    bwd_q_warps: int = 8
+    bwd_kv_block_n: int = 64
+    bwd_kv_warps: int = 8
     programs_per_sm: int = 4
     lowp_dot_precision: str = "tf32"
     pair_loads: str = "split"
@@ -96,7 +101,13 @@ def _rope_cos_sin(b_row, b_col, p_theta, i_h, C_QUARTER: tl.constexpr):
     b_theta = tl.load(p_theta + o_j)
     b_pos = tl.where((o_j < C_QUARTER)[None, :], b_row.to(tl.float32)[:, None], b_col.to(tl.float32)[:, None])
     b_angle = b_pos * b_theta[None, :]
-    return tl.cos(b_angle), tl.sin(b_angle)
+    if _LIBDEVICE_TRIG:
+        b_cos = libdevice.cos(b_angle)
+        b_sin = libdevice.sin(b_angle)
+    else:
+        b_cos = tl.cos(b_angle)
+        b_sin = tl.sin(b_angle)
+    return b_cos, b_sin
 
 
 @triton.jit
@@ -284,63 +295,18 @@ def _load_do(p_dy, p_g, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE: tl.constexpr):
 
 
 @triton.jit
-def _la_bwd_reduce_kernel(
-    p_qk, p_g, p_dy, p_theta, p_kv, p_ksum, p_dkv_part, p_dksum_part,
-    N, W, blocks_per_split,
-    s_qk_b, s_qk_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
-    C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
-    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
-):
-    """Partial sums over one token range of dKV = sum_n z_n q~_n do_n^T and of the normaliser's
-    d-vector sum_n u_n phi(q_n), u_n = -z_n^2 (num_n . do_n). Grid (splits, B * heads)."""
-    i_s = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = (i_bh // NUM_HEADS).to(tl.int64)
-    i_h = i_bh % NUM_HEADS
-    o_t = tl.arange(0, BLOCK_N)
-    o_c = i_h * 32 + tl.arange(0, 32)
-    p_q = p_qk + i_b * s_qk_b + i_h * 32
-    p_dyb = p_dy + i_b * s_dy_b
-    p_gb = p_g + i_b * s_g_b
-
-    b_dkv_a = tl.zeros([16, 32], dtype=tl.float32)
-    b_dkv_b = tl.zeros([16, 32], dtype=tl.float32)
-    b_dks_a = tl.zeros([16], dtype=tl.float32)
-    b_dks_b = tl.zeros([16], dtype=tl.float32)
-    blk_start = i_s * blocks_per_split
-    blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(N, BLOCK_N))
-    for i_blk in range(blk_start, blk_end):
-        o_n = i_blk * BLOCK_N + o_t
-        m_n = o_n < N
-        b_qa, b_qb, _, _, b_qra, b_qrb, _, _, b_num, b_z = _attention_numerator(
-            p_q, s_qk_n, p_theta, p_kv, p_ksum, o_n, o_n // W, o_n % W, m_n, i_bh, i_h, C // 4, EPS, DOT_PRECISION,
-            SPLIT_PAIRS)
-        _, b_do = _load_do(p_dyb, p_gb, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE)  # 0 on padding tokens
-        b_zdo = b_do * b_z[:, None]
-        b_dkv_a = tl.dot(tl.trans(b_qra), b_zdo, b_dkv_a, input_precision=DOT_PRECISION)
-        b_dkv_b = tl.dot(tl.trans(b_qrb), b_zdo, b_dkv_b, input_precision=DOT_PRECISION)
-        b_u = -b_z * b_z * tl.sum(b_num * b_do, axis=1)  # [BN]
-        b_dks_a += tl.sum(b_u[:, None] * b_qa, axis=0)
-        b_dks_b += tl.sum(b_u[:, None] * b_qb, axis=0)
-
-    o_slot = (i_s * tl.num_programs(1) + i_bh).to(tl.int64)
-    _store_state(p_dkv_part, o_slot, b_dkv_a, b_dkv_b)
-    o_p = tl.arange(0, 16)
-    tl.store(p_dksum_part + o_slot * 32 + o_p, b_dks_a)
-    tl.store(p_dksum_part + o_slot * 32 + 16 + o_p, b_dks_b)
-
-
-@triton.jit
-def _la_bwd_main_kernel(
-    p_qk, p_v, p_g, p_dy, p_w, p_bias, p_theta, p_kv, p_ksum, p_dkv, p_dksum,
-    p_dqk, p_dv, p_dg, p_dw_part, p_db_part,
-    N, H, W, blocks_per_split, inv_n,
+def _la_bwd_q_kernel(
+    p_qk, p_v, p_g, p_dy, p_w, p_bias, p_theta, p_kv, p_ksum,
+    p_dqk, p_dg, p_dkv_part, p_dksum_part, p_dw_part, p_db_part,
+    N, H, W, blocks_per_split,
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
 ):
-    """Per token: dq, dk (both halves of dqk), dv (attention and LePE paths), dg; per program the
-    partial LePE weight [9, 32] and bias [32] gradients over its token range. Grid (splits, B * heads)."""
+    """The q side of the backward, which needs only the forward's state: per token dq (first half of
+    dqk) and dg; per program partial sums over its token range of dKV = sum_n z_n q~_n do_n^T, of the
+    normaliser's sum_n u_n phi(q_n) (u_n = -z_n^2 num_n . do_n) and of the LePE weight [9, 32] and bias
+    [32] gradients. Grid (splits, B * heads)."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -348,26 +314,23 @@ def _la_bwd_main_kernel(
     o_t = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, 32)
     o_p = tl.arange(0, 16)
+    o_k = tl.arange(0, 16)
     o_c = i_h * 32 + o_d
     p_q = p_qk + i_b * s_qk_b + i_h * 32
-    p_k = p_q + C
     p_vh = p_v + i_b * s_v_b + i_h * 32
     p_dyb = p_dy + i_b * s_dy_b
     p_gb = p_g + i_b * s_g_b
     p_dq = p_dqk + i_b * N * 2 * C + i_h * 32
-    p_dk = p_dq + C
 
-    b_dkv_a, b_dkv_b = _load_state(p_dkv, i_bh)
-    b_dks_a = tl.load(p_dksum + i_bh * 32 + o_p) * inv_n
-    b_dks_b = tl.load(p_dksum + i_bh * 32 + 16 + o_p) * inv_n
     b_ks_a = tl.load(p_ksum + i_bh * 32 + o_p)
     b_ks_b = tl.load(p_ksum + i_bh * 32 + 16 + o_p)
-    b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
     b_bias = tl.load(p_bias + o_c).to(tl.float32)
-    o_k = tl.arange(0, 16)
+    b_dkv_a = tl.zeros([16, 32], dtype=tl.float32)
+    b_dkv_b = tl.zeros([16, 32], dtype=tl.float32)
+    b_dks_a = tl.zeros([16], dtype=tl.float32)
+    b_dks_b = tl.zeros([16], dtype=tl.float32)
     b_dw = tl.zeros([16, 32], dtype=tl.float32)  # rows 0..8: the 3x3 taps
     b_db = tl.zeros([32], dtype=tl.float32)
-
     blk_start = i_s * blocks_per_split
     blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(N, BLOCK_N))
     for i_blk in range(blk_start, blk_end):
@@ -376,62 +339,103 @@ def _la_bwd_main_kernel(
         o_n64 = o_n.to(tl.int64)
         b_row = o_n // W
         b_col = o_n % W
-        _, _, b_eqa, b_eqb, _, _, b_cos, b_sin, b_num, b_z = _attention_numerator(
+        b_qa, b_qb, b_eqa, b_eqb, b_qra, b_qrb, b_cos, b_sin, b_num, b_z = _attention_numerator(
             p_q, s_qk_n, p_theta, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h, C // 4, EPS, DOT_PRECISION,
             SPLIT_PAIRS)
-        b_dy, b_do = _load_do(p_dyb, p_gb, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE)
+        b_dy, b_do = _load_do(p_dyb, p_gb, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE)  # 0 on padding tokens
 
-        # o = a + lepe(v) (for dg); dw[k] = sum_n do_n v_(n + off_k); dv_lepe = sum_k w_k do_(n - off_k)
+        # o = a + lepe(v) for dg; dw[k] = sum_n do_n v_(n + off_k); db = sum_n do_n
         b_o = b_num * b_z[:, None] + b_bias[None, :]
-        b_dv = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
         for k in tl.static_range(9):
-            b_wk = tl.load(p_w + o_c * 9 + k).to(tl.float32)
             o_nb, m_nb = _neighbour(o_n, b_row, b_col, m_n, H, W, k // 3 - 1, k % 3 - 1)
             b_vn = tl.load(p_vh + o_nb.to(tl.int64)[:, None] * s_v_n + o_d[None, :], mask=m_nb[:, None], other=0.0)
             b_vn = b_vn.to(tl.float32)
-            b_o += b_vn * b_wk[None, :]
+            b_o += b_vn * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
             b_dw += tl.where(o_k[:, None] == k, tl.sum(b_do * b_vn, axis=0)[None, :], 0.0)
-            o_src, m_src = _neighbour(o_n, b_row, b_col, m_n, H, W, 1 - k // 3, 1 - k % 3)
-            _, b_do_src = _load_do(p_dyb, p_gb, o_src, m_src, o_c, s_dy_n, s_g_n, HAS_GATE)
-            b_dv += b_do_src * b_wk[None, :]
         b_db += tl.sum(b_do, axis=0)
         if HAS_GATE:
             tl.store(p_dg + i_b * N * C + o_n64[:, None] * C + o_c[None, :], (b_dy * b_o).to(p_dg.dtype.element_ty),
                      mask=m_n[:, None])
 
-        # dq: through q~ (z KV do, rotated back) and through z (u phi-side), times ELU'
-        b_u = -b_z * b_z * tl.sum(b_num * b_do, axis=1)
+        b_u = -b_z * b_z * tl.sum(b_num * b_do, axis=1)  # [BN]
         b_zdo = b_do * b_z[:, None]
+        b_dkv_a = tl.dot(tl.trans(b_qra), b_zdo, b_dkv_a, input_precision=DOT_PRECISION)
+        b_dkv_b = tl.dot(tl.trans(b_qrb), b_zdo, b_dkv_b, input_precision=DOT_PRECISION)
+        b_dks_a += tl.sum(b_u[:, None] * b_qa, axis=0)
+        b_dks_b += tl.sum(b_u[:, None] * b_qb, axis=0)
+
+        # dq: through q~ (z KV do, rotated back) and through z (u mean phi(k)), times ELU'
+        b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
         b_dqra = tl.dot(b_zdo, tl.trans(b_kv_a), input_precision=DOT_PRECISION)  # [BN, 16]
         b_dqrb = tl.dot(b_zdo, tl.trans(b_kv_b), input_precision=DOT_PRECISION)
         b_dqa = (b_dqra * b_cos + b_dqrb * b_sin + b_u[:, None] * b_ks_a[None, :]) * b_eqa
         b_dqb = (b_dqrb * b_cos - b_dqra * b_sin + b_u[:, None] * b_ks_b[None, :]) * b_eqb
         _store_pairs(p_dq, o_n64 * 2 * C, m_n, b_dqa, b_dqb, SPLIT_PAIRS)
 
-        # dk: through k~ (dKV v / N, rotated back) and through mean phi(k) (dksum / N), times ELU'
-        b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n, SPLIT_PAIRS)
-        b_ka, b_eka = _phi(b_ka)
-        b_kb, b_ekb = _phi(b_kb)
-        b_v = tl.load(p_vh + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
-        b_dkra = tl.dot(b_v, tl.trans(b_dkv_a), input_precision=DOT_PRECISION) * inv_n
-        b_dkrb = tl.dot(b_v, tl.trans(b_dkv_b), input_precision=DOT_PRECISION) * inv_n
-        b_dka = (b_dkra * b_cos + b_dkrb * b_sin + b_dks_a[None, :]) * b_eka
-        b_dkb = (b_dkrb * b_cos - b_dkra * b_sin + b_dks_b[None, :]) * b_ekb
-        _store_pairs(p_dk, o_n64 * 2 * C, m_n, b_dka, b_dkb, SPLIT_PAIRS)
-
-        # dv: attention path k~ dKV / N plus the LePE path accumulated above
-        b_kra = b_ka * b_cos - b_kb * b_sin
-        b_krb = b_ka * b_sin + b_kb * b_cos
-        b_dva = tl.dot(b_kra, b_dkv_a, input_precision=DOT_PRECISION)
-        b_dva = tl.dot(b_krb, b_dkv_b, b_dva, input_precision=DOT_PRECISION)
-        b_dv += b_dva * inv_n
-        tl.store(p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :], b_dv.to(p_dv.dtype.element_ty),
-                 mask=m_n[:, None])
-
-    # partial slot (split, batch): dw_part (splits, B, C, 9), db_part (splits, B, C)
+    o_slot = (i_s * tl.num_programs(1) + i_bh).to(tl.int64)
+    _store_state(p_dkv_part, o_slot, b_dkv_a, b_dkv_b)
+    tl.store(p_dksum_part + o_slot * 32 + o_p, b_dks_a)
+    tl.store(p_dksum_part + o_slot * 32 + 16 + o_p, b_dks_b)
+    # LePE partials per (split, batch): dw_part (splits, B, C, 9), db_part (splits, B, C)
     o_slot = i_s.to(tl.int64) * (tl.num_programs(1) // NUM_HEADS) + i_b
     tl.store(p_dw_part + o_slot * C * 9 + o_c[None, :] * 9 + o_k[:, None], b_dw, mask=(o_k < 9)[:, None])
     tl.store(p_db_part + o_slot * C + o_c, b_db)
+
+
+@triton.jit
+def _la_bwd_kv_kernel(
+    p_qk, p_g, p_dy, p_w, p_v, p_theta, p_dkv, p_dksum, p_dqk, p_dv,
+    N, H, W, inv_n,
+    s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
+    C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
+):
+    """The k/v side of the backward for one block of tokens and one (batch, head): dk (second half of
+    dqk) through k~ and mean phi(k), and dv through kv plus the transposed LePE stencil of do.
+    Grid (blocks, B * heads)."""
+    i_blk = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // NUM_HEADS).to(tl.int64)
+    i_h = i_bh % NUM_HEADS
+    o_d = tl.arange(0, 32)
+    o_p = tl.arange(0, 16)
+    o_c = i_h * 32 + o_d
+    o_n = i_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_n64 = o_n.to(tl.int64)
+    b_row = o_n // W
+    b_col = o_n % W
+
+    b_ka, b_kb = _load_pairs(p_qk + i_b * s_qk_b + C + i_h * 32, o_n64 * s_qk_n, m_n, SPLIT_PAIRS)
+    b_ka, b_eka = _phi(b_ka)
+    b_kb, b_ekb = _phi(b_kb)
+    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_theta, i_h, C // 4)
+    b_v = tl.load(p_v + i_b * s_v_b + o_n64[:, None] * s_v_n + i_h * 32 + o_d[None, :], mask=m_n[:, None],
+                  other=0.0).to(tl.float32)
+    b_dkv_a, b_dkv_b = _load_state(p_dkv, i_bh)
+
+    # dk = (R^T (dKV v) / N + dksum / N) * ELU'
+    b_dkra = tl.dot(b_v, tl.trans(b_dkv_a), input_precision=DOT_PRECISION) * inv_n  # [BN, 16]
+    b_dkrb = tl.dot(b_v, tl.trans(b_dkv_b), input_precision=DOT_PRECISION) * inv_n
+    b_dks_a = tl.load(p_dksum + i_bh * 32 + o_p) * inv_n
+    b_dks_b = tl.load(p_dksum + i_bh * 32 + 16 + o_p) * inv_n
+    b_dka = (b_dkra * b_cos + b_dkrb * b_sin + b_dks_a[None, :]) * b_eka
+    b_dkb = (b_dkrb * b_cos - b_dkra * b_sin + b_dks_b[None, :]) * b_ekb
+    _store_pairs(p_dqk + i_b * N * 2 * C + C + i_h * 32, o_n64 * 2 * C, m_n, b_dka, b_dkb, SPLIT_PAIRS)
+
+    # dv = k~ dKV / N + sum_k w_k do_(n - off_k)
+    b_kra = b_ka * b_cos - b_kb * b_sin
+    b_krb = b_ka * b_sin + b_kb * b_cos
+    b_dv = tl.dot(b_kra, b_dkv_a, input_precision=DOT_PRECISION)
+    b_dv = tl.dot(b_krb, b_dkv_b, b_dv, input_precision=DOT_PRECISION) * inv_n  # [BN, 32]
+    p_dyb = p_dy + i_b * s_dy_b
+    p_gb = p_g + i_b * s_g_b
+    for k in tl.static_range(9):
+        o_src, m_src = _neighbour(o_n, b_row, b_col, m_n, H, W, 1 - k // 3, 1 - k % 3)
+        _, b_do_src = _load_do(p_dyb, p_gb, o_src, m_src, o_c, s_dy_n, s_g_n, HAS_GATE)
+        b_dv += b_do_src * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
+    tl.store(p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :], b_dv.to(p_dv.dtype.element_ty),
+             mask=m_n[:, None])
 
 
 @triton.jit
@@ -555,32 +559,32 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     g_arg, s_g_b, s_g_n = _gate_args(g, v)
     weight = lepe_weight.reshape(C, 9).contiguous()
 
-    block_n = CONFIG.bwd_reduce_block_n
+    dqk = _empty((B, N, 2 * C), qk.dtype, device)
+    dv = _empty((B, N, C), v.dtype, device)
+    dg = _empty((B, N, C) if g is not None else (0,), v.dtype, device)
+
+    block_n = CONFIG.bwd_q_block_n
     n_split, per_split = _splits(N, block_n, bh, device)
     dkv_part = _empty((n_split, bh, HEAD_DIM, HEAD_DIM), torch.float32, device)
     dksum_part = _empty((n_split, bh, HEAD_DIM), torch.float32, device)
-    _la_bwd_reduce_kernel[(n_split, bh)](
-        qk, g_arg, dy, theta, kv, ksum, dkv_part, dksum_part, N, W, per_split,
-        qk.stride(0), qk.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
+    dw_part = _empty((n_split, B, C, 9), torch.float32, device)
+    db_part = _empty((n_split, B, C), torch.float32, device)
+    _la_bwd_q_kernel[(n_split, bh)](
+        qk, v, g_arg, dy, weight, lepe_bias.contiguous(), theta, kv, ksum,
+        dqk, dg if g is not None else dv, dkv_part, dksum_part, dw_part, db_part, N, H, W, per_split,
+        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, num_warps=CONFIG.bwd_reduce_warps,
+        DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, num_warps=CONFIG.bwd_q_warps,
     )
     dkv = dkv_part.sum(0)
     dksum = dksum_part.sum(0)
 
-    dqk = _empty((B, N, 2 * C), qk.dtype, device)
-    dv = _empty((B, N, C), v.dtype, device)
-    dg = _empty((B, N, C) if g is not None else (0,), v.dtype, device)
-    block_n = CONFIG.bwd_main_block_n
-    n_split, per_split = _splits(N, block_n, bh, device)
-    dw_part = _empty((n_split, B, C, 9), torch.float32, device)
-    db_part = _empty((n_split, B, C), torch.float32, device)
-    _la_bwd_main_kernel[(n_split, bh)](
-        qk, v, g_arg, dy, weight, lepe_bias.contiguous(), theta, kv, ksum, dkv, dksum,
-        dqk, dv, dg if g is not None else dv, dw_part, db_part, N, H, W, per_split, 1.0 / N,
+    block_n = CONFIG.bwd_kv_block_n
+    _la_bwd_kv_kernel[(triton.cdiv(N, block_n), bh)](
+        qk, g_arg, dy, weight, v, theta, dkv, dksum, dqk, dv, N, H, W, 1.0 / N,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
-        C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, num_warps=CONFIG.bwd_main_warps,
+        C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, DOT_PRECISION=precision,
+        SPLIT_PAIRS=split_pairs, num_warps=CONFIG.bwd_kv_warps,
     )
     dw = dw_part.sum((0, 1)).reshape(C, 1, 3, 3).to(lepe_weight.dtype)
     db = db_part.sum((0, 1)).to(lepe_bias.dtype)

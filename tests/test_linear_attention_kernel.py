@@ -21,10 +21,10 @@ GRAD_NAMES = ("qk", "v", "g", "lepe_weight", "lepe_bias")
 # Kernel launch configurations under test: the shipped defaults; large blocks (few interpreter steps);
 # the smallest blocks with many token splits and strided pair loads (exercises the partial sums).
 DEFAULT = la.LinearAttentionConfig()
-LARGE_BLOCKS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=256, fwd_out_block_n=256, bwd_reduce_block_n=256,
-                                   bwd_main_block_n=256)
-MANY_SPLITS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=16, fwd_out_block_n=16, bwd_reduce_block_n=16,
-                                  bwd_main_block_n=16, programs_per_sm=64, pair_loads="strided")
+LARGE_BLOCKS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=256, fwd_out_block_n=256, bwd_q_block_n=256,
+                                   bwd_kv_block_n=256)
+MANY_SPLITS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=16, fwd_out_block_n=16, bwd_q_block_n=16,
+                                  bwd_kv_block_n=16, programs_per_sm=64, pair_loads="strided")
 
 
 @pytest.fixture(autouse=True)
@@ -267,6 +267,6 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 def test_bad_config():
     with pytest.raises(ValueError, match="power of two >= 16"):
-        la.LinearAttentionConfig(bwd_main_block_n=48)
+        la.LinearAttentionConfig(bwd_kv_block_n=48)
     with pytest.raises(ValueError, match="lowp_dot_precision"):
         la.LinearAttentionConfig(lowp_dot_precision="bf16")
