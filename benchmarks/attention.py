@@ -23,8 +23,13 @@
 A case whose check fails is still timed, but no speedup or bandwidth is reported for it.
 Prints a summary and writes ``attention.csv``, ``attention.json`` and ``attention.log`` to ``--out``'s card folder.
 
+``--resource-usage`` needs no GPU: it compiles the four kernels ahead of time for sm_90 with Triton's
+CUDA backend (and the ptxas it bundles) and prints registers and stack (spill) bytes per thread for
+each launch configuration the tuner tries, to choose configurations before spending GPU time.
+
     python benchmarks/attention.py --tune --out "$OUT"   # the full GPU run
     python benchmarks/attention.py --cpu-smoke            # tiny cases through the Triton interpreter on the CPU
+    python benchmarks/attention.py --resource-usage       # registers and spills per kernel, on any machine
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -125,6 +133,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", type=parse_case, default=None, metavar="B,H,W,C",
                         help="timed cases (default: C=64, B=2 at 512^2 and 1024^2)")
     parser.add_argument("--tune", action="store_true", help="search the launch configuration first")
+    parser.add_argument("--resource-usage", action="store_true",
+                        help="compile the kernels for sm_90 without a GPU and print registers and spills")
     parser.add_argument("--no-checks", action="store_true", help="skip the check-only cases (timed cases are "
                                                                   "still checked)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -443,6 +453,56 @@ def tune(case: tuple[int, int, int, int], dtype: torch.dtype, device: torch.devi
     return best
 
 
+# The four kernels, the CONFIG prefix of their launch parameters, and their activation-dtype pointers.
+KERNELS = {"fwd_reduce": "_la_fwd_reduce_kernel", "fwd_out": "_la_fwd_out_kernel", "bwd_q": "_la_bwd_q_kernel",
+           "bwd_kv": "_la_bwd_kv_kernel"}
+ACTIVATION_POINTERS = {"p_qk", "p_v", "p_g", "p_dy", "p_y", "p_dqk", "p_dv", "p_dg"}
+
+
+def resource_usage(C: int, arch: int, log: Log) -> None:
+    """Compile each kernel for sm_<arch> (no GPU needed) at every (block, warps) choice of TUNE_KNOBS and
+    log registers and stack bytes per thread (stack beyond the 32 bytes of libdevice's cos/sin slow path
+    is register spilling). Pointers and token strides are taken as 16-aligned, as in real launches."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    la = kernels()
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    for dtype_name in ("bf16", "fp32"):
+        for prefix, name in KERNELS.items():
+            fn = getattr(la, name)
+            choices = [k for k in TUNE_KNOBS if f"{prefix}_block_n" in k]
+            for knob in choices:
+                block_n, warps = knob[f"{prefix}_block_n"], knob[f"{prefix}_warps"]
+                consts = {"C": C, "NUM_HEADS": C // 32, "HAS_GATE": True, "BLOCK_N": block_n, "EPS": 1e-6,
+                          "DOT_PRECISION": "ieee" if dtype_name == "fp32" else la.CONFIG.lowp_dot_precision,
+                          "SPLIT_PAIRS": la.CONFIG.pair_loads == "split"}
+                consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+                signature, attrs = {}, {}
+                for i, arg in enumerate(fn.arg_names):
+                    if arg in consts:
+                        signature[arg] = "constexpr"
+                    elif arg.startswith("p_"):
+                        signature[arg] = f"*{dtype_name}" if arg in ACTIVATION_POINTERS else "*fp32"
+                    else:
+                        signature[arg] = "fp32" if arg == "inv_n" else "i32"
+                    if arg.startswith(("p_", "s_")):
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                label = f"{dtype_name} {prefix:10s} block {block_n:3d} warps {warps}"
+                try:
+                    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+                    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(compiled.asm["cubin"])
+                        f.flush()
+                        dump = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
+                                              text=True, check=True).stdout
+                    usage = " ".join(re.findall(r"(?:REG|STACK):\d+", dump))
+                except Exception as exc:
+                    usage = describe_error(exc)
+                log(f"  {label}: {usage}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------
@@ -500,6 +560,14 @@ def report(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.resource_usage:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            print("--resource-usage compiles real kernels: unset TRITON_INTERPRET.")
+            return 2
+        log = Log()
+        log(f"Registers and stack bytes per thread, sm_90, C=64, configuration {kernels().CONFIG}:")
+        resource_usage(64, 90, log)
+        return 0
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (by the kernels)
         device = torch.device("cpu")
