@@ -12,9 +12,9 @@ a-pairs, rows 16-31 the b-pairs), as is the d-vector mean phi(k).
 
 Forward: ``_la_fwd_reduce_kernel`` (partials of kv and sum phi(k) over token ranges, summed in a fixed
 order on the host: deterministic), then ``_la_fwd_out_kernel`` (one pass over tokens: phi, RoPE,
-q~ . kv, normaliser, LePE stencil, gate). Backward: ``_la_bwd_q_kernel`` (everything that needs only the
-forward's state: dq, dg, and partials of dKV, the normaliser's k-side vector and the LePE weight/bias
-gradients), then ``_la_bwd_kv_kernel`` (dk, and dv through kv and the transposed LePE stencil).
+q~ . kv, normaliser, LePE stencil, gate). Backward: ``_la_bwd_q_kernel`` (what needs only the forward's
+state: dq, dg, and partials of dKV and of the normaliser's k-side vector), then ``_la_bwd_kv_kernel``
+(dk; dv through kv and the transposed LePE stencil; partials of the LePE weight/bias gradients).
 Only the inputs and kv, mean phi(k) (O(B h d^2)) are kept for the backward; everything else is
 recomputed. The derivation is in ``kernels/README.md``.
 """
@@ -43,8 +43,8 @@ _LIBDEVICE_TRIG = tl.constexpr(not interpreter_enabled())
 class LinearAttentionConfig:
     """Launch parameters of the four kernels (tokens per block, warps), to tune per card.
 
-    Block sizes must be powers of two >= 16 (tl.dot tiles). The forward reduction and the backward
-    q-side kernel loop over token blocks: each (batch, head) gets about
+    Block sizes must be powers of two >= 16 (tl.dot tiles). All kernels but the forward output pass
+    loop over token blocks: each (batch, head) gets about
     ``programs_per_sm * SMs / (B * heads)`` programs, each summing a contiguous token range.
     ``lowp_dot_precision`` is the tl.dot input precision for bf16/fp16 activations ("tf32" or
     "ieee"); fp32 activations always use "ieee" so the fp32 path meets the 1e-5 rule. ``pair_loads``:
@@ -297,16 +297,15 @@ def _load_do(p_dy, p_g, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE: tl.constexpr):
 @triton.jit
 def _la_bwd_q_kernel(
     p_qk, p_v, p_g, p_dy, p_w, p_bias, p_theta, p_kv, p_ksum,
-    p_dqk, p_dg, p_dkv_part, p_dksum_part, p_dw_part, p_db_part,
+    p_dqk, p_dg, p_dkv_part, p_dksum_part,
     N, H, W, blocks_per_split,
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
 ):
     """The q side of the backward, which needs only the forward's state: per token dq (first half of
-    dqk) and dg; per program partial sums over its token range of dKV = sum_n z_n q~_n do_n^T, of the
-    normaliser's sum_n u_n phi(q_n) (u_n = -z_n^2 num_n . do_n) and of the LePE weight [9, 32] and bias
-    [32] gradients. Grid (splits, B * heads)."""
+    dqk) and dg; per program partial sums over its token range of dKV = sum_n z_n q~_n do_n^T and of the
+    normaliser's sum_n u_n phi(q_n) (u_n = -z_n^2 num_n . do_n). Grid (splits, B * heads)."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -314,7 +313,6 @@ def _la_bwd_q_kernel(
     o_t = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, 32)
     o_p = tl.arange(0, 16)
-    o_k = tl.arange(0, 16)
     o_c = i_h * 32 + o_d
     p_q = p_qk + i_b * s_qk_b + i_h * 32
     p_vh = p_v + i_b * s_v_b + i_h * 32
@@ -329,8 +327,6 @@ def _la_bwd_q_kernel(
     b_dkv_b = tl.zeros([16, 32], dtype=tl.float32)
     b_dks_a = tl.zeros([16], dtype=tl.float32)
     b_dks_b = tl.zeros([16], dtype=tl.float32)
-    b_dw = tl.zeros([16, 32], dtype=tl.float32)  # rows 0..8: the 3x3 taps
-    b_db = tl.zeros([32], dtype=tl.float32)
     blk_start = i_s * blocks_per_split
     blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(N, BLOCK_N))
     for i_blk in range(blk_start, blk_end):
@@ -344,16 +340,13 @@ def _la_bwd_q_kernel(
             SPLIT_PAIRS)
         b_dy, b_do = _load_do(p_dyb, p_gb, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE)  # 0 on padding tokens
 
-        # o = a + lepe(v) for dg; dw[k] = sum_n do_n v_(n + off_k); db = sum_n do_n
-        b_o = b_num * b_z[:, None] + b_bias[None, :]
-        for k in tl.static_range(9):
-            o_nb, m_nb = _neighbour(o_n, b_row, b_col, m_n, H, W, k // 3 - 1, k % 3 - 1)
-            b_vn = tl.load(p_vh + o_nb.to(tl.int64)[:, None] * s_v_n + o_d[None, :], mask=m_nb[:, None], other=0.0)
-            b_vn = b_vn.to(tl.float32)
-            b_o += b_vn * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
-            b_dw += tl.where(o_k[:, None] == k, tl.sum(b_do * b_vn, axis=0)[None, :], 0.0)
-        b_db += tl.sum(b_do, axis=0)
-        if HAS_GATE:
+        if HAS_GATE:  # dg = dy * (a + lepe(v))
+            b_o = b_num * b_z[:, None] + b_bias[None, :]
+            for k in tl.static_range(9):
+                o_nb, m_nb = _neighbour(o_n, b_row, b_col, m_n, H, W, k // 3 - 1, k % 3 - 1)
+                b_vn = tl.load(p_vh + o_nb.to(tl.int64)[:, None] * s_v_n + o_d[None, :], mask=m_nb[:, None],
+                               other=0.0)
+                b_o += b_vn.to(tl.float32) * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
             tl.store(p_dg + i_b * N * C + o_n64[:, None] * C + o_c[None, :], (b_dy * b_o).to(p_dg.dtype.element_ty),
                      mask=m_n[:, None])
 
@@ -376,66 +369,80 @@ def _la_bwd_q_kernel(
     _store_state(p_dkv_part, o_slot, b_dkv_a, b_dkv_b)
     tl.store(p_dksum_part + o_slot * 32 + o_p, b_dks_a)
     tl.store(p_dksum_part + o_slot * 32 + 16 + o_p, b_dks_b)
-    # LePE partials per (split, batch): dw_part (splits, B, C, 9), db_part (splits, B, C)
-    o_slot = i_s.to(tl.int64) * (tl.num_programs(1) // NUM_HEADS) + i_b
-    tl.store(p_dw_part + o_slot * C * 9 + o_c[None, :] * 9 + o_k[:, None], b_dw, mask=(o_k < 9)[:, None])
-    tl.store(p_db_part + o_slot * C + o_c, b_db)
 
 
 @triton.jit
 def _la_bwd_kv_kernel(
-    p_qk, p_g, p_dy, p_w, p_v, p_theta, p_dkv, p_dksum, p_dqk, p_dv,
-    N, H, W, inv_n,
+    p_qk, p_g, p_dy, p_w, p_v, p_theta, p_dkv, p_dksum, p_dqk, p_dv, p_dw_part, p_db_part,
+    N, H, W, blocks_per_split, inv_n,
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
 ):
-    """The k/v side of the backward for one block of tokens and one (batch, head): dk (second half of
-    dqk) through k~ and mean phi(k), and dv through kv plus the transposed LePE stencil of do.
-    Grid (blocks, B * heads)."""
-    i_blk = tl.program_id(0)
+    """The k/v side of the backward, per token: dk (second half of dqk) through k~ and mean phi(k), and
+    dv through kv plus the transposed LePE stencil of do; per program partial sums over its token range
+    of the LePE weight [9, 32] and bias [32] gradients (dw[k] = sum_m v_m do_(m - off_k), from the same
+    neighbour loads). Grid (splits, B * heads)."""
+    i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
     i_h = i_bh % NUM_HEADS
+    o_t = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, 32)
     o_p = tl.arange(0, 16)
+    o_k = tl.arange(0, 16)
     o_c = i_h * 32 + o_d
-    o_n = i_blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    o_n64 = o_n.to(tl.int64)
-    b_row = o_n // W
-    b_col = o_n % W
-
-    b_ka, b_kb = _load_pairs(p_qk + i_b * s_qk_b + C + i_h * 32, o_n64 * s_qk_n, m_n, SPLIT_PAIRS)
-    b_ka, b_eka = _phi(b_ka)
-    b_kb, b_ekb = _phi(b_kb)
-    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_theta, i_h, C // 4)
-    b_v = tl.load(p_v + i_b * s_v_b + o_n64[:, None] * s_v_n + i_h * 32 + o_d[None, :], mask=m_n[:, None],
-                  other=0.0).to(tl.float32)
-    b_dkv_a, b_dkv_b = _load_state(p_dkv, i_bh)
-
-    # dk = (R^T (dKV v) / N + dksum / N) * ELU'
-    b_dkra = tl.dot(b_v, tl.trans(b_dkv_a), input_precision=DOT_PRECISION) * inv_n  # [BN, 16]
-    b_dkrb = tl.dot(b_v, tl.trans(b_dkv_b), input_precision=DOT_PRECISION) * inv_n
-    b_dks_a = tl.load(p_dksum + i_bh * 32 + o_p) * inv_n
-    b_dks_b = tl.load(p_dksum + i_bh * 32 + 16 + o_p) * inv_n
-    b_dka = (b_dkra * b_cos + b_dkrb * b_sin + b_dks_a[None, :]) * b_eka
-    b_dkb = (b_dkrb * b_cos - b_dkra * b_sin + b_dks_b[None, :]) * b_ekb
-    _store_pairs(p_dqk + i_b * N * 2 * C + C + i_h * 32, o_n64 * 2 * C, m_n, b_dka, b_dkb, SPLIT_PAIRS)
-
-    # dv = k~ dKV / N + sum_k w_k do_(n - off_k)
-    b_kra = b_ka * b_cos - b_kb * b_sin
-    b_krb = b_ka * b_sin + b_kb * b_cos
-    b_dv = tl.dot(b_kra, b_dkv_a, input_precision=DOT_PRECISION)
-    b_dv = tl.dot(b_krb, b_dkv_b, b_dv, input_precision=DOT_PRECISION) * inv_n  # [BN, 32]
+    p_k = p_qk + i_b * s_qk_b + C + i_h * 32
+    p_vh = p_v + i_b * s_v_b + i_h * 32
     p_dyb = p_dy + i_b * s_dy_b
     p_gb = p_g + i_b * s_g_b
-    for k in tl.static_range(9):
-        o_src, m_src = _neighbour(o_n, b_row, b_col, m_n, H, W, 1 - k // 3, 1 - k % 3)
-        _, b_do_src = _load_do(p_dyb, p_gb, o_src, m_src, o_c, s_dy_n, s_g_n, HAS_GATE)
-        b_dv += b_do_src * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
-    tl.store(p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :], b_dv.to(p_dv.dtype.element_ty),
-             mask=m_n[:, None])
+    p_dk = p_dqk + i_b * N * 2 * C + C + i_h * 32
+
+    b_dw = tl.zeros([16, 32], dtype=tl.float32)  # rows 0..8: the 3x3 taps
+    b_db = tl.zeros([32], dtype=tl.float32)
+    blk_start = i_s * blocks_per_split
+    blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(N, BLOCK_N))
+    for i_blk in range(blk_start, blk_end):
+        o_n = i_blk * BLOCK_N + o_t
+        m_n = o_n < N
+        o_n64 = o_n.to(tl.int64)
+        b_row = o_n // W
+        b_col = o_n % W
+        b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n, SPLIT_PAIRS)
+        b_ka, b_eka = _phi(b_ka)
+        b_kb, b_ekb = _phi(b_kb)
+        b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_theta, i_h, C // 4)
+        b_v = tl.load(p_vh + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
+        b_dkv_a, b_dkv_b = _load_state(p_dkv, i_bh)
+
+        # dk = (R^T (dKV v) / N + dksum / N) * ELU'
+        b_dkra = tl.dot(b_v, tl.trans(b_dkv_a), input_precision=DOT_PRECISION) * inv_n  # [BN, 16]
+        b_dkrb = tl.dot(b_v, tl.trans(b_dkv_b), input_precision=DOT_PRECISION) * inv_n
+        b_dks_a = tl.load(p_dksum + i_bh * 32 + o_p) * inv_n
+        b_dks_b = tl.load(p_dksum + i_bh * 32 + 16 + o_p) * inv_n
+        b_dka = (b_dkra * b_cos + b_dkrb * b_sin + b_dks_a[None, :]) * b_eka
+        b_dkb = (b_dkrb * b_cos - b_dkra * b_sin + b_dks_b[None, :]) * b_ekb
+        _store_pairs(p_dk, o_n64 * 2 * C, m_n, b_dka, b_dkb, SPLIT_PAIRS)
+
+        # dv = k~ dKV / N + sum_k w_k do_(n - off_k)
+        b_kra = b_ka * b_cos - b_kb * b_sin
+        b_krb = b_ka * b_sin + b_kb * b_cos
+        b_dv = tl.dot(b_kra, b_dkv_a, input_precision=DOT_PRECISION)
+        b_dv = tl.dot(b_krb, b_dkv_b, b_dv, input_precision=DOT_PRECISION) * inv_n  # [BN, 32]
+        for k in tl.static_range(9):
+            o_src, m_src = _neighbour(o_n, b_row, b_col, m_n, H, W, 1 - k // 3, 1 - k % 3)
+            _, b_do_src = _load_do(p_dyb, p_gb, o_src, m_src, o_c, s_dy_n, s_g_n, HAS_GATE)
+            b_dv += b_do_src * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
+            b_dw += tl.where(o_k[:, None] == k, tl.sum(b_v * b_do_src, axis=0)[None, :], 0.0)
+            if k == 4:
+                b_db += tl.sum(b_do_src, axis=0)
+        tl.store(p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :], b_dv.to(p_dv.dtype.element_ty),
+                 mask=m_n[:, None])
+
+    # partial slot (split, batch): dw_part (splits, B, C, 9), db_part (splits, B, C)
+    o_slot = i_s.to(tl.int64) * (tl.num_programs(1) // NUM_HEADS) + i_b
+    tl.store(p_dw_part + o_slot * C * 9 + o_c[None, :] * 9 + o_k[:, None], b_dw, mask=(o_k < 9)[:, None])
+    tl.store(p_db_part + o_slot * C + o_c, b_db)
 
 
 @triton.jit
@@ -567,11 +574,9 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     n_split, per_split = _splits(N, block_n, bh, device)
     dkv_part = _empty((n_split, bh, HEAD_DIM, HEAD_DIM), torch.float32, device)
     dksum_part = _empty((n_split, bh, HEAD_DIM), torch.float32, device)
-    dw_part = _empty((n_split, B, C, 9), torch.float32, device)
-    db_part = _empty((n_split, B, C), torch.float32, device)
     _la_bwd_q_kernel[(n_split, bh)](
         qk, v, g_arg, dy, weight, lepe_bias.contiguous(), theta, kv, ksum,
-        dqk, dg if g is not None else dv, dkv_part, dksum_part, dw_part, db_part, N, H, W, per_split,
+        dqk, dg if g is not None else dv, dkv_part, dksum_part, N, H, W, per_split,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, num_warps=CONFIG.bwd_q_warps,
@@ -580,8 +585,11 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     dksum = dksum_part.sum(0)
 
     block_n = CONFIG.bwd_kv_block_n
-    _la_bwd_kv_kernel[(triton.cdiv(N, block_n), bh)](
-        qk, g_arg, dy, weight, v, theta, dkv, dksum, dqk, dv, N, H, W, 1.0 / N,
+    n_split, per_split = _splits(N, block_n, bh, device)
+    dw_part = _empty((n_split, B, C, 9), torch.float32, device)
+    db_part = _empty((n_split, B, C), torch.float32, device)
+    _la_bwd_kv_kernel[(n_split, bh)](
+        qk, g_arg, dy, weight, v, theta, dkv, dksum, dqk, dv, dw_part, db_part, N, H, W, per_split, 1.0 / N,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, DOT_PRECISION=precision,
         SPLIT_PAIRS=split_pairs, num_warps=CONFIG.bwd_kv_warps,
