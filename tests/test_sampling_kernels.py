@@ -22,6 +22,7 @@ from mlla_fast.kernels.sampling import (
     dwconv_transpose2x,
     dwconv_transpose2x_ref,
     final_expand,
+    module_args,
     patch_expand,
     patch_merging,
     pixel_shuffle4_layernorm,
@@ -234,18 +235,6 @@ def randomise_norms(module: torch.nn.Module) -> None:
                 m.num_batches_tracked.fill_(3)
 
 
-def op_args(module: torch.nn.Module) -> tuple:
-    """The composed op's arguments after (x, hw), taken from a reference module."""
-    if isinstance(module, PatchMerging):
-        c0, c1, c2 = module.conv
-        return c0.conv.weight, c0.conv.bias, c1.conv.weight, c1.conv.bias, c2.conv.weight, c2.conv.bias, c2.norm
-    if isinstance(module, PatchExpand):
-        c0, c1, c2 = module.conv
-        return (c0.conv.weight, c0.conv.bias, c1.weight, c2.conv.weight, c2.conv.bias, c2.norm, module.norm.weight,
-                module.norm.bias, module.norm.eps)
-    return module.expand.weight, module.norm.weight, module.norm.bias, module.norm.eps
-
-
 # name: (reference module, kernel op, reference op, output shape)
 COMPOSED = {
     "patch_merging": (PatchMerging, patch_merging, patch_merging_ref,
@@ -279,7 +268,7 @@ def run_composed(name: str, module: torch.nn.Module, x: torch.Tensor, hw: tuple[
     """(names, [output, dx, d every parameter]) of the kernel op (or reference op) on module's parameters."""
     fn = COMPOSED[name][2 if reference else 1]
     params = [p for _, p in module.named_parameters()]
-    out = fn(x, hw, *op_args(module))
+    out = fn(x, hw, *module_args(module))
     grads = torch.autograd.grad(out, [x, *params], grad)
     return ["y", "dx"] + [f"d {n}" for n, _ in module.named_parameters()], [out.detach(), *grads]
 
@@ -382,7 +371,7 @@ def test_compiles_without_graph_breaks(name, device):
     fn = COMPOSED[name][1]
     compiled = torch.compile(lambda x, *args: fn(x, (H, W), *args), backend="aot_eager", fullgraph=True)
     xc = x.clone().requires_grad_()
-    out = compiled(xc, *op_args(compiled_module))
+    out = compiled(xc, *module_args(compiled_module))
     got = [out.detach(), *torch.autograd.grad(out, [xc, *compiled_module.parameters()], grad)]
     for a, e in zip(got, eager, strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
@@ -448,7 +437,7 @@ def test_composed_bad_input_raises_value_error(device):
     C = 32
     x = torch.randn(2, 12, C, device=device)
     merging = PatchMerging((3, 4), C).to(device)
-    args = list(op_args(merging))
+    args = list(module_args(merging))
     with pytest.raises(ValueError, match=r"expand_weight: expected shape \(256, 32, 1, 1\)"):
         patch_merging(x, (3, 4), args[0][:, :16], *args[1:])
     with pytest.raises(ValueError, match=r"dw_weight: expected shape \(256, 1, 3, 3\)"):
@@ -462,11 +451,13 @@ def test_composed_bad_input_raises_value_error(device):
     with pytest.raises(ValueError, match=r"expand_weight: expected shape \(256, 64, 1, 1\)"):
         patch_merging(torch.randn(2, 12, 64, device=device), (3, 4), *args)
     expanding = PatchExpand((3, 4), C).to(device)
-    args = list(op_args(expanding))
+    args = list(module_args(expanding))
     with pytest.raises(ValueError, match=r"norm_weight: expected shape \(16,\)"):
         patch_expand(x, (3, 4), *args[:6], args[6][:8], *args[7:])
     with pytest.raises(ValueError, match="token count 12 does not match the grid 4x4"):
         patch_expand(x, (4, 4), *args)
+    with pytest.raises(ValueError, match="expected a PatchMerging, PatchExpand or FinalPatchExpand_X4, got Linear"):
+        module_args(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"expand_weight: expected shape \(512, 32\)"):
         final_expand(x, (3, 4), torch.randn(256, C, device=device), torch.ones(C, device=device),
                      torch.zeros(C, device=device))
