@@ -133,8 +133,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", type=parse_case, default=None, metavar="B,H,W,C",
                         help="timed cases (default: C=64, B=2 at 512^2 and 1024^2)")
     parser.add_argument("--tune", action="store_true", help="search the launch configuration first")
-    parser.add_argument("--resource-usage", action="store_true",
-                        help="compile the kernels for sm_90 without a GPU and print registers and spills")
+    parser.add_argument("--resource-usage", choices=["default", "all"], nargs="?", const="all", default=None,
+                        help="compile the kernels for sm_90 without a GPU and print registers and spills, for "
+                             "the current configuration or for every choice the tuner tries (default: all)")
     parser.add_argument("--no-checks", action="store_true", help="skip the check-only cases (timed cases are "
                                                                   "still checked)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -459,19 +460,23 @@ KERNELS = {"fwd_reduce": "_la_fwd_reduce_kernel", "fwd_out": "_la_fwd_out_kernel
 ACTIVATION_POINTERS = {"p_qk", "p_v", "p_g", "p_dy", "p_y", "p_dqk", "p_dv", "p_dg"}
 
 
-def resource_usage(C: int, arch: int, log: Log) -> None:
-    """Compile each kernel for sm_<arch> (no GPU needed) at every (block, warps) choice of TUNE_KNOBS and
-    log registers and stack bytes per thread (stack beyond the 32 bytes of libdevice's cos/sin slow path
-    is register spilling). Pointers and token strides are taken as 16-aligned, as in real launches."""
+def resource_usage(C: int, arch: int, all_configs: bool, log: Log) -> int:
+    """Compile each kernel for sm_<arch> (no GPU needed), for bf16 and fp32 activations, at the current
+    CONFIG or (all_configs) at every (block, warps) choice of TUNE_KNOBS, and log registers and stack
+    bytes per thread (stack beyond the 32 bytes of libdevice's cos/sin slow path is register spilling).
+    Pointers and strides are taken as 16-aligned, as in real launches. Returns the number of failures."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     la = kernels()
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    failures = 0
     for dtype_name in ("bf16", "fp32"):
         for prefix, name in KERNELS.items():
             fn = getattr(la, name)
-            choices = [k for k in TUNE_KNOBS if f"{prefix}_block_n" in k]
+            current = {f"{prefix}_block_n": getattr(la.CONFIG, f"{prefix}_block_n"),
+                       f"{prefix}_warps": getattr(la.CONFIG, f"{prefix}_warps")}
+            choices = [k for k in TUNE_KNOBS if f"{prefix}_block_n" in k] if all_configs else [current]
             for knob in choices:
                 block_n, warps = knob[f"{prefix}_block_n"], knob[f"{prefix}_warps"]
                 consts = {"C": C, "NUM_HEADS": C // 32, "HAS_GATE": True, "BLOCK_N": block_n, "EPS": 1e-6,
@@ -492,15 +497,20 @@ def resource_usage(C: int, arch: int, log: Log) -> None:
                 try:
                     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
                     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+                except Exception as exc:
+                    failures += 1
+                    log(f"  {label}: FAILED to compile: {describe_error(exc)}")
+                    continue
+                usage = "compiled (no cuobjdump to read its resource usage)"
+                if cuobjdump.exists():
                     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                         f.write(compiled.asm["cubin"])
                         f.flush()
-                        dump = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
-                                              text=True, check=True).stdout
-                    usage = " ".join(re.findall(r"(?:REG|STACK):\d+", dump))
-                except Exception as exc:
-                    usage = describe_error(exc)
+                        dump = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                                              capture_output=True, text=True).stdout
+                    usage = " ".join(re.findall(r"(?:REG|STACK):\d+", dump)) or usage
                 log(f"  {label}: {usage}")
+    return failures
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -566,8 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         log = Log()
         log(f"Registers and stack bytes per thread, sm_90, C=64, configuration {kernels().CONFIG}:")
-        resource_usage(64, 90, log)
-        return 0
+        failures = resource_usage(64, 90, args.resource_usage == "all", log)
+        log(f"{failures} kernel(s) failed to compile" if failures else "all kernels compiled")
+        return 1 if failures else 0
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (by the kernels)
         device = torch.device("cpu")
