@@ -661,7 +661,7 @@ def _check_inputs(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, 
         raise ValueError(f"v: expected a 3-D (B, N, C) token tensor, got shape {tuple(v.shape)}")
     B, N, C = v.shape
     if (not isinstance(hw, (tuple, list, torch.Size)) or len(hw) != 2
-            or not all(isinstance(s, int) and s >= 1 for s in hw)):
+            or not all(isinstance(s, (int, torch.SymInt)) and s >= 1 for s in hw)):
         raise ValueError(f"hw: expected a pair of positive ints (H, W), got {hw!r}")
     H, W = int(hw[0]), int(hw[1])
     if H * W != N:

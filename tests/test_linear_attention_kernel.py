@@ -214,6 +214,18 @@ def test_torch_compile_fullgraph(config, device):
 
 
 @pytest.mark.parametrize("config", [LARGE_BLOCKS], indirect=True)
+def test_torch_compile_dynamic_grid(config, device):
+    """Under torch.compile(dynamic=True) the grid arrives as SymInts; two grids, one compiled graph."""
+    def attention(qk, v, g, w, b, H):
+        return la.linear_attention(qk, v, g, w, b, (H, v.shape[1] // H), 2)
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager", dynamic=True)
+    for H, W in ((4, 5), (6, 7)):
+        args = [t.detach() for t in make_inputs(1, H, W, 64, device).values()]
+        assert torch.equal(compiled(*args, H), attention(*args, H))
+
+
+@pytest.mark.parametrize("config", [LARGE_BLOCKS], indirect=True)
 @pytest.mark.parametrize("gate", [True, False])
 def test_opcheck(gate, config, device):
     inputs = make_inputs(1, 3, 4, 32, device, gate=gate)
