@@ -20,6 +20,8 @@
    (``LinearAttentionConfig``) on fwd+bwd at the first timed case; the best one is used for the rest
    and printed, to be made the default.
 
+Order: tuning (if asked), then each timed case (checked first), the timing table, then the check-only
+cases; every result is written as soon as it exists, so a run cut short keeps what it measured.
 A case whose check fails is still timed, but no speedup or bandwidth is reported for it.
 Prints a summary and writes ``attention.csv``, ``attention.json`` and ``attention.log`` to ``--out``'s card folder.
 
@@ -136,8 +138,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--resource-usage", choices=["default", "all"], nargs="?", const="all", default=None,
                         help="compile the kernels for sm_90 without a GPU and print registers and spills, for "
                              "the current configuration or for every choice the tuner tries (default: all)")
-    parser.add_argument("--no-checks", action="store_true", help="skip the check-only cases (timed cases are "
-                                                                  "still checked)")
+    parser.add_argument("--no-checks", action="store_true", help="skip the check-only cases, which run after the "
+                                                                  "timed cases (those are always checked)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--seed", type=int, default=0)
     add_output_argument(parser)
@@ -622,21 +624,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"best: {best}")
     log(f"configuration: {la.CONFIG}")
 
-    if not args.no_checks:
-        record("torch.compile(fullgraph=True) vs eager", guarded(lambda: check_compiled(device, args.seed,
-                                                                                         compile_backend), device))
-        for case in SMOKE_CHECKS if smoke else GPU_CHECKS:
-            for dtype_name, dtype in DTYPES.items():
-                record(f"{dtype_name} {'x'.join(map(str, case))}",
-                       guarded(lambda case=case, dtype=dtype: check_case(case, dtype, device, args.seed), device))
-        B, H, W, C, stride = wide = SMOKE_WIDE if smoke else GPU_WIDE
-        record(f"bf16 {B}x{H}x{W}x{C} as views of a {stride}-channel buffer (largest token offset "
-               f"{(H * W - 1) * stride / 2**31:.2f} x 2^31)", guarded(lambda: check_wide_views(wide, device, args.seed),
-                                                                      device))
-        B, H, W, C = batch = SMOKE_BATCH if smoke else GPU_BATCH
-        record(f"bf16 {B}x{H}x{W}x{C} no gate, last sample (qk {B * H * W * 2 * C / 2**31:.2f} x 2^31 elements)",
-               guarded(lambda: check_batch_offsets(batch, device, args.seed), device))
-
     for case in timed:
         for dtype_name in args.dtypes:
             label = f"{dtype_name} {'x'.join(map(str, case))}"
@@ -655,8 +642,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"    per kernel: {describe_error(exc)}")
             save()
 
-    log()
-    log(report(rows))
+    if rows:
+        log()
+        log(report(rows))
+        log()
+
+    if not args.no_checks:
+        record("torch.compile(fullgraph=True) vs eager", guarded(lambda: check_compiled(device, args.seed,
+                                                                                         compile_backend), device))
+        for case in SMOKE_CHECKS if smoke else GPU_CHECKS:
+            for dtype_name, dtype in DTYPES.items():
+                record(f"{dtype_name} {'x'.join(map(str, case))}",
+                       guarded(lambda case=case, dtype=dtype: check_case(case, dtype, device, args.seed), device))
+        B, H, W, C, stride = wide = SMOKE_WIDE if smoke else GPU_WIDE
+        record(f"bf16 {B}x{H}x{W}x{C} as views of a {stride}-channel buffer (largest token offset "
+               f"{(H * W - 1) * stride / 2**31:.2f} x 2^31)", guarded(lambda: check_wide_views(wide, device, args.seed),
+                                                                      device))
+        B, H, W, C = batch = SMOKE_BATCH if smoke else GPU_BATCH
+        record(f"bf16 {B}x{H}x{W}x{C} no gate, last sample (qk {B * H * W * 2 * C / 2**31:.2f} x 2^31 elements)",
+               guarded(lambda: check_batch_offsets(batch, device, args.seed), device))
+
     failed = [c for c in checks if not c["passed"]]
     log(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed"
         + ("" if not failed else ": FAILED " + "; ".join(c["case"] for c in failed)))
