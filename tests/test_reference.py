@@ -214,3 +214,21 @@ class TestBadInput:
     def test_bad_backend(self):
         with pytest.raises(ValueError, match="backend must be one of"):
             mlla_fast.MLLABlock(64, (7, 7), 2, backend="cuda")
+
+
+@pytest.mark.parametrize("module", [PatchMerging((6, 10), 64), PatchExpand((5, 3), 64)], ids=["edsm", "eusm"])
+def test_sampling_gradients_with_a_batch_of_one(module):
+    """In eval mode each sample is independent: a batch of one gets the gradient it gets inside a batch."""
+    module = module.double().eval()
+    with torch.no_grad():
+        norm = module.conv[2].norm
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, module.input_resolution[0] * module.input_resolution[1], 64, dtype=torch.float64,
+                    requires_grad=True)
+    y = module(x)
+    g = torch.randn_like(y)
+    (grad_pair,) = torch.autograd.grad(y, x, g)
+    x1 = x[:1].detach().requires_grad_()
+    (grad_one,) = torch.autograd.grad(module(x1), x1, g[:1])
+    assert rel_err(grad_one, grad_pair[:1]) <= 1e-12
