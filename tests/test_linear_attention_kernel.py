@@ -3,7 +3,8 @@
 Outputs and the gradients of qk, v, g, lepe weight and bias on fresh random inputs, awkward grids,
 fp32 (1e-5 relative) and bf16/fp16 (the rule of tolerance.py); every kernel output is allocated
 NaN-poisoned so an unwritten element fails. Also: the RoPE cos/sin at large grids, strided views,
-64-bit offsets, determinism, torch.compile/opcheck and the bad-input errors.
+64-bit offsets, determinism, torch.compile/opcheck, the bad-input errors, and that the kernels compile
+for sm_90 (the path the interpreter does not exercise).
 """
 
 import dataclasses
