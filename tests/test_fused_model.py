@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from golden import load_golden
-from tolerance import assert_matches, rel_err
 
 import mlla_fast
 from mlla_fast.reference import MLLABlock as ReferenceBlock
 from mlla_fast.reference import MLLAUNet as ReferenceUNet
+
+from golden import load_golden
+from tolerance import assert_matches, rel_err
 
 SMALL_UNET = dict(embed_dim=32, depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
 
@@ -128,21 +129,22 @@ def test_bad_backend_environment(monkeypatch):
         mlla_fast.MLLABlock(64, (6, 6), 2)
 
 
-def test_triton_backend_where_it_cannot_run(monkeypatch):
-    block = mlla_fast.MLLABlock(64, (6, 6), 2, backend="triton")
-    with pytest.raises(ValueError, match="float32, bfloat16 and float16, got torch.float64"):
-        block.double()(torch.randn(1, 36, 64, dtype=torch.float64))
+def test_triton_backend_where_it_cannot_run(monkeypatch, device):
+    block = mlla_fast.MLLABlock(64, (6, 6), 2, backend="triton").to(device)
+    with pytest.raises(ValueError, match=r"float32, bfloat16 and float16, got torch\.float64"):
+        block.double()(torch.randn(1, 36, 64, dtype=torch.float64, device=device))
+    block.float()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="need a CUDA tensor"):
-        block.float()(torch.randn(1, 36, 64))
+        block.cpu()(torch.randn(1, 36, 64))
     auto = mlla_fast.MLLABlock(64, (6, 6), 2, backend="auto")
     assert auto(torch.randn(1, 36, 64)).shape == (1, 36, 64)
 
 
-def test_triton_backend_rejects_other_head_sizes():
-    block = mlla_fast.MLLABlock(64, (6, 6), 1, backend="triton")
+def test_triton_backend_rejects_other_head_sizes(device):
+    block = mlla_fast.MLLABlock(64, (6, 6), 1, backend="triton").to(device)
     with pytest.raises(ValueError, match="32 channels per head"):
-        block(torch.randn(1, 36, 64))
+        block(torch.randn(1, 36, 64, device=device))
 
 
 def test_activation_checkpointing_and_drop_path(device):

@@ -340,8 +340,9 @@ def test_batch_norm_cumulative_average(name, device):
 
 @pytest.mark.parametrize("name", ["patch_merging", "patch_expand", "final_expand"])
 def test_autocast_bf16(name, device):
-    """Under autocast (fp32 parameters, bf16 GEMMs): the output is bf16 and every result is within twice the
-    error of the reference op under the same autocast, plus a floor; parameter gradients stay fp32."""
+    """Under autocast (fp32 parameters, bf16 GEMMs): the output has the dtype the reference op gives under the
+    same autocast (bf16, or fp32 where autocast runs LayerNorm in fp32, as on CUDA) and every result is within
+    twice the error of the reference op under the same autocast, plus a floor; parameter gradients stay fp32."""
     B, H, W, C = 2, 7, 6, 64
     module = make_module(name, H, W, C).to(device).train(name != "final_expand")
     modules = [copy.deepcopy(module) for _ in range(3)]
@@ -352,7 +353,7 @@ def test_autocast_bf16(name, device):
         names, got = run_composed(name, modules[0], x.clone().requires_grad_(), (H, W), grad)
         _, lowp = run_composed(name, modules[1], x.clone().requires_grad_(), (H, W), grad, reference=True)
     _, ref = run_composed(name, modules[2], x.double().requires_grad_(), (H, W), grad.double(), reference=True)
-    assert got[0].dtype == torch.bfloat16
+    assert got[0].dtype == lowp[0].dtype
     for n, g, r, lp in zip(names, got, ref, lowp, strict=True):
         if n.startswith("d "):
             assert g.dtype == torch.float32, f"{name} {n}: dtype {g.dtype}"
