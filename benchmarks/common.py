@@ -19,8 +19,8 @@ import functools
 import gc
 import importlib.metadata
 import json
-import os
 import math
+import os
 import platform
 import re
 import subprocess
