@@ -1,0 +1,77 @@
+"""Where the time of one MLLA block (or a whole MLLA-UNet training step) goes, kernel by kernel, on a GPU.
+
+Runs a few warm-up calls, then profiles ``--steps`` calls of forward+backward under the CUDA profiler
+and prints the kernels sorted by total GPU time, with their share of the whole.
+
+    python benchmarks/profile_block.py --grid 512 --batch 2 --backend triton     # one block, bf16 autocast
+    python benchmarks/profile_block.py --model tiny --image 224 --batch 48         # a U-Net training step
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import mlla_fast
+
+
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+    device = torch.device("cuda")
+    if args.model:
+        model = mlla_fast.create_model(args.model, num_classes=9, img_size=224, backend=args.backend)
+        x = torch.randn(args.batch, 3, args.image, args.image, device=device)
+    else:
+        model = mlla_fast.MLLABlock(args.dim, (args.grid, args.grid), args.dim // 32, backend=args.backend)
+        x = torch.randn(args.batch, args.grid * args.grid, args.dim, device=device, dtype=torch.bfloat16)
+    return model.to(device).train(), x.requires_grad_(not args.model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", type=int, default=512, help="block grid side")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--model", choices=["tiny", "small", "base"], default=None, help="profile a U-Net step")
+    parser.add_argument("--image", type=int, default=224, help="U-Net input side")
+    parser.add_argument("--backend", choices=mlla_fast.BACKENDS, default="triton")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=30)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_block.py needs a CUDA device")
+    model, x = build(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if args.model else None
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        if args.model:
+            out.float().square().mean().backward()
+        else:
+            out.backward(torch.ones_like(out))
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    what = f"MLLA-UNet-{args.model} {args.image}^2" if args.model else f"MLLA block C={args.dim} {args.grid}^2"
+    print(f"{what}, batch {args.batch}, backend {args.backend}, bf16 autocast, fwd+bwd"
+          f"{' + AdamW' if args.model else ''}: {total / 1e3 / args.steps:.2f} ms of GPU time per step")
+    print(f"{'ms/step':>9} {'share':>6} {'calls':>6}  kernel")
+    for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[: args.rows]:
+        print(f"{e.self_device_time_total / 1e3 / args.steps:9.3f} {e.self_device_time_total / total:6.1%} "
+              f"{e.count // args.steps:6d}  {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
