@@ -41,7 +41,6 @@ MAX_NORM_CHANNELS = 4096
 TILE_ELEMENTS = 2048
 PARTIAL_PROGRAMS = 1024
 TAPS = 9
-BLOCK_TAPS = 16
 
 __all__ = [
     "cpe_residual_norm",
@@ -95,19 +94,29 @@ def _stencil3x3(p_src, stride_n, p_w, row, col, m_t, o_c, m_c, H, W,
 
 
 @triton.jit
-def _stencil3x3_weight_grad(b_dw, b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, BLOCK_K: tl.constexpr):
-    """Add sum_p g[p, c] * x[p + tap, c] to row ``tap`` of b_dw [BLOCK_K, BLOCK_C]; b_g is [BLOCK_T, BLOCK_C]."""
-    o_k = tl.arange(0, BLOCK_K)
-    for di in tl.static_range(3):
-        for dj in tl.static_range(3):
-            r = row + (di - 1)
-            c = col + (dj - 1)
-            m_n = m_t & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            o_n = (r * W + c).to(tl.int64) * stride_n
-            b_x = tl.load(p_x + o_n[:, None] + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
-            b_tap = tl.sum(b_g * b_x.to(tl.float32), 0)  # [BLOCK_C]
-            b_dw += tl.where(o_k[:, None] == di * 3 + dj, b_tap[None, :], 0.0)
-    return b_dw
+def _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, DI: tl.constexpr, DJ: tl.constexpr):
+    """g[p, c] * x[p + (DI - 1, DJ - 1), c] in fp32 (zero outside the grid). [BLOCK_T, BLOCK_C]"""
+    r = row + (DI - 1)
+    c = col + (DJ - 1)
+    m_n = m_t & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+    o_n = (r * W + c).to(tl.int64) * stride_n
+    b_x = tl.load(p_x + o_n[:, None] + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
+    return b_g * b_x.to(tl.float32)
+
+
+@triton.jit
+def _store_weight_partials(p_dw, i_p, C, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8):
+    """Write one program's (C, 9) weight-gradient partial: tap k's sum over tokens of its accumulator a_k."""
+    p_row = p_dw + i_p.to(tl.int64) * C * 9 + o_c * 9
+    tl.store(p_row + 0, tl.sum(a0, 0), mask=m_c)
+    tl.store(p_row + 1, tl.sum(a1, 0), mask=m_c)
+    tl.store(p_row + 2, tl.sum(a2, 0), mask=m_c)
+    tl.store(p_row + 3, tl.sum(a3, 0), mask=m_c)
+    tl.store(p_row + 4, tl.sum(a4, 0), mask=m_c)
+    tl.store(p_row + 5, tl.sum(a5, 0), mask=m_c)
+    tl.store(p_row + 6, tl.sum(a6, 0), mask=m_c)
+    tl.store(p_row + 7, tl.sum(a7, 0), mask=m_c)
+    tl.store(p_row + 8, tl.sum(a8, 0), mask=m_c)
 
 
 @triton.jit
@@ -117,15 +126,6 @@ def _normalize(b_r, m_c, C, eps):
     b_diff = tl.where(m_c[None, :], b_r - b_mean[:, None], 0.0)
     b_rstd = tl.rsqrt(tl.sum(b_diff * b_diff, 1) / C + eps)
     return b_diff * b_rstd[:, None], b_rstd
-
-
-@triton.jit
-def _store_partials(p_dw, p_db, b_dw, b_db, i_p, C, o_c, m_c, BLOCK_K: tl.constexpr):
-    """Write one program's weight (C, 9) and bias (C,) gradient partials at row i_p."""
-    o_k = tl.arange(0, BLOCK_K)
-    p_row = p_dw + i_p.to(tl.int64) * C * 9
-    tl.store(p_row + o_c[None, :] * 9 + o_k[:, None], b_dw, mask=(o_k[:, None] < 9) & m_c[None, :])
-    tl.store(p_db + i_p.to(tl.int64) * C + o_c, b_db, mask=m_c)
 
 
 @triton.jit
@@ -159,18 +159,21 @@ def _cpe_residual_norm_bwd_kernel(
     x, r, dr, dh, norm_w, g, dw_part, db_part, dgamma_part, dbeta_part,
     H, W, C, n_tiles_w, n_tiles_img, n_tiles, tiles_per_prog,
     sx_b, sx_n, sr_b, sr_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_DR: tl.constexpr, HAS_DH: tl.constexpr,
 ):
-    """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients."""
+    """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients.
+
+    The parameter gradients are accumulated element-wise over the program's tiles and summed over
+    tokens once at the end: a cross-warp reduction per tile would dominate the kernel's time.
+    """
     i_p, n_p = tl.program_id(0), tl.num_programs(0)
     o_c = tl.arange(0, BLOCK_C)
     m_c = o_c < C
     b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_dw = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
-    b_db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    b_dgamma = tl.zeros([BLOCK_C], dtype=tl.float32)
-    b_dbeta = tl.zeros([BLOCK_C], dtype=tl.float32)
+    zero = tl.zeros([TH * TW, BLOCK_C], dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    a_db, a_dgamma, a_dbeta = zero, zero, zero
     for k in range(tiles_per_prog):
         i_tt = i_p + k * n_p
         i_b = i_tt // n_tiles_img
@@ -185,8 +188,8 @@ def _cpe_residual_norm_bwd_kernel(
             b_r = tl.load(r + i_b64 * sr_b + o_n * sr_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
             b_dh = tl.load(dh + i_b64 * sdh_b + o_n * sdh_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
             b_xhat, b_rstd = _normalize(b_r, m_c, C, eps)
-            b_dgamma += tl.sum(b_dh * b_xhat, 0)
-            b_dbeta += tl.sum(b_dh, 0)
+            a_dgamma += b_dh * b_xhat
+            a_dbeta += b_dh
             b_gdh = b_dh * b_gamma[None, :]
             b_mean_gdh = tl.sum(b_gdh, 1) / C
             b_mean_gdh_xhat = tl.sum(b_gdh * b_xhat, 1) / C
@@ -196,12 +199,22 @@ def _cpe_residual_norm_bwd_kernel(
             b_g += tl.load(dr + i_b64 * sdr_b + o_n * sdr_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(g + i_b64 * sg_b + o_n * sg_n + o_c[None, :], b_g.to(g.dtype.element_ty), mask=m)
 
-        b_db += tl.sum(b_g, 0)
-        b_dw = _stencil3x3_weight_grad(b_dw, b_g, x + i_b64 * sx_b, sx_n, row, col, m_t, o_c, m_c, H, W, BLOCK_K)
+        a_db += b_g
+        p_x = x + i_b64 * sx_b
+        a0 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 0)
+        a1 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 1)
+        a2 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 2)
+        a3 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 0)
+        a4 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 1)
+        a5 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 2)
+        a6 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 0)
+        a7 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 1)
+        a8 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 2)
 
-    _store_partials(dw_part, db_part, b_dw, b_db, i_p, C, o_c, m_c, BLOCK_K)
-    tl.store(dgamma_part + i_p.to(tl.int64) * C + o_c, b_dgamma, mask=m_c)
-    tl.store(dbeta_part + i_p.to(tl.int64) * C + o_c, b_dbeta, mask=m_c)
+    _store_weight_partials(dw_part, i_p, C, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
+    tl.store(db_part + i_p.to(tl.int64) * C + o_c, tl.sum(a_db, 0), mask=m_c)
+    tl.store(dgamma_part + i_p.to(tl.int64) * C + o_c, tl.sum(a_dgamma, 0), mask=m_c)
+    tl.store(dbeta_part + i_p.to(tl.int64) * C + o_c, tl.sum(a_dbeta, 0), mask=m_c)
 
 
 @triton.jit
@@ -228,15 +241,17 @@ def _dwconv_silu_bwd_kernel(
     x, w, bias, dy, g, dw_part, db_part,
     H, W, C, n_tiles_w, n_tiles_img, n_tiles, tiles_per_prog,
     sx_b, sx_n, sdy_b, sdy_n, sg_b, sg_n,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """g = dy * SiLU'(pre) with pre recomputed, stored; fp32 partials of the weight and bias gradients."""
+    """g = dy * SiLU'(pre) with pre recomputed, stored; fp32 partials of the weight and bias gradients
+    (accumulated element-wise over the program's tiles, summed over tokens once at the end)."""
     i_p, i_c, n_p = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     b_bias = tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_dw = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
-    b_db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    zero = tl.zeros([TH * TW, BLOCK_C], dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    a_db = zero
     for k in range(tiles_per_prog):
         i_tt = i_p + k * n_p
         i_b64 = (i_tt // n_tiles_img).to(tl.int64)
@@ -250,13 +265,22 @@ def _dwconv_silu_bwd_kernel(
         b_pre += b_bias[None, :]
         b_dy = tl.load(dy + i_b64 * sdy_b + o_n * sdy_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
         b_s = tl.sigmoid(b_pre)
-        b_g = b_dy * b_s * (1.0 + b_pre * (1.0 - b_s))
+        b_g = tl.where(m, b_dy * b_s * (1.0 + b_pre * (1.0 - b_s)), 0.0)
         tl.store(g + i_b64 * sg_b + o_n * sg_n + o_c[None, :], b_g.to(g.dtype.element_ty), mask=m)
 
-        b_db += tl.sum(b_g, 0)
-        b_dw = _stencil3x3_weight_grad(b_dw, b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, BLOCK_K)
+        a_db += b_g
+        a0 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 0)
+        a1 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 1)
+        a2 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 2)
+        a3 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 0)
+        a4 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 1)
+        a5 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 2)
+        a6 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 0)
+        a7 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 1)
+        a8 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 2)
 
-    _store_partials(dw_part, db_part, b_dw, b_db, i_p, C, o_c, m_c, BLOCK_K)
+    _store_weight_partials(dw_part, i_p, C, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
+    tl.store(db_part + i_p.to(tl.int64) * C + o_c, tl.sum(a_db, 0), mask=m_c)
 
 
 @triton.jit
@@ -303,6 +327,12 @@ def _channel_block(C: int) -> int:
 def _num_warps(elements: int) -> int:
     """About 8 elements per thread: the 9 tap loads in flight then fit in registers without spilling on sm_90."""
     return max(1, min(16, elements // 256))
+
+
+def _bwd_num_warps(elements: int) -> int:
+    """About 4 elements per thread for the backward kernels, whose 12 fp32 accumulators (9 taps, bias, norm
+    weight and bias) live in registers across the tile loop: 128 registers per thread on sm_90, no spills."""
+    return max(1, min(16, elements // 128))
 
 
 def _tokens_major(t: Tensor) -> Tensor:
@@ -444,8 +474,8 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, r: Te
         H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
         x.stride(0), x.stride(1), r.stride(0), r.stride(1), dr_arg.stride(0), dr_arg.stride(1),
         dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps,
-        TH=th, TW=tw, BLOCK_C=block_c, BLOCK_K=BLOCK_TAPS, HAS_DR=dr is not None, HAS_DH=dh is not None,
-        num_warps=_num_warps(th * tw * block_c),
+        TH=th, TW=tw, BLOCK_C=block_c, HAS_DR=dr is not None, HAS_DH=dh is not None,
+        num_warps=_bwd_num_warps(th * tw * block_c),
     )
     dx = _dwconv_transpose(g, weight, (H, W), residual=True)
     return (
@@ -501,7 +531,7 @@ def dwconv_silu_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
         x, weight_c, bias.contiguous(), dy, g, dw_part, db_part,
         H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C,
-        TH=th, TW=tw, BLOCK_C=block_c, BLOCK_K=BLOCK_TAPS, num_warps=_num_warps(th * tw * block_c),
+        TH=th, TW=tw, BLOCK_C=block_c, num_warps=_bwd_num_warps(th * tw * block_c),
     )
     dx = _dwconv_transpose(g, weight_c, (H, W), residual=False)
     return dx, dw_part.sum(0).view(C, 1, 3, 3).to(weight.dtype), db_part.sum(0).to(bias.dtype)
