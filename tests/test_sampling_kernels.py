@@ -244,19 +244,6 @@ COMPOSED = {
 }
 
 
-def contiguous_batch_norm_grads(module: torch.nn.Module) -> None:
-    """Make the output gradient of module's BatchNorms contiguous before their backward.
-
-    PyTorch's CPU BatchNorm backward (seen in 2.13, train and eval, fp32 and fp64) returns a wrong input
-    gradient when the output gradient is channels-last with a non-canonical stride on a batch of size 1,
-    e.g. strides (64, 1, 192, 64) for (1, 64, 3, 3): exactly what the reference's image-to-token transpose
-    hands back at B = 1. The reference op is run with this hook so that it computes what it means to.
-    """
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.register_full_backward_pre_hook(lambda _, grads: tuple(g.contiguous() for g in grads))
-
-
 def make_module(name: str, H: int, W: int, C: int) -> torch.nn.Module:
     module = COMPOSED[name][0]((H, W), C)
     randomise_norms(module)
@@ -287,7 +274,6 @@ def check_composed_fp32(name: str, B: int, H: int, W: int, C: int, train: bool, 
 
     if train and name != "final_expand":
         module64.conv[2].norm.register_forward_pre_hook(keep_input_grad)
-    contiguous_batch_norm_grads(module64)
     x = torch.randn(B, H * W, C, device=device)
     grad = torch.randn(COMPOSED[name][3](B, H, W, C), device=device)
     names, got = run_composed(name, module, x.clone().requires_grad_(), (H, W), grad)
