@@ -105,6 +105,21 @@ def _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, DI: tl.const
 
 
 @triton.jit
+def _accumulate_taps(a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W):
+    """Add each 3x3 tap's g * shifted-x product to its accumulator (tap k = 3 * di + dj)."""
+    a0 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 0, 0)
+    a1 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 0, 1)
+    a2 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 0, 2)
+    a3 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 1, 0)
+    a4 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 1, 1)
+    a5 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 1, 2)
+    a6 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 2, 0)
+    a7 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 2, 1)
+    a8 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 2, 2)
+    return a0, a1, a2, a3, a4, a5, a6, a7, a8
+
+
+@triton.jit
 def _store_weight_partials(p_dw, i_p, C, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8):
     """Write one program's (C, 9) weight-gradient partial: tap k's sum over tokens of its accumulator a_k."""
     p_row = p_dw + i_p.to(tl.int64) * C * 9 + o_c * 9
@@ -200,16 +215,8 @@ def _cpe_residual_norm_bwd_kernel(
         tl.store(g + i_b64 * sg_b + o_n * sg_n + o_c[None, :], b_g.to(g.dtype.element_ty), mask=m)
 
         a_db += b_g
-        p_x = x + i_b64 * sx_b
-        a0 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 0)
-        a1 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 1)
-        a2 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 2)
-        a3 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 0)
-        a4 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 1)
-        a5 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 2)
-        a6 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 0)
-        a7 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 1)
-        a8 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 2)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _accumulate_taps(
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g, x + i_b64 * sx_b, sx_n, row, col, m_t, o_c, m_c, H, W)
 
     _store_weight_partials(dw_part, i_p, C, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
     tl.store(db_part + i_p.to(tl.int64) * C + o_c, tl.sum(a_db, 0), mask=m_c)
@@ -269,15 +276,8 @@ def _dwconv_silu_bwd_kernel(
         tl.store(g + i_b64 * sg_b + o_n * sg_n + o_c[None, :], b_g.to(g.dtype.element_ty), mask=m)
 
         a_db += b_g
-        a0 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 0)
-        a1 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 1)
-        a2 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 0, 2)
-        a3 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 0)
-        a4 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 1)
-        a5 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 1, 2)
-        a6 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 0)
-        a7 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 1)
-        a8 += _tap_product(b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W, 2, 2)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _accumulate_taps(
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W)
 
     _store_weight_partials(dw_part, i_p, C, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
     tl.store(db_part + i_p.to(tl.int64) * C + o_c, tl.sum(a_db, 0), mask=m_c)

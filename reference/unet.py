@@ -27,12 +27,14 @@ class ConcatLinear(nn.Linear):
 
 
 class BasicLayer(nn.Module):
-    """An encoder stage: MLLA blocks, then an optional EDSM downsample."""
+    """An encoder stage: MLLA blocks, then an optional EDSM downsample (``resample_cls``)."""
+
+    resample_name = "downsample"  # the released state-dict name of the stage's sampler
 
     def __init__(
         self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int, mlp_ratio: float,
-        qkv_bias: bool, drop: float, drop_path: Sequence[float], downsample: bool, block_cls: Callable,
-        downsample_cls: Callable = PatchMerging,
+        qkv_bias: bool, drop: float, drop_path: Sequence[float], block_cls: Callable,
+        resample_cls: Callable | None,
     ):
         super().__init__()
         self.dim = dim
@@ -41,35 +43,19 @@ class BasicLayer(nn.Module):
                       drop_path=drop_path[j])
             for j in range(depth)
         )
-        self.downsample = downsample_cls(input_resolution, dim) if downsample else None
+        setattr(self, self.resample_name, resample_cls(input_resolution, dim) if resample_cls else None)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         for blk in self.blocks:
             x = blk(x, hw)
-        return x if self.downsample is None else self.downsample(x, hw)
+        resample = getattr(self, self.resample_name)
+        return x if resample is None else resample(x, hw)
 
 
-class BasicLayerUp(nn.Module):
-    """A decoder stage: MLLA blocks, then an optional EUSM upsample."""
+class BasicLayerUp(BasicLayer):
+    """A decoder stage: MLLA blocks, then an optional EUSM upsample (``resample_cls``)."""
 
-    def __init__(
-        self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int, mlp_ratio: float,
-        qkv_bias: bool, drop: float, drop_path: Sequence[float], upsample: bool, block_cls: Callable,
-        upsample_cls: Callable = PatchExpand,
-    ):
-        super().__init__()
-        self.dim = dim
-        self.blocks = nn.ModuleList(
-            block_cls(dim, input_resolution, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop,
-                      drop_path=drop_path[j])
-            for j in range(depth)
-        )
-        self.upsample = upsample_cls(input_resolution, dim) if upsample else None
-
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        for blk in self.blocks:
-            x = blk(x, hw)
-        return x if self.upsample is None else self.upsample(x, hw)
+    resample_name = "upsample"
 
 
 class MLLAUNet(nn.Module):
@@ -130,8 +116,7 @@ class MLLAUNet(nn.Module):
 
         self.layers = nn.ModuleList(
             BasicLayer(embed_dim * 2**i, grids[i], depths[i], num_heads[i], mlp_ratio, qkv_bias, drop_rate,
-                       dpr[starts[i]:starts[i + 1]], downsample=i < n - 1, block_cls=block_cls,
-                       downsample_cls=downsample_cls)
+                       dpr[starts[i]:starts[i + 1]], block_cls, downsample_cls if i < n - 1 else None)
             for i in range(n)
         )
         self.norm = nn.LayerNorm(self.num_features)
@@ -149,7 +134,7 @@ class MLLAUNet(nn.Module):
                 decoder_dpr = [mirrored[min(j, len(mirrored) - 1)] for j in range(depths_decoder[i])]
                 self.layers_up.append(
                     BasicLayerUp(dim, grids[s], depths_decoder[i], num_heads[s], mlp_ratio, qkv_bias, drop_rate,
-                                 decoder_dpr, upsample=i < n - 1, block_cls=block_cls, upsample_cls=upsample_cls)
+                                 decoder_dpr, block_cls, upsample_cls if i < n - 1 else None)
                 )
         self.norm_up = nn.LayerNorm(embed_dim)
         self.up = final_expand_cls(grids[0], embed_dim)
