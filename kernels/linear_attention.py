@@ -29,7 +29,7 @@ from torch import Tensor
 from triton.language.extra import libdevice
 
 from ..backend import interpreter_enabled
-from ..reference.ops import NORMALISER_EPS, ROPE_BASE
+from ..reference.ops import NORMALISER_EPS, rope_frequencies
 
 HEAD_DIM = 32
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -473,11 +473,11 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 def _pair_frequencies(C: int, device: torch.device) -> Tensor:
     """theta of each of the C/2 channel pairs (C/2,) fp32: pair j uses theta_(j mod C/4).
 
-    Built on the CPU with the very expression of ``reference.ops.rope_table`` (also what a released
-    checkpoint's ``rope.rotations`` buffer holds), so the kernels' angles are bit-identical to the table's.
+    ``reference.ops.rope_frequencies`` (the frequencies of the reference table and of the released
+    checkpoints' ``rope.rotations`` buffers) rounded to fp32; the kernels' angle pos * theta is one fp32
+    product, within fp32 rounding of the table's float64 angle.
     """
-    m = C // 4
-    theta = 1.0 / (ROPE_BASE ** (torch.arange(m) / m))
+    theta = rope_frequencies(C).float()
     return torch.cat([theta, theta]).to(device)
 
 

@@ -43,6 +43,12 @@ def image_to_tokens(x: Tensor) -> Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def rope_frequencies(C: int, device=None) -> Tensor:
+    """theta_i = 10000 ** (-i / (C/4)), i = 0 .. C/4 - 1, in float64 (C/4,)."""
+    k_max = C // 4
+    return 1.0 / (ROPE_BASE ** (torch.arange(k_max, device=device, dtype=torch.float64) / k_max))
+
+
 def rope_table(H: int, W: int, C: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The 2-D RoPE cos/sin table of shape (H, W, C/2, 2), as the released code builds it.
 
@@ -52,8 +58,7 @@ def rope_table(H: int, W: int, C: int, device=None, dtype: torch.dtype = torch.f
     """
     if C % 4:
         raise ValueError(f"RoPE needs a channel count divisible by 4, got {C}")
-    k_max = C // 4
-    theta = 1.0 / (ROPE_BASE ** (torch.arange(k_max, device=device, dtype=torch.float64) / k_max))
+    theta = rope_frequencies(C, device)
     rows, cols = torch.meshgrid(
         torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij"
     )
