@@ -69,6 +69,7 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
+from mlla_fast.reference import ops
 from mlla_fast.reference.ops import final_expand_ref, patch_expand_ref, patch_merging_ref
 from mlla_fast.reference.sampling import FinalPatchExpand_X4, PatchExpand, PatchMerging
 
@@ -239,12 +240,12 @@ def stencil_call(op: str, x: Tensor, params: list[Tensor], hw: tuple[int, int], 
     """One Triton op (or its reference) as the composed ops call it (input ReLU fused)."""
     sampling = kernels()
     if op == "stride2":
-        fn = sampling.dwconv_stride2_relu_ref if reference else sampling.dwconv_stride2_relu
+        fn = ops.dwconv_stride2_relu_ref if reference else sampling.dwconv_stride2_relu
         return fn(x, params[0], params[1], hw, input_relu=True)
     if op == "transpose2x":
-        fn = sampling.dwconv_transpose2x_ref if reference else sampling.dwconv_transpose2x
+        fn = ops.dwconv_transpose2x_ref if reference else sampling.dwconv_transpose2x
         return fn(x, params[0], hw, input_relu=True)
-    fn = sampling.pixel_shuffle4_layernorm_ref if reference else sampling.pixel_shuffle4_layernorm
+    fn = ops.pixel_shuffle4_layernorm_ref if reference else sampling.pixel_shuffle4_layernorm
     return fn(x, hw, params[0], params[1], 1e-5)
 
 

@@ -43,20 +43,17 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from ..backend import fused_supported
-from ..reference.ops import check_tokens, image_to_tokens, tokens_to_image
+from ..reference.ops import check_tokens
 from ..reference.sampling import FinalPatchExpand_X4, PatchExpand, PatchMerging
 
 __all__ = [
     "dwconv_stride2_relu",
-    "dwconv_stride2_relu_ref",
     "dwconv_transpose2x",
-    "dwconv_transpose2x_ref",
     "final_expand",
     "module_args",
     "patch_expand",
     "patch_merging",
     "pixel_shuffle4_layernorm",
-    "pixel_shuffle4_layernorm_ref",
 ]
 
 
@@ -655,14 +652,6 @@ def dwconv_stride2_relu(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, 
     return DWConvStride2ReLUFunction.apply(x, weight, bias, H, W, bool(input_relu))
 
 
-def dwconv_stride2_relu_ref(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int],
-                            input_relu: bool = False) -> Tensor:
-    """PyTorch reference of ``dwconv_stride2_relu`` (same arguments), through the image view."""
-    image = tokens_to_image(x, hw)
-    if input_relu:
-        image = F.relu(image)
-    return image_to_tokens(F.relu(F.conv2d(image, weight, bias, stride=2, padding=1, groups=x.shape[2])))
-
 
 def dwconv_transpose2x(x: Tensor, weight: Tensor, hw: tuple[int, int], input_relu: bool = False) -> Tensor:
     """Depthwise ConvTranspose2d (kernel 3, stride 2, padding 1, output_padding 1, no bias) on tokens.
@@ -680,14 +669,6 @@ def dwconv_transpose2x(x: Tensor, weight: Tensor, hw: tuple[int, int], input_rel
     _check_param(weight, (x.shape[2], 1, 3, 3), "weight", x)
     return DWConvTranspose2xFunction.apply(x, weight, H, W, bool(input_relu))
 
-
-def dwconv_transpose2x_ref(x: Tensor, weight: Tensor, hw: tuple[int, int], input_relu: bool = False) -> Tensor:
-    """PyTorch reference of ``dwconv_transpose2x`` (same arguments), through the image view."""
-    image = tokens_to_image(x, hw)
-    if input_relu:
-        image = F.relu(image)
-    y = F.conv_transpose2d(image, weight, None, stride=2, padding=1, output_padding=1, groups=x.shape[2])
-    return image_to_tokens(y)
 
 
 def pixel_shuffle4_layernorm(y: Tensor, hw: tuple[int, int], norm_weight: Tensor, norm_bias: Tensor,
@@ -710,15 +691,6 @@ def pixel_shuffle4_layernorm(y: Tensor, hw: tuple[int, int], norm_weight: Tensor
     _check_param(norm_bias, (C,), "norm_bias", y)
     return PixelShuffle4LayerNormFunction.apply(y, norm_weight, norm_bias, H, W, float(eps))
 
-
-def pixel_shuffle4_layernorm_ref(y: Tensor, hw: tuple[int, int], norm_weight: Tensor, norm_bias: Tensor,
-                                 eps: float = 1e-5) -> Tensor:
-    """PyTorch reference of ``pixel_shuffle4_layernorm`` (same arguments): rearrange, then F.layer_norm."""
-    B, _, C16 = y.shape
-    H, W = hw
-    C = C16 // 16
-    y = y.reshape(B, H, W, 4, 4, C).permute(0, 1, 3, 2, 4, 5).reshape(B, 16 * H * W, C)
-    return F.layer_norm(y, (C,), norm_weight, norm_bias, eps)
 
 
 def patch_merging(

@@ -208,17 +208,44 @@ def patch_expand_ref(
     return F.layer_norm(y, (y.shape[-1],), norm_weight, norm_bias, eps)
 
 
+def dwconv_stride2_relu_ref(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int],
+                            input_relu: bool = False) -> Tensor:
+    """ReLU(depthwise 3x3 stride-2 conv (padding 1) of tokens x (B, H*W, C), ReLU'd first when input_relu)
+    -> (B, ceil(H/2)*ceil(W/2), C): the EDSM stencil."""
+    image = tokens_to_image(x, hw)
+    if input_relu:
+        image = F.relu(image)
+    return image_to_tokens(F.relu(F.conv2d(image, weight, bias, stride=2, padding=1, groups=x.shape[2])))
+
+
+def dwconv_transpose2x_ref(x: Tensor, weight: Tensor, hw: tuple[int, int], input_relu: bool = False) -> Tensor:
+    """Depthwise transposed 3x3 stride-2 conv (padding 1, output padding 1, no bias) of tokens x (B, H*W, C),
+    ReLU'd first when input_relu -> (B, 4*H*W, C): the EUSM stencil."""
+    image = tokens_to_image(x, hw)
+    if input_relu:
+        image = F.relu(image)
+    y = F.conv_transpose2d(image, weight, None, stride=2, padding=1, output_padding=1, groups=x.shape[2])
+    return image_to_tokens(y)
+
+
+def pixel_shuffle4_layernorm_ref(y: Tensor, hw: tuple[int, int], norm_weight: Tensor, norm_bias: Tensor,
+                                 eps: float = 1e-5) -> Tensor:
+    """Tokens y (B, H*W, 16C) read as (p1=4, p2=4, c) and placed as 4x4 patches of the (4H, 4W) grid, then
+    LayerNorm(C): (B, 16*H*W, C)."""
+    B, _, C16 = y.shape
+    H, W = hw
+    C = C16 // 16
+    y = y.reshape(B, H, W, 4, 4, C).permute(0, 1, 3, 2, 4, 5).reshape(B, 16 * H * W, C)
+    return F.layer_norm(y, (C,), norm_weight, norm_bias, eps)
+
+
 def final_expand_ref(
     x: Tensor, hw: tuple[int, int], expand_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor,
     eps: float = 1e-5,
 ) -> Tensor:
-    """Final x4 expand: Linear C -> 16C (no bias); channels read as (p1=4, p2=4, c) and placed as a
-    4x4 patch; then LayerNorm(C). x (B, H*W, C) -> (B, 16*H*W, C), row-major over (4H, 4W)."""
-    B, _, C = x.shape
-    H, W = hw
-    y = F.linear(x, expand_weight).reshape(B, H, W, 4, 4, C)
-    y = y.permute(0, 1, 3, 2, 4, 5).reshape(B, 16 * H * W, C)
-    return F.layer_norm(y, (C,), norm_weight, norm_bias, eps)
+    """Final x4 expand: Linear C -> 16C (no bias), then the 4x4 patch placement and LayerNorm(C).
+    x (B, H*W, C) -> (B, 16*H*W, C), row-major over (4H, 4W)."""
+    return pixel_shuffle4_layernorm_ref(F.linear(x, expand_weight), hw, norm_weight, norm_bias, eps)
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:

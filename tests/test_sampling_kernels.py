@@ -18,17 +18,21 @@ import torch
 from mlla_fast.kernels import sampling
 from mlla_fast.kernels.sampling import (
     dwconv_stride2_relu,
-    dwconv_stride2_relu_ref,
     dwconv_transpose2x,
-    dwconv_transpose2x_ref,
     final_expand,
     module_args,
     patch_expand,
     patch_merging,
     pixel_shuffle4_layernorm,
+)
+from mlla_fast.reference.ops import (
+    dwconv_stride2_relu_ref,
+    dwconv_transpose2x_ref,
+    final_expand_ref,
+    patch_expand_ref,
+    patch_merging_ref,
     pixel_shuffle4_layernorm_ref,
 )
-from mlla_fast.reference.ops import final_expand_ref, patch_expand_ref, patch_merging_ref
 from mlla_fast.reference.sampling import FinalPatchExpand_X4, PatchExpand, PatchMerging
 
 from golden import golden_module, load_golden
