@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..backend import fused_supported
 from ..reference.ops import check_tokens
-from ..reference.sampling import FinalPatchExpand_X4, PatchExpand, PatchMerging
+from ..reference.sampling import TokenSampler
 
 __all__ = [
     "dwconv_stride2_relu",
@@ -816,15 +816,8 @@ def module_args(module: nn.Module) -> tuple:
     """The arguments after (x, hw) of ``patch_merging``, ``patch_expand`` or ``final_expand`` for a reference
     ``PatchMerging``, ``PatchExpand`` or ``FinalPatchExpand_X4`` (or a subclass): its parameters and BatchNorm,
     so that e.g. ``patch_merging(x, hw, *module_args(module))`` computes ``module(x, hw)``."""
-    if isinstance(module, PatchMerging):
-        c0, c1, c2 = module.conv
-        return c0.conv.weight, c0.conv.bias, c1.conv.weight, c1.conv.bias, c2.conv.weight, c2.conv.bias, c2.norm
-    if isinstance(module, PatchExpand):
-        c0, c1, c2 = module.conv
-        return (c0.conv.weight, c0.conv.bias, c1.weight, c2.conv.weight, c2.conv.bias, c2.norm, module.norm.weight,
-                module.norm.bias, module.norm.eps)
-    if isinstance(module, FinalPatchExpand_X4):
-        return module.expand.weight, module.norm.weight, module.norm.bias, module.norm.eps
-    raise ValueError(
-        f"module: expected a PatchMerging, PatchExpand or FinalPatchExpand_X4, got {type(module).__name__}"
-    )
+    if not isinstance(module, TokenSampler):
+        raise ValueError(
+            f"module: expected a PatchMerging, PatchExpand or FinalPatchExpand_X4, got {type(module).__name__}"
+        )
+    return module.op_args()

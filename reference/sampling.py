@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from .ops import check_tokens, final_expand_ref, image_to_tokens, patch_expand_ref, patch_merging_ref
@@ -60,7 +62,22 @@ class Stem(nn.Module):
         return image_to_tokens(self.conv3(x))
 
 
-class PatchMerging(nn.Module):
+class TokenSampler(nn.Module):
+    """Shared forward of the token-grid samplers: check the tokens against the grid, then run ``op`` (the
+    reference op; the fused package passes its kernel) on ``op_args()``, the arguments after (x, hw)."""
+
+    input_resolution: tuple[int, int]
+    dim: int
+    reference_op: Callable[..., Tensor]
+    op_args: Callable[[], tuple]
+
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None, op=None) -> Tensor:
+        hw = tuple(self.input_resolution if hw is None else hw)
+        check_tokens(x, hw, self.dim)
+        return (op or self.reference_op)(x, hw, *self.op_args())
+
+
+class PatchMerging(TokenSampler):
     """EDSM: (B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 2C) through 1x1 expand, stride-2 DW conv, 1x1 reduce."""
 
     def __init__(self, input_resolution: tuple[int, int], dim: int, ratio: float = 4.0):
@@ -74,17 +91,14 @@ class PatchMerging(nn.Module):
             ConvLayer(hidden, 2 * dim, 1, act_func=None),
         )
 
-    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
-        hw = tuple(self.input_resolution if hw is None else hw)
-        check_tokens(x, hw, self.dim)
+    reference_op = staticmethod(patch_merging_ref)
+
+    def op_args(self) -> tuple:
         c0, c1, c2 = self.conv
-        return patch_merging_ref(
-            x, hw, c0.conv.weight, c0.conv.bias, c1.conv.weight, c1.conv.bias, c2.conv.weight, c2.conv.bias,
-            c2.norm,
-        )
+        return c0.conv.weight, c0.conv.bias, c1.conv.weight, c1.conv.bias, c2.conv.weight, c2.conv.bias, c2.norm
 
 
-class PatchExpand(nn.Module):
+class PatchExpand(TokenSampler):
     """EUSM: (B, H*W, C) -> (B, 4*H*W, C/2) through 1x1 expand, DW transposed conv, 1x1 reduce, LayerNorm."""
 
     def __init__(self, input_resolution: tuple[int, int], dim: int, dim_scale: int = 2, norm_layer=nn.LayerNorm):
@@ -101,17 +115,15 @@ class PatchExpand(nn.Module):
         )
         self.norm = norm_layer(dim // 2)
 
-    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
-        hw = tuple(self.input_resolution if hw is None else hw)
-        check_tokens(x, hw, self.dim)
+    reference_op = staticmethod(patch_expand_ref)
+
+    def op_args(self) -> tuple:
         c0, c1, c2 = self.conv
-        return patch_expand_ref(
-            x, hw, c0.conv.weight, c0.conv.bias, c1.weight, c2.conv.weight, c2.conv.bias, c2.norm,
-            self.norm.weight, self.norm.bias, self.norm.eps,
-        )
+        return (c0.conv.weight, c0.conv.bias, c1.weight, c2.conv.weight, c2.conv.bias, c2.norm, self.norm.weight,
+                self.norm.bias, self.norm.eps)
 
 
-class FinalPatchExpand_X4(nn.Module):
+class FinalPatchExpand_X4(TokenSampler):
     """Final x4 expand: (B, H*W, C) -> (B, 16*H*W, C) on the (4H, 4W) grid, then LayerNorm."""
 
     def __init__(self, input_resolution: tuple[int, int], dim: int, dim_scale: int = 4, norm_layer=nn.LayerNorm):
@@ -123,7 +135,7 @@ class FinalPatchExpand_X4(nn.Module):
         self.expand = nn.Linear(dim, 16 * dim, bias=False)
         self.norm = norm_layer(dim)
 
-    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
-        hw = tuple(self.input_resolution if hw is None else hw)
-        check_tokens(x, hw, self.dim)
-        return final_expand_ref(x, hw, self.expand.weight, self.norm.weight, self.norm.bias, self.norm.eps)
+    reference_op = staticmethod(final_expand_ref)
+
+    def op_args(self) -> tuple:
+        return self.expand.weight, self.norm.weight, self.norm.bias, self.norm.eps
