@@ -182,3 +182,29 @@ def test_convergence_matches_reference(device):
         losses[backend] = torch.tensor(curve)
     assert losses["torch"][-1] < 0.8 * losses["torch"][0], "the tiny network did not learn"
     torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-3, atol=1e-4)
+
+
+def _saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages that autograd keeps from module(x) for the backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+def test_fused_block_keeps_few_activations_for_the_backward(device):
+    """What the fused block saves for its backward, as a multiple of its input: about 14x (inputs of the
+    kernels and GEMMs; the MLP's hidden activations are recomputed), under half of the reference's ~30x."""
+    ref = ReferenceBlock(64, (16, 16), 2).to(device)
+    fast = mlla_fast.MLLABlock(64, (16, 16), 2, backend="triton").to(device)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 256, 64, device=device, requires_grad=True)
+    fused, reference = _saved_bytes(fast, x), _saved_bytes(ref, x)
+    input_bytes = x.numel() * x.element_size()
+    assert fused <= 14.5 * input_bytes, f"fused block saves {fused / input_bytes:.1f}x its input"
+    assert fused <= 0.5 * reference, f"fused {fused / input_bytes:.1f}x vs reference {reference / input_bytes:.1f}x"
