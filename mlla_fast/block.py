@@ -66,7 +66,7 @@ class MLLABlock(ReferenceMLLABlock):
         )
         if torch.is_grad_enabled():
             # The MLP's hidden activations (8C per token) are recomputed in the backward instead of saved:
-            # the block then keeps 15C per token for its backward instead of 23C, for one extra fc1/fc2 pass.
+            # the block then keeps about 14C per token for its backward instead of 23C, for one extra MLP pass.
             mlp_out = checkpoint(self.mlp, h, use_reentrant=False)
         else:
             mlp_out = self.mlp(h)
