@@ -112,14 +112,18 @@ class TrainConfig:
 
 
 def check_writable(folder: str | Path, tag: str = "") -> Path:
-    """Create ``folder`` if needed and prove a file can be written and renamed in it; RunError if not."""
+    """Create ``folder`` if needed and prove a file can be written and renamed in it; RunError if not.
+
+    The probe's name carries ``tag`` and the process id, so that processes probing one folder at once
+    (the ranks of a distributed run) never touch each other's probe."""
     folder = Path(folder)
-    probe = folder / f".write_probe{tag}"
+    probe = folder / f".write_probe{tag}.{os.getpid()}"
+    done = probe.with_name(probe.name + ".done")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
-        os.replace(probe, probe.with_suffix(".done"))
-        probe.with_suffix(".done").unlink()
+        os.replace(probe, done)
+        done.unlink()
     except OSError as exc:
         raise RunError(f"cannot write to the run folder {folder}: {exc}; choose another --out") from exc
     return folder
