@@ -48,7 +48,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the pr
 
 from benchmarks.common import (
     add_output_argument,
+    bench_ms,
     describe_environment,
     describe_error,
     environment,
@@ -67,6 +67,7 @@ from benchmarks.common import (
     free_memory,
     is_oom,
     output_dir,
+    peak_bytes,
     write_csv,
     write_json,
 )
@@ -309,36 +310,9 @@ def check_compiled(device: torch.device, seed: int, backend: str) -> dict[str, A
 # ----------------------------------------------------------------------------------------------------------
 
 
-def bench_ms(fn: Callable[[], object], params: Sequence[Tensor], device: torch.device) -> tuple[float, float, float]:
-    """(median, 25th, 75th percentile) ms per call of fn, the params' .grad cleared before each call."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        q = do_bench(fn, warmup=25, rep=200, grad_to_none=list(params), quantiles=[0.5, 0.25, 0.75])
-        return float(q[0]), float(q[1]), float(q[2])
-    times = []
-    for _ in range(3):
-        for t in params:
-            t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q25, q50, q75 = np.percentile(times, [25, 50, 75]).tolist()
-    return q50, q25, q75
 
 
-def peak_bytes(fn: Callable[[], object], params: Sequence[Tensor], device: torch.device) -> int | None:
-    """The allocator's peak during one call of fn above what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    for t in params:
-        t.grad = None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
+
 
 
 def steps(impl: str, case: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device, seed: int,
@@ -398,7 +372,7 @@ def time_case(case: tuple[int, int, int, int], dtype_name: str, impls: Sequence[
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     row["first_call_s"] = first_call_s = time.perf_counter() - t0
-                row["median_ms"], row["q25_ms"], row["q75_ms"] = bench_ms(step, params, device)
+                row["median_ms"], row["q25_ms"], row["q75_ms"] = bench_ms(step, params, device, rep_ms=200)
                 row["peak_bytes"] = peak_bytes(step, params, device)
                 row["status"] = "ok"
             except Exception as exc:
@@ -442,7 +416,7 @@ def tune(case: tuple[int, int, int, int], dtype: torch.dtype, device: torch.devi
         la.CONFIG = config
         try:
             calls["fwd+bwd"]()
-            ms = bench_ms(calls["fwd+bwd"], params, device)[0]
+            ms = bench_ms(calls["fwd+bwd"], params, device, rep_ms=200)[0]
         except Exception as exc:
             log(f"  tune {knob}: {describe_error(exc)}")
             continue

@@ -657,3 +657,37 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
              for line in [headers, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def bench_ms(fn: Callable[[], object], grads_to_clear: Sequence[torch.Tensor], device: torch.device,
+             rep_ms: int = 100) -> tuple[float, float, float]:
+    """(median, 25th, 75th percentile) milliseconds per call of fn, the tensors' .grad cleared before each call:
+    triton's do_bench (CUDA events, L2 flushed) on a GPU, three host-timed calls elsewhere."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        q = do_bench(fn, warmup=25, rep=rep_ms, grad_to_none=list(grads_to_clear), quantiles=[0.5, 0.25, 0.75])
+        return float(q[0]), float(q[1]), float(q[2])
+    times = []
+    for _ in range(3):
+        for t in grads_to_clear:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q25, q50, q75 = np.percentile(times, [25, 50, 75]).tolist()
+    return q50, q25, q75
+
+
+def peak_bytes(fn: Callable[[], object], grads_to_clear: Sequence[torch.Tensor], device: torch.device) -> int | None:
+    """The allocator's peak during one call of fn above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    for t in grads_to_clear:
+        t.grad = None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base

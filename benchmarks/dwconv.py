@@ -41,7 +41,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the pr
 
 from benchmarks.common import (
     add_output_argument,
+    bench_ms,
     describe_environment,
     describe_error,
     environment,
@@ -60,6 +60,7 @@ from benchmarks.common import (
     free_memory,
     is_oom,
     output_dir,
+    peak_bytes,
     write_csv,
     write_json,
 )
@@ -275,36 +276,9 @@ def check_large_offsets(op: str, case: tuple[int, int, int, int], device: torch.
 # ----------------------------------------------------------------------------------------------------------
 
 
-def bench_ms(fn: Callable[[], object], inputs: Sequence[Tensor], device: torch.device) -> tuple[float, float, float]:
-    """(median, 25th, 75th percentile) milliseconds per call of fn, the inputs' .grad cleared before each."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        q = do_bench(fn, warmup=25, rep=100, grad_to_none=list(inputs), quantiles=[0.5, 0.25, 0.75])
-        return float(q[0]), float(q[1]), float(q[2])
-    times = []
-    for _ in range(3):
-        for t in inputs:
-            t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q25, q50, q75 = np.percentile(times, [25, 50, 75]).tolist()
-    return q50, q25, q75
 
 
-def peak_bytes(fn: Callable[[], object], inputs: Sequence[Tensor], device: torch.device) -> int | None:
-    """The allocator's peak during one call of fn above what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    for t in inputs:
-        t.grad = None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
+
 
 
 def time_case(op: str, dtype_name: str, case: tuple[int, int, int, int], impls: Sequence[str], device: torch.device,
