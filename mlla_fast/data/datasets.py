@@ -93,7 +93,25 @@ class _PreparedCases:
         return state
 
 
-class SliceDataset(Dataset):
+class _CasesDataset(Dataset):
+    """A torch Dataset over the cases of one split of a prepared folder (``self._cases``)."""
+
+    _cases: _PreparedCases
+
+    @property
+    def num_classes(self) -> int:
+        return self._cases.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._cases.class_names
+
+    @property
+    def manifest(self) -> dict:
+        return self._cases.manifest
+
+
+class SliceDataset(_CasesDataset):
     """All axial slices ``[:, :, z]`` of a split's cases, resized (and augmented) for 2-D training.
 
     Item i is ``(image, label)``: image float32 tensor (1, S, S) (cubic resize), label int64
@@ -129,18 +147,6 @@ class SliceDataset(Dataset):
         self._index = np.array(index, dtype=np.int64).reshape(-1, 2)
 
     @property
-    def num_classes(self) -> int:
-        return self._cases.num_classes
-
-    @property
-    def class_names(self) -> list[str]:
-        return self._cases.class_names
-
-    @property
-    def manifest(self) -> dict:
-        return self._cases.manifest
-
-    @property
     def case_ids(self) -> list[str]:
         return self._cases.ids
 
@@ -173,7 +179,7 @@ class SliceDataset(Dataset):
         )
 
 
-class VolumeDataset(Dataset):
+class VolumeDataset(_CasesDataset):
     """Whole prepared volumes of a split, for evaluation.
 
     Item i is a dict: ``id`` (str), ``image`` float32 (X, Y, Z), ``label`` uint8 (X, Y, Z) or
@@ -184,18 +190,6 @@ class VolumeDataset(Dataset):
 
     def __init__(self, prepared_dir: str | Path, split: str = "test") -> None:
         self._cases = _PreparedCases(prepared_dir, split)
-
-    @property
-    def num_classes(self) -> int:
-        return self._cases.num_classes
-
-    @property
-    def class_names(self) -> list[str]:
-        return self._cases.class_names
-
-    @property
-    def manifest(self) -> dict:
-        return self._cases.manifest
 
     @property
     def ids(self) -> list[str]:
