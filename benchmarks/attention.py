@@ -98,13 +98,15 @@ SMOKE_BATCH = (3, 4, 5, 64)
 TUNE_KNOBS: list[dict[str, Any]] = [
     {"pair_loads": v} for v in ("split", "strided")
 ] + [
+    {"trig": v} for v in ("table", "compute")
+] + [
     {"fwd_reduce_block_n": n, "fwd_reduce_warps": w} for n, w in ((64, 4), (128, 4), (128, 8), (256, 8))
 ] + [
     {"fwd_out_block_n": n, "fwd_out_warps": w} for n, w in ((64, 4), (64, 8), (128, 8), (128, 16))
 ] + [
     {"bwd_q_block_n": n, "bwd_q_warps": w} for n, w in ((32, 4), (64, 4), (64, 8), (64, 16), (128, 8))
 ] + [
-    {"bwd_kv_block_n": n, "bwd_kv_warps": w} for n, w in ((64, 4), (64, 8), (64, 16), (128, 8))
+    {"bwd_kv_block_n": n, "bwd_kv_warps": w} for n, w in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
 ] + [
     {"programs_per_sm": v} for v in (2, 4, 8, 16)
 ]
@@ -433,7 +435,7 @@ def tune(case: tuple[int, int, int, int], dtype: torch.dtype, device: torch.devi
 # The four kernels, the CONFIG prefix of their launch parameters, and their activation-dtype pointers.
 KERNELS = {"fwd_reduce": "_la_fwd_reduce_kernel", "fwd_out": "_la_fwd_out_kernel", "bwd_q": "_la_bwd_q_kernel",
            "bwd_kv": "_la_bwd_kv_kernel"}
-ACTIVATION_POINTERS = {"p_qk", "p_v", "p_g", "p_dy", "p_y", "p_dqk", "p_dv", "p_dg"}
+ACTIVATION_POINTERS = {"p_qk", "p_v", "p_g", "p_dy", "p_y", "p_dqk", "p_dv", "p_dg", "p_do"}
 
 
 def resource_usage(C: int, arch: int, all_configs: bool, log: Log) -> int:
@@ -457,7 +459,8 @@ def resource_usage(C: int, arch: int, all_configs: bool, log: Log) -> int:
                 block_n, warps = knob[f"{prefix}_block_n"], knob[f"{prefix}_warps"]
                 consts = {"C": C, "NUM_HEADS": C // 32, "HAS_GATE": True, "BLOCK_N": block_n, "EPS": 1e-6,
                           "DOT_PRECISION": "ieee" if dtype_name == "fp32" else la.CONFIG.lowp_dot_precision,
-                          "SPLIT_PAIRS": la.CONFIG.pair_loads == "split"}
+                          "SPLIT_PAIRS": la.CONFIG.pair_loads == "split", "TRIG_TABLE": la.CONFIG.trig == "table",
+                          "GATE_GRAD": False}
                 consts = {k: v for k, v in consts.items() if k in fn.arg_names}
                 signature, attrs = {}, {}
                 for i, arg in enumerate(fn.arg_names):

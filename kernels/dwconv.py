@@ -244,18 +244,21 @@ def _dwconv_silu_fwd_kernel(
 
 
 @triton.jit
-def _dwconv_silu_bwd_kernel(
+def _dwconv_param_grad_kernel(
     x, w, bias, dy, g, dw_part, db_part,
     H, W, C, n_tiles_w, n_tiles_img, n_tiles, tiles_per_prog,
     sx_b, sx_n, sdy_b, sdy_n, sg_b, sg_n,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
 ):
-    """g = dy * SiLU'(pre) with pre recomputed, stored; fp32 partials of the weight and bias gradients
-    (accumulated element-wise over the program's tiles, summed over tokens once at the end)."""
+    """fp32 partials of the weight and bias gradients of a depthwise 3x3 convolution of x (accumulated
+    element-wise over the program's tiles, summed over tokens once at the end).
+
+    SILU: the convolution feeds a SiLU and dy is the SiLU's output gradient: g = dy * SiLU'(pre), with
+    pre recomputed, is stored for the transposed stencil. Otherwise dy is the convolution's output
+    gradient itself (g = dy; nothing is stored)."""
     i_p, i_c, n_p = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
-    b_bias = tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)
     zero = tl.zeros([TH * TW, BLOCK_C], dtype=tl.float32)
     a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
     a_db = zero
@@ -268,12 +271,15 @@ def _dwconv_silu_bwd_kernel(
         o_n = (row * W + col).to(tl.int64)[:, None]
 
         p_x = x + i_b64 * sx_b
-        b_pre = _stencil3x3(p_x, sx_n, w, row, col, m_t, o_c, m_c, H, W, TH * TW, BLOCK_C, False, False)
-        b_pre += b_bias[None, :]
         b_dy = tl.load(dy + i_b64 * sdy_b + o_n * sdy_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
-        b_s = tl.sigmoid(b_pre)
-        b_g = tl.where(m, b_dy * b_s * (1.0 + b_pre * (1.0 - b_s)), 0.0)
-        tl.store(g + i_b64 * sg_b + o_n * sg_n + o_c[None, :], b_g.to(g.dtype.element_ty), mask=m)
+        if SILU:
+            b_pre = _stencil3x3(p_x, sx_n, w, row, col, m_t, o_c, m_c, H, W, TH * TW, BLOCK_C, False, False)
+            b_pre += tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+            b_s = tl.sigmoid(b_pre)
+            b_g = tl.where(m, b_dy * b_s * (1.0 + b_pre * (1.0 - b_s)), 0.0)
+            tl.store(g + i_b64 * sg_b + o_n * sg_n + o_c[None, :], b_g.to(g.dtype.element_ty), mask=m)
+        else:
+            b_g = b_dy
 
         a_db += b_g
         a0, a1, a2, a3, a4, a5, a6, a7, a8 = _accumulate_taps(
@@ -504,6 +510,31 @@ def dwconv_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int]
     return y
 
 
+def _param_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int],
+                 silu: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Launch ``_dwconv_param_grad_kernel`` on token-major dy and x (B, N, C): returns (g or None, the fp32
+    weight gradient (C, 9), the fp32 bias gradient (C,))."""
+    H, W = hw
+    B, N, C = x.shape
+    block_c = _channel_block(C)
+    n_cblocks = C // block_c
+    th, tw = _tile_shape(H, W, TILE_ELEMENTS // block_c)
+    n_tiles_w = triton.cdiv(W, tw)
+    n_tiles_img = triton.cdiv(H, th) * n_tiles_w
+    n_tiles = B * n_tiles_img
+    n_progs = _partial_programs(n_tiles, n_cblocks)
+    g = _empty((B, N, C), x.dtype, x.device) if silu else None
+    dw_part = _empty((n_progs, C, TAPS), torch.float32, x.device)
+    db_part = _empty((n_progs, C), torch.float32, x.device)
+    _dwconv_param_grad_kernel[(n_progs, n_cblocks)](
+        x, weight, bias, dy, dy if g is None else g, dw_part, db_part,
+        H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C,
+        TH=th, TW=tw, BLOCK_C=block_c, SILU=silu, num_warps=_bwd_num_warps(th * tw * block_c),
+    )
+    return g, dw_part.sum(0), db_part.sum(0)
+
+
 def dwconv_silu_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
                     hw: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward of ``dwconv_silu``.
@@ -514,27 +545,21 @@ def dwconv_silu_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
     H, W = _check_stencil_inputs(x, hw, weight, {"bias": bias})
     _check_like("dy", dy, x)
     x, dy = _tokens_major(x), _tokens_major(dy)
-    B, N, C = x.shape
+    C = x.shape[-1]
     weight_c = weight.contiguous()
-
-    block_c = _channel_block(C)
-    n_cblocks = C // block_c
-    th, tw = _tile_shape(H, W, TILE_ELEMENTS // block_c)
-    n_tiles_w = triton.cdiv(W, tw)
-    n_tiles_img = triton.cdiv(H, th) * n_tiles_w
-    n_tiles = B * n_tiles_img
-    n_progs = _partial_programs(n_tiles, n_cblocks)
-    g = _empty((B, N, C), x.dtype, x.device)
-    dw_part = _empty((n_progs, C, TAPS), torch.float32, x.device)
-    db_part = _empty((n_progs, C), torch.float32, x.device)
-    _dwconv_silu_bwd_kernel[(n_progs, n_cblocks)](
-        x, weight_c, bias.contiguous(), dy, g, dw_part, db_part,
-        H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C,
-        TH=th, TW=tw, BLOCK_C=block_c, num_warps=_bwd_num_warps(th * tw * block_c),
-    )
+    g, dw, db = _param_grads(dy, x, weight_c, bias.contiguous(), (H, W), silu=True)
     dx = _dwconv_transpose(g, weight_c, (H, W), residual=False)
-    return dx, dw_part.sum(0).view(C, 1, 3, 3).to(weight.dtype), db_part.sum(0).to(bias.dtype)
+    return dx, dw.view(C, 1, 3, 3).to(weight.dtype), db.to(bias.dtype)
+
+
+def depthwise_param_grads(g: Tensor, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Weight and bias gradients (C, 9) and (C,), fp32, of a depthwise 3x3 convolution (zero padding 1) of
+    the tokens x (B, N, C) whose output gradient is g (B, N, C): ``dw[c, tap] = sum_p g[p, c] x[p + tap, c]``,
+    ``db[c] = sum_p g[p, c]``. Channels of x and g must be contiguous (token and batch strides free)."""
+    C = x.shape[-1]
+    x = _tokens_major(x)
+    _, dw, db = _param_grads(_tokens_major(g), x, x, x, hw, silu=False)  # weight, bias: unused without SiLU
+    return dw.view(C, TAPS), db
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ a-pairs, rows 16-31 the b-pairs), as is the d-vector mean phi(k).
 Forward: ``_la_fwd_reduce_kernel`` (partials of kv and sum phi(k) over token ranges, summed in a fixed
 order on the host: deterministic), then ``_la_fwd_out_kernel`` (one pass over tokens: phi, RoPE,
 q~ . kv, normaliser, LePE stencil, gate). Backward: ``_la_bwd_q_kernel`` (what needs only the forward's
-state: dq, dg, and partials of dKV and of the normaliser's k-side vector), then ``_la_bwd_kv_kernel``
-(dk; dv through kv and the transposed LePE stencil; partials of the LePE weight/bias gradients).
+state: dq, dg, the gated output gradient do = dy * g, and partials of dKV and of the normaliser's k-side
+vector), the LePE weight/bias gradients from do and v by the depthwise-conv parameter-gradient kernel of
+``kernels/dwconv.py`` (element-wise accumulators over 2-D tiles, one reduction per program), then
+``_la_bwd_kv_kernel`` (dk; dv through kv and the transposed LePE stencil of do).
 Only the inputs and kv, mean phi(k) (O(B h d^2)) are kept for the backward; everything else is
 recomputed. The derivation is in ``kernels/README.md``.
 """
@@ -30,6 +32,7 @@ from triton.language.extra import libdevice
 
 from ..backend import interpreter_enabled
 from ..reference.ops import NORMALISER_EPS, rope_frequencies
+from .dwconv import depthwise_param_grads
 
 HEAD_DIM = 32
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,7 +52,9 @@ class LinearAttentionConfig:
     ``lowp_dot_precision`` is the tl.dot input precision for bf16/fp16 activations ("tf32" or
     "ieee"); fp32 activations always use "ieee" so the fp32 path meets the 1e-5 rule. ``pair_loads``:
     "split" loads a head's 32 channels at once and splits the RoPE pairs in registers, "strided" loads
-    the even and odd channels separately.
+    the even and odd channels separately. ``trig``: "table" gathers cos/sin from a cached
+    (max(H, W), C/4, 2) table computed in float64 (the reference's own values), "compute" evaluates
+    them in the kernels from fp32 angles.
     """
 
     fwd_reduce_block_n: int = 128
@@ -63,6 +68,7 @@ class LinearAttentionConfig:
     programs_per_sm: int = 4
     lowp_dot_precision: str = "tf32"
     pair_loads: str = "split"
+    trig: str = "table"
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -73,6 +79,8 @@ class LinearAttentionConfig:
             raise ValueError(f"lowp_dot_precision: expected 'tf32' or 'ieee', got {self.lowp_dot_precision!r}")
         if self.pair_loads not in ("split", "strided"):
             raise ValueError(f"pair_loads: expected 'split' or 'strided', got {self.pair_loads!r}")
+        if self.trig not in ("table", "compute"):
+            raise ValueError(f"trig: expected 'table' or 'compute', got {self.trig!r}")
 
 
 CONFIG = LinearAttentionConfig()
@@ -91,22 +99,32 @@ def _phi(x):
 
 
 @triton.jit
-def _rope_cos_sin(b_row, b_col, p_theta, i_h, C_QUARTER: tl.constexpr):
+def _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C_QUARTER: tl.constexpr, TRIG_TABLE: tl.constexpr):
     """cos and sin [BN, 16] of the RoPE angles of head i_h's 16 pairs at grid rows/columns [BN] (int32).
 
-    Global pair j < C/4 turns by row * theta_j, pair j >= C/4 by col * theta_(j - C/4); the angle is
-    one fp32 product, as in the reference table, so cos/sin see the same argument.
+    Global pair j < C/4 turns by row * theta_j, pair j >= C/4 by col * theta_(j - C/4).
+    TRIG_TABLE: p_trig is the (max(H, W), C/4, 2) fp32 table of cos/sin(pos * theta_j) (a few hundred KB,
+    L2-resident), gathered (positions clamped to n_pos - 1: padding tokens past the grid read a valid
+    row); otherwise p_trig holds theta_j (C/2,) and the angle is one fp32 product.
     """
     o_j = i_h * 16 + tl.arange(0, 16)
-    b_theta = tl.load(p_theta + o_j)
-    b_pos = tl.where((o_j < C_QUARTER)[None, :], b_row.to(tl.float32)[:, None], b_col.to(tl.float32)[:, None])
-    b_angle = b_pos * b_theta[None, :]
-    if _LIBDEVICE_TRIG:
-        b_cos = libdevice.cos(b_angle)
-        b_sin = libdevice.sin(b_angle)
+    m_row = (o_j < C_QUARTER)[None, :]
+    if TRIG_TABLE:
+        o_jj = tl.where(o_j < C_QUARTER, o_j, o_j - C_QUARTER)
+        b_pos = tl.minimum(tl.where(m_row, b_row[:, None], b_col[:, None]), n_pos - 1)
+        p = p_trig + (b_pos * C_QUARTER + o_jj[None, :]) * 2
+        b_cos = tl.load(p)
+        b_sin = tl.load(p + 1)
     else:
-        b_cos = tl.cos(b_angle)
-        b_sin = tl.sin(b_angle)
+        b_theta = tl.load(p_trig + o_j)
+        b_pos = tl.where(m_row, b_row.to(tl.float32)[:, None], b_col.to(tl.float32)[:, None])
+        b_angle = b_pos * b_theta[None, :]
+        if _LIBDEVICE_TRIG:
+            b_cos = libdevice.cos(b_angle)
+            b_sin = libdevice.sin(b_angle)
+        else:
+            b_cos = tl.cos(b_angle)
+            b_sin = tl.sin(b_angle)
     return b_cos, b_sin
 
 
@@ -162,11 +180,11 @@ def _store_state(p, o_slot, b_a, b_b):
 
 @triton.jit
 def _la_fwd_reduce_kernel(
-    p_qk, p_v, p_theta, p_kv_part, p_ksum_part,
-    N, W, blocks_per_split,
+    p_qk, p_v, p_trig, p_kv_part, p_ksum_part,
+    N, W, n_pos, blocks_per_split,
     s_qk_b, s_qk_n, s_v_b, s_v_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT_PAIRS: tl.constexpr,
+    SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
 ):
     """Partial sums over one token range of kv = sum_m k~_m v_m^T and sum_m phi(k_m), per (batch, head).
 
@@ -183,8 +201,8 @@ def _la_fwd_reduce_kernel(
 
     b_kv_a = tl.zeros([16, 32], dtype=tl.float32)
     b_kv_b = tl.zeros([16, 32], dtype=tl.float32)
-    b_ks_a = tl.zeros([16], dtype=tl.float32)
-    b_ks_b = tl.zeros([16], dtype=tl.float32)
+    b_ks_a = tl.zeros([BLOCK_N, 16], dtype=tl.float32)  # element-wise: summed over tokens once, after the loop
+    b_ks_b = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
     blk_start = i_s * blocks_per_split
     blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(N, BLOCK_N))
     for i_blk in range(blk_start, blk_end):
@@ -197,32 +215,32 @@ def _la_fwd_reduce_kernel(
         # phi(0) = 1: padding tokens must not count in sum phi(k)
         b_ka = tl.where(m_n[:, None], b_ka, 0.0)
         b_kb = tl.where(m_n[:, None], b_kb, 0.0)
-        b_cos, b_sin = _rope_cos_sin(o_n // W, o_n % W, p_theta, i_h, C // 4)
+        b_cos, b_sin = _rope_cos_sin(o_n // W, o_n % W, p_trig, n_pos, i_h, C // 4, TRIG_TABLE)
         b_kra = b_ka * b_cos - b_kb * b_sin  # [BN, 16]
         b_krb = b_ka * b_sin + b_kb * b_cos
         b_v = tl.load(p_vh + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
         b_kv_a = tl.dot(tl.trans(b_kra), b_v, b_kv_a, input_precision=DOT_PRECISION)  # [16, 32]
         b_kv_b = tl.dot(tl.trans(b_krb), b_v, b_kv_b, input_precision=DOT_PRECISION)
-        b_ks_a += tl.sum(b_ka, axis=0)
-        b_ks_b += tl.sum(b_kb, axis=0)
+        b_ks_a += b_ka
+        b_ks_b += b_kb
 
     o_slot = (i_s * tl.num_programs(1) + i_bh).to(tl.int64)
     _store_state(p_kv_part, o_slot, b_kv_a, b_kv_b)
     o_p = tl.arange(0, 16)
-    tl.store(p_ksum_part + o_slot * 32 + o_p, b_ks_a)
-    tl.store(p_ksum_part + o_slot * 32 + 16 + o_p, b_ks_b)
+    tl.store(p_ksum_part + o_slot * 32 + o_p, tl.sum(b_ks_a, axis=0))
+    tl.store(p_ksum_part + o_slot * 32 + 16 + o_p, tl.sum(b_ks_b, axis=0))
 
 
 @triton.jit
-def _attention_numerator(p_qk, s_qk_n, p_theta, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
+def _attention_numerator(p_qk, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
                          C_QUARTER: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         SPLIT_PAIRS: tl.constexpr):
+                         SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr):
     """Recompute q's features at tokens o_n: returns phi(q) halves, their ELU' halves, q~ halves,
     cos, sin [BN, 16], the numerator q~ . kv [BN, 32] and the normaliser z [BN]."""
     b_qa, b_qb = _load_pairs(p_qk, o_n.to(tl.int64) * s_qk_n, m_n, SPLIT_PAIRS)
     b_qa, b_dqa = _phi(b_qa)
     b_qb, b_dqb = _phi(b_qb)
-    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_theta, i_h, C_QUARTER)
+    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C_QUARTER, TRIG_TABLE)
     b_qra = b_qa * b_cos - b_qb * b_sin
     b_qrb = b_qa * b_sin + b_qb * b_cos
     b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
@@ -246,13 +264,17 @@ def _neighbour(o_n, b_row, b_col, m_n, H, W, DI: tl.constexpr, DJ: tl.constexpr)
 
 @triton.jit
 def _la_fwd_out_kernel(
-    p_qk, p_v, p_g, p_w, p_bias, p_theta, p_kv, p_ksum, p_y,
-    N, H, W,
-    s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n,
+    p_qk, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg,
+    N, H, W, n_pos,
+    s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
-    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
+    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
+    GATE_GRAD: tl.constexpr,
 ):
-    """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads)."""
+    """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads).
+
+    GATE_GRAD (the first pass of the gated backward): the same recomputation of o = (q~ . kv) z + lepe(v),
+    then dg = dy * o and the gated output gradient do = dy * g are written to p_dg and p_y instead."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -265,8 +287,8 @@ def _la_fwd_out_kernel(
     o_c = i_h * 32 + o_d
 
     _, _, _, _, _, _, _, _, b_num, b_z = _attention_numerator(
-        p_qk + i_b * s_qk_b + i_h * 32, s_qk_n, p_theta, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h, C // 4,
-        EPS, DOT_PRECISION, SPLIT_PAIRS)
+        p_qk + i_b * s_qk_b + i_h * 32, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
+        C // 4, EPS, DOT_PRECISION, SPLIT_PAIRS, TRIG_TABLE)
     b_o = b_num * b_z[:, None] + tl.load(p_bias + o_c).to(tl.float32)[None, :]
     p_vh = p_v + i_b * s_v_b + i_h * 32
     for k in tl.static_range(9):
@@ -274,10 +296,18 @@ def _la_fwd_out_kernel(
         b_vn = tl.load(p_vh + o_nb.to(tl.int64)[:, None] * s_v_n + o_d[None, :], mask=m_nb[:, None], other=0.0)
         b_o += b_vn.to(tl.float32) * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
     o_n64 = o_n.to(tl.int64)
+    p_yt = p_y + i_b * N * C + o_n64[:, None] * C + o_c[None, :]
     if HAS_GATE:
         p_gt = p_g + i_b * s_g_b + o_n64[:, None] * s_g_n + o_c[None, :]
-        b_o *= tl.load(p_gt, mask=m_n[:, None], other=0.0).to(tl.float32)
-    p_yt = p_y + i_b * N * C + o_n64[:, None] * C + o_c[None, :]
+        b_g = tl.load(p_gt, mask=m_n[:, None], other=0.0).to(tl.float32)
+        if GATE_GRAD:
+            p_dyt = p_dy + i_b * s_dy_b + o_n64[:, None] * s_dy_n + o_c[None, :]
+            b_dy = tl.load(p_dyt, mask=m_n[:, None], other=0.0).to(tl.float32)
+            tl.store(p_dg + i_b * N * C + o_n64[:, None] * C + o_c[None, :], (b_dy * b_o).to(p_dg.dtype.element_ty),
+                     mask=m_n[:, None])
+            b_o = b_dy * b_g
+        else:
+            b_o *= b_g
     tl.store(p_yt, b_o.to(p_y.dtype.element_ty), mask=m_n[:, None])
 
 
@@ -296,16 +326,16 @@ def _load_do(p_dy, p_g, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE: tl.constexpr):
 
 @triton.jit
 def _la_bwd_q_kernel(
-    p_qk, p_v, p_g, p_dy, p_w, p_bias, p_theta, p_kv, p_ksum,
-    p_dqk, p_dg, p_dkv_part, p_dksum_part,
-    N, H, W, blocks_per_split,
-    s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
-    C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
-    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
+    p_qk, p_do, p_trig, p_kv, p_ksum, p_dqk, p_dkv_part, p_dksum_part,
+    N, W, n_pos, blocks_per_split,
+    s_qk_b, s_qk_n, s_do_b, s_do_n,
+    C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
+    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
 ):
-    """The q side of the backward, which needs only the forward's state: per token dq (first half of
-    dqk) and dg; per program partial sums over its token range of dKV = sum_n z_n q~_n do_n^T and of the
-    normaliser's sum_n u_n phi(q_n) (u_n = -z_n^2 num_n . do_n). Grid (splits, B * heads)."""
+    """The q side of the backward, which needs only the forward's state and the gated output gradient do:
+    per token dq (first half of dqk); per program partial sums over its token range of
+    dKV = sum_n z_n q~_n do_n^T and of the normaliser's sum_n u_n phi(q_n) (u_n = -z_n^2 num_n . do_n).
+    Grid (splits, B * heads)."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -313,49 +343,33 @@ def _la_bwd_q_kernel(
     o_t = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, 32)
     o_p = tl.arange(0, 16)
-    o_c = i_h * 32 + o_d
     p_q = p_qk + i_b * s_qk_b + i_h * 32
-    p_vh = p_v + i_b * s_v_b + i_h * 32
-    p_dyb = p_dy + i_b * s_dy_b
-    p_gb = p_g + i_b * s_g_b
+    p_dob = p_do + i_b * s_do_b + i_h * 32
     p_dq = p_dqk + i_b * N * 2 * C + i_h * 32
 
     b_ks_a = tl.load(p_ksum + i_bh * 32 + o_p)
     b_ks_b = tl.load(p_ksum + i_bh * 32 + 16 + o_p)
-    b_bias = tl.load(p_bias + o_c).to(tl.float32)
     b_dkv_a = tl.zeros([16, 32], dtype=tl.float32)
     b_dkv_b = tl.zeros([16, 32], dtype=tl.float32)
-    b_dks_a = tl.zeros([16], dtype=tl.float32)
-    b_dks_b = tl.zeros([16], dtype=tl.float32)
+    b_dks_a = tl.zeros([BLOCK_N, 16], dtype=tl.float32)  # element-wise: summed over tokens once, after the loop
+    b_dks_b = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
     blk_start = i_s * blocks_per_split
     blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(N, BLOCK_N))
     for i_blk in range(blk_start, blk_end):
         o_n = i_blk * BLOCK_N + o_t
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
-        b_row = o_n // W
-        b_col = o_n % W
         b_qa, b_qb, b_eqa, b_eqb, b_qra, b_qrb, b_cos, b_sin, b_num, b_z = _attention_numerator(
-            p_q, s_qk_n, p_theta, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h, C // 4, EPS, DOT_PRECISION,
-            SPLIT_PAIRS)
-        b_dy, b_do = _load_do(p_dyb, p_gb, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE)  # 0 on padding tokens
-
-        if HAS_GATE:  # dg = dy * (a + lepe(v))
-            b_o = b_num * b_z[:, None] + b_bias[None, :]
-            for k in tl.static_range(9):
-                o_nb, m_nb = _neighbour(o_n, b_row, b_col, m_n, H, W, k // 3 - 1, k % 3 - 1)
-                b_vn = tl.load(p_vh + o_nb.to(tl.int64)[:, None] * s_v_n + o_d[None, :], mask=m_nb[:, None],
-                               other=0.0)
-                b_o += b_vn.to(tl.float32) * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
-            tl.store(p_dg + i_b * N * C + o_n64[:, None] * C + o_c[None, :], (b_dy * b_o).to(p_dg.dtype.element_ty),
-                     mask=m_n[:, None])
+            p_q, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, o_n // W, o_n % W, m_n, i_bh, i_h, C // 4, EPS,
+            DOT_PRECISION, SPLIT_PAIRS, TRIG_TABLE)
+        b_do = tl.load(p_dob + o_n64[:, None] * s_do_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
 
         b_u = -b_z * b_z * tl.sum(b_num * b_do, axis=1)  # [BN]
         b_zdo = b_do * b_z[:, None]
         b_dkv_a = tl.dot(tl.trans(b_qra), b_zdo, b_dkv_a, input_precision=DOT_PRECISION)
         b_dkv_b = tl.dot(tl.trans(b_qrb), b_zdo, b_dkv_b, input_precision=DOT_PRECISION)
-        b_dks_a += tl.sum(b_u[:, None] * b_qa, axis=0)
-        b_dks_b += tl.sum(b_u[:, None] * b_qb, axis=0)
+        b_dks_a += b_u[:, None] * b_qa
+        b_dks_b += b_u[:, None] * b_qb
 
         # dq: through q~ (z KV do, rotated back) and through z (u mean phi(k)), times ELU'
         b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
@@ -367,91 +381,75 @@ def _la_bwd_q_kernel(
 
     o_slot = (i_s * tl.num_programs(1) + i_bh).to(tl.int64)
     _store_state(p_dkv_part, o_slot, b_dkv_a, b_dkv_b)
-    tl.store(p_dksum_part + o_slot * 32 + o_p, b_dks_a)
-    tl.store(p_dksum_part + o_slot * 32 + 16 + o_p, b_dks_b)
+    tl.store(p_dksum_part + o_slot * 32 + o_p, tl.sum(b_dks_a, axis=0))
+    tl.store(p_dksum_part + o_slot * 32 + 16 + o_p, tl.sum(b_dks_b, axis=0))
 
 
 @triton.jit
 def _la_bwd_kv_kernel(
-    p_qk, p_g, p_dy, p_w, p_v, p_theta, p_dkv, p_dksum, p_dqk, p_dv, p_dw_part, p_db_part,
-    N, H, W, blocks_per_split, inv_n,
-    s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
-    C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
+    p_qk, p_do, p_w, p_v, p_trig, p_dkv, p_dksum, p_dqk, p_dv,
+    N, H, W, n_pos, inv_n,
+    s_qk_b, s_qk_n, s_v_b, s_v_n, s_do_b, s_do_n,
+    C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
 ):
-    """The k/v side of the backward, per token: dk (second half of dqk) through k~ and mean phi(k), and
-    dv through kv plus the transposed LePE stencil of do; per program partial sums over its token range
-    of the LePE weight [9, 32] and bias [32] gradients (dw[k] = sum_m v_m do_(m - off_k), from the same
-    neighbour loads). Grid (splits, B * heads)."""
-    i_s = tl.program_id(0)
+    """The k/v side of the backward for one block of tokens and one (batch, head): dk (second half of dqk)
+    through k~ and mean phi(k), and dv through kv plus the transposed LePE stencil of do (the gated output
+    gradient). Grid (blocks, B * heads)."""
+    i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
     i_h = i_bh % NUM_HEADS
-    o_t = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, 32)
     o_p = tl.arange(0, 16)
-    o_k = tl.arange(0, 16)
     o_c = i_h * 32 + o_d
+    o_n = i_blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_n64 = o_n.to(tl.int64)
+    b_row = o_n // W
+    b_col = o_n % W
     p_k = p_qk + i_b * s_qk_b + C + i_h * 32
-    p_vh = p_v + i_b * s_v_b + i_h * 32
-    p_dyb = p_dy + i_b * s_dy_b
-    p_gb = p_g + i_b * s_g_b
-    p_dk = p_dqk + i_b * N * 2 * C + C + i_h * 32
+    p_dob = p_do + i_b * s_do_b + i_h * 32
 
-    b_dw = tl.zeros([16, 32], dtype=tl.float32)  # rows 0..8: the 3x3 taps
-    b_db = tl.zeros([32], dtype=tl.float32)
-    blk_start = i_s * blocks_per_split
-    blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(N, BLOCK_N))
-    for i_blk in range(blk_start, blk_end):
-        o_n = i_blk * BLOCK_N + o_t
-        m_n = o_n < N
-        o_n64 = o_n.to(tl.int64)
-        b_row = o_n // W
-        b_col = o_n % W
-        b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n, SPLIT_PAIRS)
-        b_ka, b_eka = _phi(b_ka)
-        b_kb, b_ekb = _phi(b_kb)
-        b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_theta, i_h, C // 4)
-        b_v = tl.load(p_vh + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
-        b_dkv_a, b_dkv_b = _load_state(p_dkv, i_bh)
+    b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n, SPLIT_PAIRS)
+    b_ka, b_eka = _phi(b_ka)
+    b_kb, b_ekb = _phi(b_kb)
+    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C // 4, TRIG_TABLE)
+    b_v = tl.load(p_v + i_b * s_v_b + i_h * 32 + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None],
+                  other=0.0).to(tl.float32)
+    b_dkv_a, b_dkv_b = _load_state(p_dkv, i_bh)
 
-        # dk = (R^T (dKV v) / N + dksum / N) * ELU'
-        b_dkra = tl.dot(b_v, tl.trans(b_dkv_a), input_precision=DOT_PRECISION) * inv_n  # [BN, 16]
-        b_dkrb = tl.dot(b_v, tl.trans(b_dkv_b), input_precision=DOT_PRECISION) * inv_n
-        b_dks_a = tl.load(p_dksum + i_bh * 32 + o_p) * inv_n
-        b_dks_b = tl.load(p_dksum + i_bh * 32 + 16 + o_p) * inv_n
-        b_dka = (b_dkra * b_cos + b_dkrb * b_sin + b_dks_a[None, :]) * b_eka
-        b_dkb = (b_dkrb * b_cos - b_dkra * b_sin + b_dks_b[None, :]) * b_ekb
-        _store_pairs(p_dk, o_n64 * 2 * C, m_n, b_dka, b_dkb, SPLIT_PAIRS)
+    # dk = (R^T (dKV v) / N + dksum / N) * ELU'
+    b_dkra = tl.dot(b_v, tl.trans(b_dkv_a), input_precision=DOT_PRECISION) * inv_n  # [BN, 16]
+    b_dkrb = tl.dot(b_v, tl.trans(b_dkv_b), input_precision=DOT_PRECISION) * inv_n
+    b_dks_a = tl.load(p_dksum + i_bh * 32 + o_p) * inv_n
+    b_dks_b = tl.load(p_dksum + i_bh * 32 + 16 + o_p) * inv_n
+    b_dka = (b_dkra * b_cos + b_dkrb * b_sin + b_dks_a[None, :]) * b_eka
+    b_dkb = (b_dkrb * b_cos - b_dkra * b_sin + b_dks_b[None, :]) * b_ekb
+    _store_pairs(p_dqk + i_b * N * 2 * C + C + i_h * 32, o_n64 * 2 * C, m_n, b_dka, b_dkb, SPLIT_PAIRS)
 
-        # dv = k~ dKV / N + sum_k w_k do_(n - off_k)
-        b_kra = b_ka * b_cos - b_kb * b_sin
-        b_krb = b_ka * b_sin + b_kb * b_cos
-        b_dv = tl.dot(b_kra, b_dkv_a, input_precision=DOT_PRECISION)
-        b_dv = tl.dot(b_krb, b_dkv_b, b_dv, input_precision=DOT_PRECISION) * inv_n  # [BN, 32]
-        for k in tl.static_range(9):
-            o_src, m_src = _neighbour(o_n, b_row, b_col, m_n, H, W, 1 - k // 3, 1 - k % 3)
-            _, b_do_src = _load_do(p_dyb, p_gb, o_src, m_src, o_c, s_dy_n, s_g_n, HAS_GATE)
-            b_dv += b_do_src * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
-            b_dw += tl.where(o_k[:, None] == k, tl.sum(b_v * b_do_src, axis=0)[None, :], 0.0)
-            if k == 4:
-                b_db += tl.sum(b_do_src, axis=0)
-        tl.store(p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :], b_dv.to(p_dv.dtype.element_ty),
-                 mask=m_n[:, None])
-
-    # partial slot (split, batch): dw_part (splits, B, C, 9), db_part (splits, B, C)
-    o_slot = i_s.to(tl.int64) * (tl.num_programs(1) // NUM_HEADS) + i_b
-    tl.store(p_dw_part + o_slot * C * 9 + o_c[None, :] * 9 + o_k[:, None], b_dw, mask=(o_k < 9)[:, None])
-    tl.store(p_db_part + o_slot * C + o_c, b_db)
+    # dv = k~ dKV / N + sum_k w_k do_(n - off_k)
+    b_kra = b_ka * b_cos - b_kb * b_sin
+    b_krb = b_ka * b_sin + b_kb * b_cos
+    b_dv = tl.dot(b_kra, b_dkv_a, input_precision=DOT_PRECISION)
+    b_dv = tl.dot(b_krb, b_dkv_b, b_dv, input_precision=DOT_PRECISION) * inv_n  # [BN, 32]
+    for k in tl.static_range(9):
+        o_src, m_src = _neighbour(o_n, b_row, b_col, m_n, H, W, 1 - k // 3, 1 - k % 3)
+        b_do_src = tl.load(p_dob + o_src.to(tl.int64)[:, None] * s_do_n + o_d[None, :], mask=m_src[:, None],
+                           other=0.0)
+        b_dv += b_do_src.to(tl.float32) * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
+    tl.store(p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :], b_dv.to(p_dv.dtype.element_ty),
+             mask=m_n[:, None])
 
 
 @triton.jit
-def _rope_table_kernel(p_theta, p_out, N, W, C: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rope_table_kernel(p_trig, p_out, N, W, n_pos, C: tl.constexpr, BLOCK_N: tl.constexpr,
+                       TRIG_TABLE: tl.constexpr):
     """The cos/sin the kernels use, written as a (N, C/2, 2) table. Grid (blocks, heads)."""
     i_h = tl.program_id(1)
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
-    b_cos, b_sin = _rope_cos_sin(o_n // W, o_n % W, p_theta, i_h, C // 4)
+    b_cos, b_sin = _rope_cos_sin(o_n // W, o_n % W, p_trig, n_pos, i_h, C // 4, TRIG_TABLE)
     o_j = i_h * 16 + tl.arange(0, 16)
     p = p_out + o_n.to(tl.int64)[:, None] * C + 2 * o_j[None, :]
     tl.store(p, b_cos, mask=m_n[:, None])
@@ -479,6 +477,21 @@ def _pair_frequencies(C: int, device: torch.device) -> Tensor:
     """
     theta = rope_frequencies(C).float()
     return torch.cat([theta, theta]).to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _trig_table(n_pos: int, C: int, device: torch.device) -> Tensor:
+    """cos/sin(pos * theta_j) (n_pos, C/4, 2) fp32, computed in float64 like ``reference.ops.rope_table``."""
+    angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * rope_frequencies(C)[None, :]
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float().to(device)
+
+
+def _trig_args(H: int, W: int, C: int, device: torch.device) -> tuple[Tensor, int, bool]:
+    """(pointer tensor, table length, TRIG_TABLE) for the kernels' ``_rope_cos_sin``."""
+    if CONFIG.trig == "table":
+        n_pos = max(H, W)
+        return _trig_table(n_pos, C, device), n_pos, True
+    return _pair_frequencies(C, device), 1, False
 
 
 @functools.cache
@@ -521,7 +534,7 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
     B, N, C = v.shape
     bh = B * num_heads
     device = v.device
-    theta = _pair_frequencies(C, device)
+    trig, n_pos, trig_table = _trig_args(H, W, C, device)
     precision = _dot_precision(v.dtype)
     split_pairs = CONFIG.pair_loads == "split"
 
@@ -530,24 +543,36 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
     kv_part = _empty((n_split, bh, HEAD_DIM, HEAD_DIM), torch.float32, device)
     ksum_part = _empty((n_split, bh, HEAD_DIM), torch.float32, device)
     _la_fwd_reduce_kernel[(n_split, bh)](
-        qk, v, theta, kv_part, ksum_part, N, W, per_split,
+        qk, v, trig, kv_part, ksum_part, N, W, n_pos, per_split,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs,
-        num_warps=CONFIG.fwd_reduce_warps,
+        TRIG_TABLE=trig_table, num_warps=CONFIG.fwd_reduce_warps,
     )
     kv = kv_part.sum(0).div_(N)
     ksum = ksum_part.sum(0).div_(N)
 
     y = _empty((B, N, C), v.dtype, device)
-    g_arg, s_g_b, s_g_n = _gate_args(g, v)
-    block_n = CONFIG.fwd_out_block_n
-    _la_fwd_out_kernel[(triton.cdiv(N, block_n), bh)](
-        qk, v, g_arg, lepe_weight.reshape(C, 9).contiguous(), lepe_bias.contiguous(), theta, kv, ksum, y, N, H, W,
-        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
-        C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, num_warps=CONFIG.fwd_out_warps,
-    )
+    _launch_out_pass(qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, y)
     return y, kv, ksum
+
+
+def _launch_out_pass(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
+                     ksum: Tensor, H: int, W: int, num_heads: int, out: Tensor, dy: Tensor | None = None,
+                     dg: Tensor | None = None) -> None:
+    """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out."""
+    B, N, C = v.shape
+    trig, n_pos, trig_table = _trig_args(H, W, C, v.device)
+    g_arg, s_g_b, s_g_n = _gate_args(g, v)
+    dy_arg = v if dy is None else dy
+    block_n = CONFIG.fwd_out_block_n
+    _la_fwd_out_kernel[(triton.cdiv(N, block_n), B * num_heads)](
+        qk, v, g_arg, lepe_weight.reshape(C, 9).contiguous(), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
+        out if dg is None else dg, N, H, W, n_pos, qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
+        dy_arg.stride(0), dy_arg.stride(1),
+        C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
+        DOT_PRECISION=_dot_precision(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG_TABLE=trig_table,
+        GATE_GRAD=dg is not None, num_warps=CONFIG.fwd_out_warps,
+    )
 
 
 def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
@@ -560,42 +585,44 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     B, N, C = v.shape
     bh = B * num_heads
     device = v.device
-    theta = _pair_frequencies(C, device)
+    trig, n_pos, trig_table = _trig_args(H, W, C, device)
     precision = _dot_precision(v.dtype)
     split_pairs = CONFIG.pair_loads == "split"
-    g_arg, s_g_b, s_g_n = _gate_args(g, v)
     weight = lepe_weight.reshape(C, 9).contiguous()
 
     dqk = _empty((B, N, 2 * C), qk.dtype, device)
     dv = _empty((B, N, C), v.dtype, device)
-    dg = _empty((B, N, C) if g is not None else (0,), v.dtype, device)
+    if g is not None:  # dg and the gated output gradient do = dy * g, recomputing the pre-gate output
+        dg = _empty((B, N, C), v.dtype, device)
+        do = _empty((B, N, C), v.dtype, device)
+        _launch_out_pass(qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, do, dy=dy, dg=dg)
+    else:
+        dg = _empty((0,), v.dtype, device)
+        do = dy
 
     block_n = CONFIG.bwd_q_block_n
     n_split, per_split = _splits(N, block_n, bh, device)
     dkv_part = _empty((n_split, bh, HEAD_DIM, HEAD_DIM), torch.float32, device)
     dksum_part = _empty((n_split, bh, HEAD_DIM), torch.float32, device)
     _la_bwd_q_kernel[(n_split, bh)](
-        qk, v, g_arg, dy, weight, lepe_bias.contiguous(), theta, kv, ksum,
-        dqk, dg if g is not None else dv, dkv_part, dksum_part, N, H, W, per_split,
-        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
-        C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, num_warps=CONFIG.bwd_q_warps,
+        qk, do, trig, kv, ksum, dqk, dkv_part, dksum_part, N, W, n_pos, per_split,
+        qk.stride(0), qk.stride(1), do.stride(0), do.stride(1),
+        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
+        DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, TRIG_TABLE=trig_table, num_warps=CONFIG.bwd_q_warps,
     )
     dkv = dkv_part.sum(0)
     dksum = dksum_part.sum(0)
+    dw, db = depthwise_param_grads(do, v, (H, W))  # the LePE's parameter gradients, reduced like the stencils'
 
     block_n = CONFIG.bwd_kv_block_n
-    n_split, per_split = _splits(N, block_n, bh, device)
-    dw_part = _empty((n_split, B, C, 9), torch.float32, device)
-    db_part = _empty((n_split, B, C), torch.float32, device)
-    _la_bwd_kv_kernel[(n_split, bh)](
-        qk, g_arg, dy, weight, v, theta, dkv, dksum, dqk, dv, dw_part, db_part, N, H, W, per_split, 1.0 / N,
-        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
-        C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, DOT_PRECISION=precision,
-        SPLIT_PAIRS=split_pairs, num_warps=CONFIG.bwd_kv_warps,
+    _la_bwd_kv_kernel[(triton.cdiv(N, block_n), bh)](
+        qk, do, weight, v, trig, dkv, dksum, dqk, dv, N, H, W, n_pos, 1.0 / N,
+        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, DOT_PRECISION=precision,
+        SPLIT_PAIRS=split_pairs, TRIG_TABLE=trig_table, num_warps=CONFIG.bwd_kv_warps,
     )
-    dw = dw_part.sum((0, 1)).reshape(C, 1, 3, 3).to(lepe_weight.dtype)
-    db = db_part.sum((0, 1)).to(lepe_bias.dtype)
+    dw = dw.reshape(C, 1, 3, 3).to(lepe_weight.dtype)
+    db = db.to(lepe_bias.dtype)
     return dqk, dv, dg, dw, db
 
 
@@ -734,8 +761,9 @@ def rope_cos_sin(H: int, W: int, C: int, device: torch.device | str) -> Tensor:
     device = torch.device(device)
     out = _empty((H * W, C // 2, 2), torch.float32, device)
     block_n = 64
+    trig, n_pos, trig_table = _trig_args(H, W, C, device)
     _rope_table_kernel[(triton.cdiv(H * W, block_n), C // HEAD_DIM)](
-        _pair_frequencies(C, device), out, H * W, W, C=C, BLOCK_N=block_n)
+        trig, out, H * W, W, n_pos, C=C, BLOCK_N=block_n, TRIG_TABLE=trig_table)
     return out.reshape(H, W, C // 2, 2)
 
 

@@ -32,7 +32,8 @@ _LARGE = 128 if torch.cuda.is_available() else 256
 LARGE_BLOCKS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=_LARGE, fwd_out_block_n=_LARGE, bwd_q_block_n=_LARGE,
                                    bwd_kv_block_n=_LARGE)
 MANY_SPLITS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=16, fwd_out_block_n=16, bwd_q_block_n=16,
-                                  bwd_kv_block_n=16, programs_per_sm=64, pair_loads="strided")
+                                  bwd_kv_block_n=16, programs_per_sm=64, pair_loads="strided", trig="compute")
+COMPUTED_TRIG = dataclasses.replace(DEFAULT, trig="compute")
 
 
 @pytest.fixture(autouse=True)
@@ -188,9 +189,18 @@ def test_deterministic(config, device):
 
 
 @pytest.mark.parametrize("config", [DEFAULT], indirect=True)
+def test_rope_table_is_the_reference_table(config, device):
+    """trig="table": the kernels gather exactly the reference's float64-computed table, rounded to float32,
+    at angles beyond 2000 rad."""
+    for H, W, C in ((2050, 3, 64), (2, 2047, 96), (5, 7, 32)):
+        assert torch.equal(la.rope_cos_sin(H, W, C, device), rope_table(H, W, C, device=device))
+
+
+@pytest.mark.parametrize("config", [COMPUTED_TRIG], indirect=True)
 def test_rope_angles_accurate_at_large_grids(config, device):
-    """The kernels' cos/sin of angle = pos * theta (angles beyond 2000 rad) against float64 cos/sin of the
-    same float32 angles (the reference frequencies rounded to float32): within a few float32 ulps."""
+    """trig="compute": the kernels' cos/sin of angle = pos * theta (angles beyond 2000 rad) against float64
+    cos/sin of the same float32 angles (the reference frequencies rounded to float32): within a few float32
+    ulps."""
     for H, W, C in ((2050, 3, 64), (2, 2047, 96)):
         out = la.rope_cos_sin(H, W, C, device).double()
         theta = rope_frequencies(C).float()
