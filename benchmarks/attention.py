@@ -460,7 +460,7 @@ def resource_usage(C: int, arch: int, all_configs: bool, log: Log) -> int:
                 consts = {"C": C, "NUM_HEADS": C // 32, "HAS_GATE": True, "BLOCK_N": block_n, "EPS": 1e-6,
                           "DOT_PRECISION": "ieee" if dtype_name == "fp32" else la.CONFIG.lowp_dot_precision,
                           "SPLIT_PAIRS": la.CONFIG.pair_loads == "split", "TRIG_TABLE": la.CONFIG.trig == "table",
-                          "GATE_GRAD": False}
+                          "GATE_GRAD": False, "GATE_SILU": False}
                 consts = {k: v for k, v in consts.items() if k in fn.arg_names}
                 signature, attrs = {}, {}
                 for i, arg in enumerate(fn.arg_names):

@@ -1,4 +1,4 @@
-"""Linear scaling of one MLLA block to high resolution: time and peak memory from 64² to 2048² pixels.
+"""Linear scaling of one MLLA block to high resolution: time and peak memory from 64² to 4096² pixels.
 
 Variants, all with the same weights (loaded with ``load_state_dict``):
 
@@ -76,7 +76,7 @@ from mlla_fast.reference.ops import dwconv_tokens_ref, trunc_normal_init
 
 VARIANTS = ("fused", "eager", "compiled", "softmax")
 MODES = ("fwd", "fwd+bwd")
-GPU_GRIDS = ("64", "128", "256", "512", "1024", "2048")
+GPU_GRIDS = ("64", "128", "256", "512", "1024", "2048", "4096")
 CPU_GRIDS = ("16", "32", "64")
 ROPE_KEY = "attn.rope.rotations"
 NO_GPU_MESSAGE = (
@@ -246,17 +246,26 @@ def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConf
 
 
 def fit_slopes(rows: Sequence[dict[str, Any]], fit_min: int) -> list[dict[str, Any]]:
-    """Log-log slopes of time and of peak memory against pixels per (variant, mode), measured points only."""
+    """Log-log slopes of time and of peak memory against pixels per (variant, mode), measured points only.
+
+    Over the grids >= fit_min² (above the launch-bound regime). A variant with fewer than two measured
+    points there (softmax attention runs out of memory long before) is fitted over its largest three
+    measured grids instead, and its row says so (``fallback``)."""
     out = []
     for key in dict.fromkeys((r["variant"], r["mode"]) for r in rows):
-        ok = [r for r in rows if (r["variant"], r["mode"]) == key and r["status"] == "ok"]
+        ok = sorted((r for r in rows if (r["variant"], r["mode"]) == key and r["status"] == "ok"),
+                    key=lambda r: r["pixels"])
         fitted = [r for r in ok if r["pixels"] >= fit_min**2]
+        fallback = len(fitted) < 2
+        if fallback:
+            fitted = ok[-3:]
+        pixels = [r["pixels"] for r in fitted]
         out.append({
-            "variant": key[0], "mode": key[1], "fit_min_pixels": fit_min**2,
+            "variant": key[0], "mode": key[1], "fit_min_pixels": fit_min**2, "fallback": fallback,
             "points": len(fitted),
             "grids": [r["grid"] for r in fitted],
-            "time_slope": fit_loglog_slope([r["pixels"] for r in ok], [r["median_ms"] for r in ok], fit_min**2),
-            "memory_slope": fit_loglog_slope([r["pixels"] for r in ok], [r["peak_bytes"] for r in ok], fit_min**2),
+            "time_slope": fit_loglog_slope(pixels, [r["median_ms"] for r in fitted]),
+            "memory_slope": fit_loglog_slope(pixels, [r["peak_bytes"] for r in fitted]),
         })
     return out
 
@@ -291,7 +300,9 @@ def report(rows: Sequence[dict[str, Any]], slopes: Sequence[dict[str, Any]], arg
         lines += [f"\n[{mode}] median time per call and peak memory", format_table(headers, table)]
     slope_rows = [
         [s["variant"], s["mode"], "-" if s["time_slope"] is None else f"{s['time_slope']:.2f}",
-         "-" if s["memory_slope"] is None else f"{s['memory_slope']:.2f}", ", ".join(s["grids"]) or "-"]
+         "-" if s["memory_slope"] is None else f"{s['memory_slope']:.2f}",
+         (", ".join(s["grids"]) or "-") + (" (largest measured; fewer than 2 above the fit minimum)"
+                                            if s["fallback"] and s["grids"] else "")]
         for s in slopes
     ]
     lines += [f"\nlog-log slopes against pixel count (grids >= {args.fit_min}x{args.fit_min}, measured points only)",
@@ -355,7 +366,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
                         help="default: all on a GPU, eager on CPU")
     parser.add_argument("--fit-min", type=int, default=None, metavar="SIDE",
-                        help="fit slopes over grids with at least SIDE² pixels (default: 256 on a GPU, 32 on CPU)")
+                        help="fit slopes over grids with at least SIDE² pixels (default: 1024 on a GPU, where smaller "
+                             "grids are launch-bound at B=1; 32 on CPU)")
     parser.add_argument("--check-grid", type=parse_grid, default=(32, 48), metavar="HxW",
                         help="grid of the fused variant's correctness check")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of 'compiled'")
@@ -374,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.dtype = args.dtype or ("fp32" if cpu else "bf16")
     args.grids = args.grids or [parse_grid(g) for g in (CPU_GRIDS if cpu else GPU_GRIDS)]
     args.variants = args.variants or (["eager"] if cpu else list(VARIANTS))
-    args.fit_min = args.fit_min or (32 if cpu else 256)
+    args.fit_min = args.fit_min or (32 if cpu else 1024)
     timing = timing_from_args(args)
     env = environment(device)
     title = (f"MLLA block scaling: C={args.dim}, heads={args.heads}, B={args.batch}, {args.dtype} | "

@@ -17,7 +17,8 @@ Backward (``g`` is the gradient with respect to the convolution's output, ``w`` 
 * ``dx[q] = sum_tap w[tap] * g[q - tap]`` (the transposed stencil, plus ``g[q]`` for the residual),
   ``dw[tap] = sum_p g[p] * x[p + tap]``, ``db = sum_p g[p]``;
 * cpe: ``g = dr + rstd * (gamma * dh - mean_c(gamma * dh) - xhat * mean_c(gamma * dh * xhat))``
-  with ``xhat = (r - mean) * rstd`` recomputed from the saved ``r``;
+  with ``xhat = (r - mean) * rstd`` and ``r`` itself recomputed from the saved ``x`` (the forward's
+  own stencil code and rounding), so the op keeps only its input for the backward;
 * silu: ``g = dy * s * (1 + pre * (1 - s))`` with ``s = sigmoid(pre)`` and ``pre`` recomputed.
 
 A first kernel computes ``g`` per tile (stored in the activation dtype, as PyTorch's own
@@ -171,14 +172,16 @@ def _cpe_residual_norm_fwd_kernel(
 
 @triton.jit
 def _cpe_residual_norm_bwd_kernel(
-    x, r, dr, dh, norm_w, g, dw_part, db_part, dgamma_part, dbeta_part,
+    x, cpe_w, cpe_b, dr, dh, norm_w, g, dw_part, db_part, dgamma_part, dbeta_part,
     H, W, C, n_tiles_w, n_tiles_img, n_tiles, tiles_per_prog,
-    sx_b, sx_n, sr_b, sr_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps,
+    sx_b, sx_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_DR: tl.constexpr, HAS_DH: tl.constexpr,
 ):
     """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients.
 
+    r = x + dwconv(x) is recomputed from x by the forward's own code and rounding (x's neighbours are
+    loaded for the weight gradient anyway), so the forward keeps only x for the backward.
     The parameter gradients are accumulated element-wise over the program's tiles and summed over
     tokens once at the end: a cross-warp reduction per tile would dominate the kernel's time.
     """
@@ -200,7 +203,10 @@ def _cpe_residual_norm_bwd_kernel(
 
         b_g = tl.zeros([TH * TW, BLOCK_C], dtype=tl.float32)
         if HAS_DH:
-            b_r = tl.load(r + i_b64 * sr_b + o_n * sr_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+            b_r = _stencil3x3(x + i_b64 * sx_b, sx_n, cpe_w, row, col, m_t, o_c, m_c, H, W,
+                              TH * TW, BLOCK_C, False, True)
+            b_r += tl.load(cpe_b + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+            b_r = tl.where(m, b_r.to(g.dtype.element_ty).to(tl.float32), 0.0)
             b_dh = tl.load(dh + i_b64 * sdh_b + o_n * sdh_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
             b_xhat, b_rstd = _normalize(b_r, m_c, C, eps)
             a_dgamma += b_dh * b_xhat
@@ -443,20 +449,20 @@ def _dwconv_transpose(g: Tensor, weight: Tensor, hw: tuple[int, int], residual: 
     return dx
 
 
-def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, r: Tensor, cpe_weight: Tensor,
+def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_weight: Tensor,
                           cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, hw: tuple[int, int],
                           eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward of ``cpe_residual_norm``.
 
-    dr, dh: (B, N, C) gradients of r and h (None for zero); x: the forward input; r: the forward's r.
+    dr, dh: (B, N, C) gradients of r and h (None for zero); x: the forward input (r is recomputed).
     Returns (dx (B, N, C) in x's dtype, d cpe_weight (C, 1, 3, 3), d cpe_bias, d norm_weight, d norm_bias (C,)),
     each parameter gradient in its parameter's dtype.
     """
     H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
                                                      "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
-    for name, t in (("dr", dr), ("dh", dh), ("r", r)):
+    for name, t in (("dr", dr), ("dh", dh)):
         _check_like(name, t, x)
-    x, r = _tokens_major(x), _tokens_major(r)
+    x = _tokens_major(x)
     dr = None if dr is None else _tokens_major(dr)
     dh = None if dh is None else _tokens_major(dh)
     B, N, C = x.shape
@@ -473,12 +479,12 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, r: Te
     db_part = _empty((n_progs, C), torch.float32, x.device)
     dgamma_part = _empty((n_progs, C), torch.float32, x.device)
     dbeta_part = _empty((n_progs, C), torch.float32, x.device)
-    dr_arg = r if dr is None else dr
-    dh_arg = r if dh is None else dh
+    dr_arg = x if dr is None else dr
+    dh_arg = x if dh is None else dh
     _cpe_residual_norm_bwd_kernel[(n_progs,)](
-        x, r, dr_arg, dh_arg, norm_weight.contiguous(), g, dw_part, db_part, dgamma_part, dbeta_part,
-        H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
-        x.stride(0), x.stride(1), r.stride(0), r.stride(1), dr_arg.stride(0), dr_arg.stride(1),
+        x, weight, cpe_bias.contiguous(), dr_arg, dh_arg, norm_weight.contiguous(), g, dw_part, db_part,
+        dgamma_part, dbeta_part, H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
+        x.stride(0), x.stride(1), dr_arg.stride(0), dr_arg.stride(1),
         dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps,
         TH=th, TW=tw, BLOCK_C=block_c, HAS_DR=dr is not None, HAS_DH=dh is not None,
         num_warps=_bwd_num_warps(th * tw * block_c),
@@ -583,29 +589,29 @@ def _(x, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W, eps):
 
 @torch.library.custom_op(
     "mlla_fast::cpe_residual_norm_bwd", mutates_args=(),
-    schema="(Tensor? dr, Tensor? dh, Tensor x, Tensor r, Tensor cpe_weight, Tensor cpe_bias, Tensor norm_weight, "
+    schema="(Tensor? dr, Tensor? dh, Tensor x, Tensor cpe_weight, Tensor cpe_bias, Tensor norm_weight, "
            "Tensor norm_bias, SymInt H, SymInt W, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def _cpe_residual_norm_bwd_op(dr, dh, x, r, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W, eps):
-    return cpe_residual_norm_bwd(dr, dh, x, r, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W), eps)
+def _cpe_residual_norm_bwd_op(dr, dh, x, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W, eps):
+    return cpe_residual_norm_bwd(dr, dh, x, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W), eps)
 
 
 @_cpe_residual_norm_bwd_op.register_fake
-def _(dr, dh, x, r, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W, eps):
+def _(dr, dh, x, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W, eps):
     return (x.new_empty(x.shape), torch.empty_like(cpe_weight), torch.empty_like(cpe_bias),
             torch.empty_like(norm_weight), torch.empty_like(norm_bias))
 
 
 def _cpe_residual_norm_setup_context(ctx, inputs, output):
     x, cpe_weight, cpe_bias, norm_weight, norm_bias, H, W, eps = inputs
-    ctx.save_for_backward(x, output[0], cpe_weight, cpe_bias, norm_weight, norm_bias)
+    ctx.save_for_backward(x, cpe_weight, cpe_bias, norm_weight, norm_bias)
     ctx.grid, ctx.eps = (H, W), eps
 
 
 def _cpe_residual_norm_backward(ctx, dr, dh):
-    x, r, cpe_weight, cpe_bias, norm_weight, norm_bias = ctx.saved_tensors
+    x, cpe_weight, cpe_bias, norm_weight, norm_bias = ctx.saved_tensors
     grads = torch.ops.mlla_fast.cpe_residual_norm_bwd(
-        dr, dh, x, r, cpe_weight, cpe_bias, norm_weight, norm_bias, *ctx.grid, ctx.eps
+        dr, dh, x, cpe_weight, cpe_bias, norm_weight, norm_bias, *ctx.grid, ctx.eps
     )
     return (*grads, None, None, None)
 

@@ -269,12 +269,14 @@ def _la_fwd_out_kernel(
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
-    GATE_GRAD: tl.constexpr,
+    GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr,
 ):
     """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads).
 
-    GATE_GRAD (the first pass of the gated backward): the same recomputation of o = (q~ . kv) z + lepe(v),
-    then dg = dy * o and the gated output gradient do = dy * g are written to p_dg and p_y instead."""
+    GATE_SILU: p_g holds the gate's pre-activation and SiLU(g) gates instead. GATE_GRAD (the first pass of
+    the gated backward): the same recomputation of o = (q~ . kv) z + lepe(v), then the gate gradient
+    dg = dy * o (times SiLU'(g) with GATE_SILU) and the gated output gradient do = dy * gate are written to
+    p_dg and p_y instead."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -300,11 +302,16 @@ def _la_fwd_out_kernel(
     if HAS_GATE:
         p_gt = p_g + i_b * s_g_b + o_n64[:, None] * s_g_n + o_c[None, :]
         b_g = tl.load(p_gt, mask=m_n[:, None], other=0.0).to(tl.float32)
+        b_dgate = tl.full(b_g.shape, 1.0, tl.float32)  # d gate / d g
+        if GATE_SILU:
+            b_s = tl.sigmoid(b_g)
+            b_dgate = b_s * (1.0 + b_g * (1.0 - b_s))
+            b_g = b_g * b_s
         if GATE_GRAD:
             p_dyt = p_dy + i_b * s_dy_b + o_n64[:, None] * s_dy_n + o_c[None, :]
             b_dy = tl.load(p_dyt, mask=m_n[:, None], other=0.0).to(tl.float32)
-            tl.store(p_dg + i_b * N * C + o_n64[:, None] * C + o_c[None, :], (b_dy * b_o).to(p_dg.dtype.element_ty),
-                     mask=m_n[:, None])
+            tl.store(p_dg + i_b * N * C + o_n64[:, None] * C + o_c[None, :],
+                     (b_dy * b_o * b_dgate).to(p_dg.dtype.element_ty), mask=m_n[:, None])
             b_o = b_dy * b_g
         else:
             b_o *= b_g
@@ -527,7 +534,7 @@ def _gate_args(g: Tensor | None, v: Tensor) -> tuple[Tensor, int, int]:
 
 
 def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-                          H: int, W: int, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+                          H: int, W: int, num_heads: int, gate_silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward: returns y (B, N, C) and the saved state kv (B*h, 32, 32), mean phi(k) (B*h, 32)."""
     qk, v = _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
@@ -552,13 +559,13 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
     ksum = ksum_part.sum(0).div_(N)
 
     y = _empty((B, N, C), v.dtype, device)
-    _launch_out_pass(qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, y)
+    _launch_out_pass(qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, y)
     return y, kv, ksum
 
 
 def _launch_out_pass(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
-                     ksum: Tensor, H: int, W: int, num_heads: int, out: Tensor, dy: Tensor | None = None,
-                     dg: Tensor | None = None) -> None:
+                     ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, out: Tensor,
+                     dy: Tensor | None = None, dg: Tensor | None = None) -> None:
     """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out."""
     B, N, C = v.shape
     trig, n_pos, trig_table = _trig_args(H, W, C, v.device)
@@ -571,13 +578,13 @@ def _launch_out_pass(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tenso
         dy_arg.stride(0), dy_arg.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         DOT_PRECISION=_dot_precision(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG_TABLE=trig_table,
-        GATE_GRAD=dg is not None, num_warps=CONFIG.fwd_out_warps,
+        GATE_GRAD=dg is not None, GATE_SILU=gate_silu, num_warps=CONFIG.fwd_out_warps,
     )
 
 
 def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
-                          lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int,
-                          num_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
+                          gate_silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward: returns dqk (B, N, 2C), dv (B, N, C), dg (B, N, C; empty when g is None),
     d lepe_weight (C, 1, 3, 3) and d lepe_bias (C,) in their parameters' dtypes."""
     dy, qk, v = _token_major(dy), _token_major(qk), _token_major(v)
@@ -595,7 +602,7 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     if g is not None:  # dg and the gated output gradient do = dy * g, recomputing the pre-gate output
         dg = _empty((B, N, C), v.dtype, device)
         do = _empty((B, N, C), v.dtype, device)
-        _launch_out_pass(qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, do, dy=dy, dg=dg)
+        _launch_out_pass(qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg)
     else:
         dg = _empty((0,), v.dtype, device)
         do = dy
@@ -631,9 +638,9 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
 # ----------------------------------------------------------------------------------------------
 
 _FWD_SCHEMA = "(Tensor qk, Tensor v, Tensor? g, Tensor lepe_weight, Tensor lepe_bias, SymInt H, SymInt W, " \
-    "int num_heads) -> (Tensor, Tensor, Tensor)"
+    "int num_heads, bool gate_silu) -> (Tensor, Tensor, Tensor)"
 _BWD_SCHEMA = "(Tensor dy, Tensor qk, Tensor v, Tensor? g, Tensor lepe_weight, Tensor lepe_bias, Tensor kv, " \
-    "Tensor ksum, SymInt H, SymInt W, int num_heads) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor ksum, SymInt H, SymInt W, int num_heads, bool gate_silu) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 linear_attention_fwd_op = torch.library.custom_op(
     "mlla_fast::linear_attention_fwd", _linear_attention_fwd, mutates_args=(), schema=_FWD_SCHEMA)
@@ -642,14 +649,14 @@ linear_attention_bwd_op = torch.library.custom_op(
 
 
 @linear_attention_fwd_op.register_fake
-def _(qk, v, g, lepe_weight, lepe_bias, H, W, num_heads):
+def _(qk, v, g, lepe_weight, lepe_bias, H, W, num_heads, gate_silu):
     B, N, C = v.shape
     state = v.new_empty((B * num_heads, HEAD_DIM, HEAD_DIM), dtype=torch.float32)
     return v.new_empty((B, N, C)), state, v.new_empty((B * num_heads, HEAD_DIM), dtype=torch.float32)
 
 
 @linear_attention_bwd_op.register_fake
-def _(dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads):
+def _(dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu):
     B, N, C = v.shape
     dg = v.new_empty((B, N, C) if g is not None else (0,))
     return (qk.new_empty((B, N, 2 * C)), v.new_empty((B, N, C)), dg, lepe_weight.new_empty(lepe_weight.shape),
@@ -657,16 +664,16 @@ def _(dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads):
 
 
 def _setup_context(ctx, inputs, output):
-    qk, v, g, lepe_weight, lepe_bias, H, W, num_heads = inputs
+    qk, v, g, lepe_weight, lepe_bias, H, W, num_heads, gate_silu = inputs
     _, kv, ksum = output
     ctx.save_for_backward(qk, v, g, lepe_weight, lepe_bias, kv, ksum)
-    ctx.grid = (H, W, num_heads)
+    ctx.grid = (H, W, num_heads, gate_silu)
 
 
 def _backward(ctx, dy, _dkv, _dksum):
     qk, v, g, lepe_weight, lepe_bias, kv, ksum = ctx.saved_tensors
     dqk, dv, dg, dw, db = linear_attention_bwd_op(dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, *ctx.grid)
-    return dqk, dv, (dg if g is not None else None), dw, db, None, None, None
+    return dqk, dv, (dg if g is not None else None), dw, db, None, None, None, None
 
 
 linear_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -727,7 +734,7 @@ def _check_inputs(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, 
 
 
 def linear_attention(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-                     hw: tuple[int, int], num_heads: int) -> Tensor:
+                     hw: tuple[int, int], num_heads: int, gate_silu: bool = False) -> Tensor:
     """Fused MLLA linear attention with LePE and gate: ``(attention(v) + lepe(v)) * g``.
 
     Same arguments and result as ``reference.ops.linear_attention_ref`` (with the RoPE table of the
@@ -745,12 +752,14 @@ def linear_attention(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tenso
         lepe_weight, lepe_bias: (C, 1, 3, 3) and (C,), float32 or the activation dtype.
         hw: the grid (H, W), H * W = N, row-major tokens.
         num_heads: C / 32 (heads of 32 channels).
+        gate_silu: g is the gate's pre-activation; SiLU(g) gates (computed in the kernels, so the block
+            keeps no separate gate activation for its backward).
 
     Returns:
         (B, N, C) in the activation dtype.
     """
     H, W = _check_inputs(qk, v, g, lepe_weight, lepe_bias, hw, num_heads)
-    y, _, _ = linear_attention_fwd_op(qk, v, g, lepe_weight, lepe_bias, H, W, num_heads)
+    y, _, _ = linear_attention_fwd_op(qk, v, g, lepe_weight, lepe_bias, H, W, num_heads, bool(gate_silu))
     return y
 
 

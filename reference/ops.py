@@ -118,6 +118,7 @@ def linear_attention_ref(
     hw: tuple[int, int],
     num_heads: int,
     rotations: Tensor | None = None,
+    gate_silu: bool = False,
 ) -> Tensor:
     """MLLA linear attention with LePE and gate: ``(attention(v) + lepe(v)) * g``.
 
@@ -129,9 +130,11 @@ def linear_attention_ref(
         hw: the token grid (H, W), N = H * W.
         num_heads: number of heads h; each head is a contiguous C/h channel slice.
         rotations: optional (H, W, C/2, 2) RoPE table; built for the grid when None.
+        gate_silu: g is the gate's pre-activation: the output is multiplied by SiLU(g) (the block's
+            ``act_proj`` followed by its SiLU).
 
     Returns:
-        (B, N, C): for each head, ``(RoPE(phi(q)) @ kv) * z + lepe(v)``, times g, where
+        (B, N, C): for each head, ``(RoPE(phi(q)) @ kv) * z + lepe(v)``, times g (or SiLU(g)), where
         phi = ELU + 1, kv = sum_m RoPE(phi(k_m)) v_m^T / N and z = 1 / (phi(q) . mean phi(k) + 1e-6).
     """
     B, N, C = v.shape
@@ -154,7 +157,9 @@ def linear_attention_ref(
     out = (q_rope @ kv).to(v.dtype) * z
     out = out.transpose(1, 2).reshape(B, N, C)
     out = out + dwconv_tokens_ref(v, lepe_weight, lepe_bias, hw)
-    return out if g is None else out * g
+    if g is None:
+        return out
+    return out * (F.silu(g) if gate_silu else g)
 
 
 def batch_norm_image(bn: torch.nn.Module, y: Tensor) -> Tensor:

@@ -245,4 +245,4 @@ def test_backward_launchers_check_their_tensors(device):
     with pytest.raises(ValueError, match=r"dy: expected a floating-point tensor of shape \(1, 6, 32\)"):
         dwconv.dwconv_silu_bwd(x[:, :3], x, w, b, (2, 3))
     with pytest.raises(ValueError, match=r"dh: expected a floating-point tensor of shape \(1, 6, 32\)"):
-        dwconv.cpe_residual_norm_bwd(None, x.long(), x, x, w, b, b, b, (2, 3))
+        dwconv.cpe_residual_norm_bwd(None, x.long(), x, w, b, b, b, (2, 3))

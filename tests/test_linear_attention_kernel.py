@@ -77,24 +77,25 @@ def run(fn, inputs, hw, num_heads, dy, **kwargs):
     return y.detach(), {k: x.grad for k, x in leaves.items() if x is not None}
 
 
-def reference64(inputs, hw, num_heads, dy):
+def reference64(inputs, hw, num_heads, dy, **kwargs):
     """The reference op in float64 (float64 copies of the inputs and of the RoPE table)."""
     inputs64 = {k: (x.detach().double() if x is not None else None) for k, x in inputs.items()}
     table = rope_table(*hw, inputs["v"].shape[-1], device=inputs["v"].device, dtype=torch.float64)
-    return run(linear_attention_ref, inputs64, hw, num_heads, dy.double(), rotations=table)
+    return run(linear_attention_ref, inputs64, hw, num_heads, dy.double(), rotations=table, **kwargs)
 
 
-def check(inputs, hw, num_heads, seed_dy=1):
-    """Kernel vs float64 reference (and, in low precision, PyTorch's own low-precision reference)."""
+def check(inputs, hw, num_heads, seed_dy=1, **kwargs):
+    """Kernel vs float64 reference (and, in low precision, PyTorch's own low-precision reference); kwargs
+    (gate_silu) go to both."""
     dtype = inputs["v"].dtype
     dy = torch.randn(inputs["v"].shape, generator=torch.Generator().manual_seed(seed_dy)).to(inputs["v"].device)
-    y, grads = run(la.linear_attention, inputs, hw, num_heads, dy)
-    y64, grads64 = reference64(inputs, hw, num_heads, dy)
+    y, grads = run(la.linear_attention, inputs, hw, num_heads, dy, **kwargs)
+    y64, grads64 = reference64(inputs, hw, num_heads, dy, **kwargs)
     y_lowp, grads_lowp = None, {}
     if dtype != torch.float32:
         # PyTorch's own low-precision computation: parameters in the activation dtype (conv2d needs one dtype)
         lowp = {k: (x.detach().to(dtype) if x is not None else None) for k, x in inputs.items()}
-        y_lowp, grads_lowp = run(linear_attention_ref, lowp, hw, num_heads, dy)
+        y_lowp, grads_lowp = run(linear_attention_ref, lowp, hw, num_heads, dy, **kwargs)
     assert y.dtype == dtype
     assert_matches("y", y, y64, y_lowp, dtype)
     for name, grad in grads.items():
@@ -118,6 +119,17 @@ FP32_CASES = [
 def test_fp32_matches_float64_reference(B, H, W, C, scale, gate, config, device):
     inputs = make_inputs(B, H, W, C, device, scale=scale, gate=gate)
     check(inputs, (H, W), C // 32)
+
+
+@pytest.mark.parametrize("config", [DEFAULT, MANY_SPLITS], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_gate_matches_reference(dtype, config, device):
+    """gate_silu=True: g is the pre-activation and SiLU(g) gates; g is scaled so that SiLU's negative side
+    (and its derivative's sign change) is exercised."""
+    B, H, W, C = 2, 6, 11, 64
+    inputs = make_inputs(B, H, W, C, device, dtype=dtype, scale=3.0)
+    inputs["g"] = (torch.randn(B, H * W, C, device=device) * 4).to(dtype).requires_grad_()
+    check(inputs, (H, W), C // 32, gate_silu=True)
 
 
 @pytest.mark.parametrize("config", [LARGE_BLOCKS], indirect=True)
