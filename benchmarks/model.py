@@ -1,9 +1,19 @@
 """MLLA-UNet throughput and peak memory: training steps and inference, fused against the reference.
 
 Variants, same initialisation (seeded): ``fused`` (``create_model(..., backend="triton")``), ``eager``
-(``backend="torch"``) and ``compiled`` (``torch.compile`` of the ``backend="torch"`` model, static
-shapes; its compile time is the ``first_call_s`` column). The fused variant is reported only if
-this run's quick correctness check against the reference passes (else "failed-check").
+(``backend="torch"``), ``compiled`` (``torch.compile`` of the ``backend="torch"`` model, static
+shapes; its compile time is the ``first_call_s`` column), and ``fused-graph`` / ``eager-graph``: the
+``fused`` / ``eager`` model with the whole step (train: zero_grad, forward, loss, backward, AdamW
+step; infer: the forward) captured in one CUDA graph by ``mlla_fast.graphs.GraphedStep`` and
+replayed. A small model's step is mostly Python and kernel-launch overhead; the graph variants show
+the GPU time alone, and ``eager-graph`` is the reference without that overhead, for a fair ratio.
+Their first call does the warm-up steps and the capture (the ``first_call_s`` column); every timed
+call copies fresh inputs into the graph's static inputs and replays. Their optimizer is AdamW with
+``capturable=True`` (its step count on the device). Their peak memory is the peak over the warm-up
+and capture: a replay allocates nothing, its temporaries live in the graph's private memory pool,
+reserved at capture. The fused variants are reported only if this run's quick correctness check
+against the reference passes (else "failed-check"); without CUDA, fused and graph variants are
+skipped.
 
 Modes: ``train`` = one optimiser step: zero_grad, forward, cross-entropy loss, backward, AdamW step
 (the model compiled, not the optimiser); ``infer`` = eval-mode forward under ``torch.no_grad``.
@@ -65,8 +75,11 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
+from mlla_fast.graphs import GraphedStep
 
-VARIANTS = ("fused", "eager", "compiled")
+VARIANTS = ("fused", "eager", "compiled", "fused-graph", "eager-graph")
+FUSED_VARIANTS = ("fused", "fused-graph")
+GRAPH_VARIANTS = ("fused-graph", "eager-graph")
 MODES = ("train", "infer")
 GPU_SIZES = ("224:48", "512:8", "1024:2")
 CPU_SIZES = ("64:2",)
@@ -109,7 +122,7 @@ def build_model(name: str, variant: str, side: int, args: argparse.Namespace,
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = mlla_fast.create_model(name, num_classes=args.num_classes, in_chans=args.in_chans, img_size=side,
-                                       backend="triton" if variant == "fused" else "torch", **overrides(args))
+                                       backend="triton" if variant in FUSED_VARIANTS else "torch", **overrides(args))
     if variant == "compiled":
         torch._dynamo.reset()  # a fresh compile per point, and no recompile limit across points
         return model, torch.compile(model, backend=args.compile_backend, dynamic=False)
@@ -136,31 +149,51 @@ def check_fused(name: str, args: argparse.Namespace, device: torch.device) -> Ch
 
 
 def build_point(name: str, variant: str, dtype: str, mode: str, side: int, batch: int, args: argparse.Namespace,
-                device: torch.device):
-    """The (step, setup) pair that common.measure times for one configuration."""
+                device: torch.device, capture: dict[str, int] | None = None):
+    """The (step, setup) pair that common.measure times for one configuration.
+
+    setup() gives the inputs: (images, labels) to train, (images,) to infer. A graph variant's first
+    step captures the eager step with GraphedStep; capture["peak_bytes"] then holds the peak memory
+    allocated over its warm-up and capture (the replays allocate nothing).
+    """
     model, runner = build_model(name, variant, side, args, device)
     train = mode == "train"
+    graphed = variant in GRAPH_VARIANTS
     model.train(train)
     dt = DTYPES[dtype]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01) if train else None
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, capturable=graphed)
+                 if train else None)
 
-    def setup() -> tuple[Tensor, Tensor | None]:
+    def setup() -> tuple[Tensor, ...]:
         x = torch.randn(batch, args.in_chans, side, side, device=device)
-        y = torch.randint(0, args.num_classes, (batch, side, side), device=device) if train else None
-        return x, y
+        if not train:
+            return (x,)
+        return x, torch.randint(0, args.num_classes, (batch, side, side), device=device)
 
-    def step(x: Tensor, y: Tensor | None) -> None:
+    def eager_step(x: Tensor, y: Tensor | None = None) -> Tensor:
         if train:
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, dt):
                 loss = F.cross_entropy(runner(x), y)
             loss.backward()
             optimizer.step()
-        else:
-            with torch.no_grad(), autocast(device, dt):
-                runner(x)
+            return loss
+        with torch.no_grad(), autocast(device, dt):
+            return runner(x)
 
-    return step, setup
+    if not graphed:
+        return eager_step, setup
+    graph: list[GraphedStep] = []
+
+    def graph_step(*inputs: Tensor) -> Tensor:
+        if not graph:
+            torch.cuda.reset_peak_memory_stats(device)
+            graph.append(GraphedStep(eager_step, *inputs))
+            if capture is not None:
+                capture["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        return graph[0](*inputs)
+
+    return graph_step, setup
 
 
 def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConfig,
@@ -173,13 +206,20 @@ def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConf
         side, batch = size
         if variant == "fused" and cpu:
             return Measurement(SKIPPED, note="the fused kernels need a CUDA device (CPU demonstration)")
-        if variant == "fused" and not checks[name].passed:
+        if variant in GRAPH_VARIANTS and cpu:
+            return Measurement(SKIPPED, note="CUDA graphs need a CUDA device (CPU demonstration)")
+        if variant in FUSED_VARIANTS and not checks[name].passed:
             return Measurement(FAILED_CHECK, note=checks[name].detail)
         if variant == "compiled" and side not in args.compiled_sizes:
             return Measurement(SKIPPED, note=f"compiled only at --compiled-sizes {args.compiled_sizes}")
-        result = measure(lambda: build_point(name, variant, dtype, mode, side, batch, args, device), device, timing)
+        capture: dict[str, int] = {}
+        result = measure(lambda: build_point(name, variant, dtype, mode, side, batch, args, device, capture),
+                         device, timing)
         if variant == "compiled":
             release_compiled(device)
+        if variant in GRAPH_VARIANTS and result.ok and "peak_bytes" in capture:
+            result = dataclasses.replace(result, peak_bytes=max(result.peak_bytes or 0, capture["peak_bytes"]),
+                                         work_bytes=None)
         return result
 
     def log(key: tuple[str, str, str, str], size: tuple[int, int], m: Measurement) -> None:
@@ -201,7 +241,7 @@ def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConf
 
 
 def report(rows: Sequence[dict[str, Any]]) -> str:
-    """The printed tables: every point, then fused against the others per configuration."""
+    """The printed tables: every point, fused against the others, and the graph variants against the rest."""
     table = [
         [r["model"], f"{r['image_size']}", f"{r['batch']}", r["dtype"], r["mode"], r["variant"], r["status"],
          fmt_ms(r["median_ms"]), fmt_range(r["q25_ms"], r["q75_ms"]),
@@ -225,6 +265,18 @@ def report(rows: Sequence[dict[str, Any]]) -> str:
         lines += ["\nfused against the reference (time ratios > 1: fused is faster; memory: eager / fused)",
                   format_table(["model", "size", "batch", "dtype", "mode", "eager/fused", "compiled/fused",
                                 "mem eager/fused"], ratios)]
+    graph_ratios = []
+    for key in dict.fromkeys(k[:5] for k in by_key):
+        times = {v: r["median_ms"] for v in VARIANTS if (r := by_key.get((*key, v))) and r["status"] == OK}
+        if not any(v in times for v in GRAPH_VARIANTS):
+            continue
+        graph_ratios.append([*map(str, key), fmt_ratio(times.get("fused"), times.get("fused-graph")),
+                             fmt_ratio(times.get("eager"), times.get("eager-graph")),
+                             fmt_ratio(times.get("eager-graph"), times.get("fused-graph"))])
+    if graph_ratios:
+        lines += ["\nCUDA graphs (time ratios a/b > 1: b is faster; X/X-graph: the gain from no launch overhead)",
+                  format_table(["model", "size", "batch", "dtype", "mode", "fused/fused-graph", "eager/eager-graph",
+                                "eager-graph/fused-graph"], graph_ratios)]
     notes = sorted({(r["model"], r["variant"], r["status"], r["note"]) for r in rows if r["note"]})
     if notes:
         lines.append("\nnotes")
@@ -275,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(describe_environment(env))
 
     checks: dict[str, CheckResult] = {}
-    if "fused" in args.variants and not cpu:
+    if any(v in FUSED_VARIANTS for v in args.variants) and not cpu:
         for name in args.models:
             checks[name] = check_fused(name, args, device)
             print(f"fused correctness check, mlla_unet_{name} ({CHECK_SIZE}x{CHECK_SIZE}): "

@@ -486,9 +486,12 @@ def _pair_frequencies(C: int, device: torch.device) -> Tensor:
     return torch.cat([theta, theta]).to(device)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache
 def _trig_table(n_pos: int, C: int, device: torch.device) -> Tensor:
-    """cos/sin(pos * theta_j) (n_pos, C/4, 2) fp32, computed in float64 like ``reference.ops.rope_table``."""
+    """cos/sin(pos * theta_j) (n_pos, C/4, 2) fp32, computed in float64 like ``reference.ops.rope_table``.
+
+    Never evicted: a CUDA graph captured around the kernels keeps reading the table it saw at capture
+    (a few hundred KB per grid size and channel count)."""
     angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * rope_frequencies(C)[None, :]
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float().to(device)
 

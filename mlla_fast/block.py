@@ -42,6 +42,10 @@ class MLLABlock(ReferenceMLLABlock):
             return self.fused_forward(x, hw)
         return super().forward(x, hw)
 
+    def mlp_is_random(self) -> bool:
+        """Whether the MLP draws random numbers in this call: its dropout (its only random op) is active."""
+        return self.mlp.training and self.mlp.drop.p > 0
+
     def fused_forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         """The block on fused kernels: stencils + norms, gate/value GEMM, fused attention, MLP on cuBLAS
         (recomputed in the backward)."""
@@ -55,19 +59,23 @@ class MLLABlock(ReferenceMLLABlock):
         )
         gate_value_weight = torch.cat([self.act_proj.weight, self.in_proj.weight])
         gv = F.linear(h, gate_value_weight, torch.cat([self.act_proj.bias, self.in_proj.bias]))
-        gate = F.silu(gv[..., :C])
         v = dwconv_silu(gv[..., C:], self.dwc.weight, self.dwc.bias, hw)
-        a = linear_attention(
-            self.attn.qk(v), v, gate, self.attn.lepe.weight, self.attn.lepe.bias, hw, self.num_heads
+        a = linear_attention(  # the gate's SiLU is applied (and differentiated) inside the attention kernels
+            self.attn.qk(v), v, gv[..., :C], self.attn.lepe.weight, self.attn.lepe.bias, hw, self.num_heads,
+            gate_silu=True,
         )
         x = r + drop_path(self.out_proj(a), self.drop_path_prob, self.training)
         r, h = cpe_residual_norm(
             x, self.cpe2.weight, self.cpe2.bias, self.norm2.weight, self.norm2.bias, hw, self.norm2.eps
         )
         if torch.is_grad_enabled():
-            # The MLP's hidden activations (8C per token) are recomputed in the backward instead of saved:
-            # the block then keeps about 14C per token for its backward instead of 23C, for one extra MLP pass.
-            mlp_out = checkpoint(self.mlp, h, use_reentrant=False)
+            # The MLP's hidden activations (8C per token) are recomputed in the backward instead of saved, for
+            # one extra MLP pass; with the LayerNorm inputs and the gate recomputed inside the kernels, the
+            # block keeps about 11C per token for its backward (the reference: 30C).
+            # The RNG state is stashed for the recompute only when the MLP draws random numbers: reading the
+            # CUDA RNG state is host work on every step and, before PyTorch 2.10, an error inside CUDA graph
+            # capture (mlla_fast.graphs).
+            mlp_out = checkpoint(self.mlp, h, use_reentrant=False, preserve_rng_state=self.mlp_is_random())
         else:
             mlp_out = self.mlp(h)
         return r + drop_path(mlp_out, self.drop_path_prob, self.training)

@@ -218,18 +218,24 @@ def test_model_cpu_demo_writes_results(tmp_path):
     # the tiny config shrunk to one block per stage at C0 = 32, so that it runs in seconds on a CPU
     small = ("--embed-dim", "32", "--depths", "1", "1", "1", "1", "--depths-decoder", "1", "1", "1", "1",
              "--num-heads", "1", "2", "4", "8")
+    variants = ("eager", "fused", "fused-graph", "eager-graph")
     done = run_script("benchmarks/model.py", "--models", "tiny", *small, "--sizes", "32:2", *FAST,
-                      "--out", str(tmp_path))
+                      "--variants", *variants, "--out", str(tmp_path))
     assert "CPU demonstration, not a GPU result" in done.stdout
     payload = json.loads((tmp_path / "cpu-demo" / "model_tiny_fp32_32.json").read_text())
     assert payload["config"]["depths"] == [1, 1, 1, 1]
     rows = payload["results"]
-    expected = [("train", "eager", "ok"), ("infer", "eager", "ok")]
+    # the fused kernels and CUDA graphs need a GPU: those variants are marked skipped, with the reason
+    expected = [(mode, v, "ok" if v == "eager" else "skipped") for mode in ("train", "infer") for v in variants]
     assert [(r["mode"], r["variant"], r["status"]) for r in rows] == expected
-    assert all(r["images_per_s"] > 0 and r["batch"] == 2 and r["image_size"] == 32 for r in rows)
+    ran = [r for r in rows if r["status"] == "ok"]
+    assert all(r["images_per_s"] > 0 and r["batch"] == 2 and r["image_size"] == 32 for r in ran)
+    assert {r["note"] for r in rows if r["variant"].endswith("-graph")} == {
+        "CUDA graphs need a CUDA device (CPU demonstration)"}
+    assert all(r["images_per_s"] is None for r in rows if r["status"] == "skipped")
     assert rows[0]["model"] == "mlla_unet_tiny+custom"
     with (tmp_path / "cpu-demo" / "model_tiny_fp32_32.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 2
+        assert len(list(csv.DictReader(f))) == len(expected)
 
 
 def test_micro_benchmarks_skip_without_cuda():

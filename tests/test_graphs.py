@@ -1,0 +1,149 @@
+"""mlla_fast.graphs.GraphedStep: its error paths everywhere; on CUDA, a graphed training run against eager."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mlla_fast
+from mlla_fast import graphs
+from mlla_fast.backend import TRITON_INSTALLED
+from mlla_fast.graphs import GraphedStep
+
+from tolerance import rel_err
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+SMALL_UNET = dict(embed_dim=32, depths=(1, 1, 1, 1), depths_decoder=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                  drop_path_rate=0.0)
+
+
+def never_called(*inputs):
+    raise AssertionError("the step must not run when its inputs are rejected")
+
+
+# --------------------------------------------------------------------------------------------------
+# Error paths (no CUDA needed: the checks come before any CUDA call)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_no_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"CUDA graphs need a CUDA device.*is_available\(\) is False"):
+        GraphedStep(never_called, torch.zeros(2))
+
+
+def test_inputs_must_be_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"input 0: expected a CUDA tensor, got a torch.float32 tensor .* on cpu"):
+        GraphedStep(never_called, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"input 0: expected a torch\.Tensor, got list"):
+        GraphedStep(never_called, [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least one input tensor"):
+        GraphedStep(never_called)
+
+
+@pytest.mark.parametrize("warmup", [0, -1, 1.5, True])
+def test_warmup_must_be_a_positive_int(warmup):
+    with pytest.raises(ValueError, match="warmup must be an int >= 1"):
+        GraphedStep(never_called, torch.zeros(2), warmup=warmup)
+
+
+def test_fn_must_be_callable():
+    with pytest.raises(ValueError, match="fn must be callable"):
+        GraphedStep("step", torch.zeros(2))
+
+
+def test_replay_inputs_must_match_the_captured_ones():
+    static = (torch.zeros(2, 3), torch.zeros(4, dtype=torch.int64))
+    graphs._check_replay_inputs(static, (torch.ones(2, 3), torch.ones(4, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="captured with 2 inputs, got 1"):
+        graphs._check_replay_inputs(static, (torch.ones(2, 3),))
+    expected = r"input 0: expected a torch.float32 tensor of shape \(2, 3\) on cpu \(as captured\), got a "
+    with pytest.raises(ValueError, match=expected + r"torch.float32 tensor of shape \(3, 2\)"):
+        graphs._check_replay_inputs(static, (torch.ones(3, 2), static[1]))
+    with pytest.raises(ValueError, match=expected + r"torch.float64 tensor of shape \(2, 3\)"):
+        graphs._check_replay_inputs(static, (torch.ones(2, 3, dtype=torch.float64), static[1]))
+    with pytest.raises(ValueError, match=r"input 0: expected .* on cpu \(as captured\), got .* on meta"):
+        graphs._check_replay_inputs(static, (torch.ones(2, 3, device="meta"), static[1]))
+    with pytest.raises(ValueError, match=r"input 1: expected a torch\.Tensor, got NoneType"):
+        graphs._check_replay_inputs(static, (static[0], None))
+
+
+# --------------------------------------------------------------------------------------------------
+# On CUDA
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+def test_replay_reads_new_inputs_and_returns_the_static_output():
+    x = torch.arange(6.0, device="cuda").reshape(2, 3)
+    calls = []
+
+    def step(t):
+        calls.append(1)
+        return t * 2 + 1
+
+    graphed = GraphedStep(step, x, warmup=2)
+    assert len(calls) == 3  # two warm-up calls and the capture; replays run no Python
+    first = graphed(torch.ones(2, 3, device="cuda"))
+    torch.testing.assert_close(first, torch.full((2, 3), 3.0, device="cuda"))
+    second = graphed(x)
+    assert second is first and len(calls) == 3
+    torch.testing.assert_close(second, x * 2 + 1)
+    with pytest.raises(ValueError, match=r"expected a torch.float32 tensor of shape \(2, 3\) on cuda:\d"):
+        graphed(torch.ones(3, 2, device="cuda"))
+    with pytest.raises(ValueError, match=r"got a torch.float32 tensor of shape \(2, 3\) on cpu"):
+        graphed(torch.ones(2, 3))
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_graphed_training_matches_eager(backend):
+    """Three graphed steps against three eager steps of a twin from the same state, in fp32: the same
+    kernels in the same order, so the losses, parameters and BatchNorm statistics agree to 1e-5."""
+    if backend == "triton" and not TRITON_INSTALLED:
+        pytest.skip("Triton is not installed")
+    device = torch.device("cuda")
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = mlla_fast.create_model("tiny", num_classes=3, img_size=64, backend=backend, **SMALL_UNET).to(device)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, capturable=True)
+
+    gen = torch.Generator(device).manual_seed(1)
+    batches = [(torch.randn(2, 3, 64, 64, generator=gen, device=device),
+                torch.randint(0, 3, (2, 64, 64), generator=gen, device=device)) for _ in range(4)]
+    model, optimizer = build()
+    graphed = GraphedStep(_train_step(model, optimizer), *batches[0])
+    # The warm-up trained the model for real: the eager twin starts from the state it left.
+    twin, twin_optimizer = build()
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    eager = _train_step(twin, twin_optimizer)
+
+    graph_losses, eager_losses = [], []
+    for x, y in batches[1:]:
+        graph_losses.append(graphed(x, y).item())
+        eager_losses.append(eager(x, y).item())
+    assert len(set(graph_losses)) == 3, f"the replays did not see new batches: {graph_losses}"
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-5, atol=0)
+    state, twin_state = model.state_dict(), twin.state_dict()
+    for name, value in state.items():
+        if value.is_floating_point():
+            assert rel_err(value, twin_state[name]) <= 1e-5, f"{name}: {rel_err(value, twin_state[name]):.2e}"
+        else:
+            assert torch.equal(value, twin_state[name]), name
