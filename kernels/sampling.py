@@ -66,6 +66,77 @@ __all__ = [
 _GRID_ARGS = ["n_out", "Hs", "Ws", "Hb", "Wb", "tiles_per_prog", "num_progs"]
 
 
+@triton.jit
+def _down_tap(acc, a_k, tile, KY: tl.constexpr, KX: tl.constexpr, BIG_PRE_RELU: tl.constexpr,
+              WEIGHT_GRAD: tl.constexpr):
+    """Tap (KY, KX) of ``_down_kernel``'s gather: v = [ReLU](big) at big pixels (2y - 1 + KY, 2x - 1 + KX)
+    (zero outside the grid). Returns acc + w[tap] * v and a_k + small * v (a_k unchanged without WEIGHT_GRAD).
+
+    tile = (small [BN, BC] fp32, big_ptr, w_ptr, o_b, o_y, o_x, m_n [BN], o_c, m_c [BC], Hb, Wb, C).
+    """
+    b_small, big_ptr, w_ptr, o_b, o_y, o_x, m_n, o_c, m_c, Hb, Wb, C = tile
+    o_iy = 2 * o_y - 1 + KY
+    o_ix = 2 * o_x - 1 + KX
+    m_t = m_n & (o_iy >= 0) & (o_iy < Hb) & (o_ix >= 0) & (o_ix < Wb)
+    p_big = big_ptr + ((o_b * Hb + o_iy) * Wb + o_ix)[:, None] * C + o_c[None, :]
+    b_v = tl.load(p_big, mask=m_t[:, None] & m_c[None, :], other=0.0).to(tl.float32)  # [BN, BC]
+    if BIG_PRE_RELU:
+        b_v = tl.maximum(b_v, 0.0)
+    b_w = tl.load(w_ptr + o_c * 9 + (KY * 3 + KX), mask=m_c, other=0.0).to(tl.float32)  # [BC]
+    acc += b_v * b_w[None, :]
+    if WEIGHT_GRAD:
+        a_k += b_small * b_v
+    return acc, a_k
+
+
+@triton.jit
+def _up_tap(acc, a_k, a_bias, tile, KY: tl.constexpr, KX: tl.constexpr, SMALL_PRE_RELU: tl.constexpr,
+            GRAD_MASK: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr):
+    """Tap (KY, KX) of ``_up_kernel``'s gather: v = [ReLU](small), zeroed where mask <= 0 (GRAD_MASK), at small
+    pixel ((y + 1 - KY) / 2, (x + 1 - KX) / 2) where both are integers in range (else zero). Returns
+    acc + w[tap] * v, a_k + big * v (WEIGHT_GRAD) and, at the centre tap, a_bias + v (BIAS_GRAD); the
+    accumulators not updated are returned unchanged.
+
+    tile = (big [BN, BC] fp32, small_ptr, mask_ptr, w_ptr, o_b, o_y, o_x, m_n [BN], o_c, m_c [BC], Hs, Ws, C).
+    """
+    b_big, small_ptr, mask_ptr, w_ptr, o_b, o_y, o_x, m_n, o_c, m_c, Hs, Ws, C = tile
+    n_y = o_y + 1 - KY  # >= -1: clamped so that masked-off lanes still point inside the tensor
+    o_iy = tl.maximum(n_y, 0) // 2
+    n_x = o_x + 1 - KX
+    o_ix = tl.maximum(n_x, 0) // 2
+    m_t = m_n & (n_y >= 0) & ((n_y & 1) == 0) & (o_iy < Hs) & (n_x >= 0) & ((n_x & 1) == 0) & (o_ix < Ws)
+    m_v = m_t[:, None] & m_c[None, :]
+    p_small = ((o_b * Hs + o_iy) * Ws + o_ix)[:, None] * C + o_c[None, :]
+    b_v = tl.load(small_ptr + p_small, mask=m_v, other=0.0).to(tl.float32)  # [BN, BC]
+    if SMALL_PRE_RELU:
+        b_v = tl.maximum(b_v, 0.0)
+    if GRAD_MASK:
+        b_m = tl.load(mask_ptr + p_small, mask=m_v, other=0.0)
+        b_v = tl.where(b_m > 0, b_v, 0.0)
+    b_w = tl.load(w_ptr + o_c * 9 + (KY * 3 + KX), mask=m_c, other=0.0).to(tl.float32)  # [BC]
+    acc += b_v * b_w[None, :]
+    if WEIGHT_GRAD:
+        a_k += b_big * b_v
+        if BIAS_GRAD and KY == 1 and KX == 1:
+            a_bias += b_v
+    return acc, a_k, a_bias
+
+
+@triton.jit
+def _store_tap_partials(p_part, C, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8):
+    """Write rows 0..8 of one program's (N_PART, C) partial at p_part (+ o_c): tap k's accumulator a_k summed
+    over tokens."""
+    tl.store(p_part + 0 * C, tl.sum(a0, axis=0), mask=m_c)
+    tl.store(p_part + 1 * C, tl.sum(a1, axis=0), mask=m_c)
+    tl.store(p_part + 2 * C, tl.sum(a2, axis=0), mask=m_c)
+    tl.store(p_part + 3 * C, tl.sum(a3, axis=0), mask=m_c)
+    tl.store(p_part + 4 * C, tl.sum(a4, axis=0), mask=m_c)
+    tl.store(p_part + 5 * C, tl.sum(a5, axis=0), mask=m_c)
+    tl.store(p_part + 6 * C, tl.sum(a6, axis=0), mask=m_c)
+    tl.store(p_part + 7 * C, tl.sum(a7, axis=0), mask=m_c)
+    tl.store(p_part + 8 * C, tl.sum(a8, axis=0), mask=m_c)
+
+
 @triton.jit(do_not_specialize=_GRID_ARGS)
 def _down_kernel(
     big_ptr, small_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
@@ -79,14 +150,17 @@ def _down_kernel(
     Forward of the stride-2 conv: big = x, out = [ReLU](sum_tap w * [ReLU](big) + bias).
     Backward of the transposed conv (WEIGHT_GRAD): big = grad_out, small = x, out = grad_x (masked by
     x > 0 when SMALL_PRE_RELU), partial[pid, tap] = sum over the program's tokens of [ReLU](x) * big[tap].
+    The products are accumulated element-wise over the program's tiles (one [BLOCK_N, BLOCK_C] fp32
+    accumulator per tap) and summed over tokens once at the end: a cross-warp reduction per tile would
+    dominate the kernel's time.
     """
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     o_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
-    o_p = tl.arange(0, 16)
     n_small = Hs * Ws
-    b_dw = tl.zeros([16, BLOCK_C], dtype=tl.float32)  # rows: the 9 taps
+    zero = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
     for i in range(tiles_per_prog):
         o_t = (pid_n + i * num_progs).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] small tokens
         m_n = o_t < n_out
@@ -96,28 +170,24 @@ def _down_kernel(
         o_x = o_s - o_y * Ws
         m = m_n[:, None] & m_c[None, :]
         p_out = o_t[:, None] * C + o_c[None, :]
-        b_s = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        b_small = b_s
+        b_s = zero
+        b_small = zero
         if WEIGHT_GRAD:
             b_s = tl.load(small_ptr + p_out, mask=m, other=0.0).to(tl.float32)
             b_small = b_s
             if SMALL_PRE_RELU:
                 b_small = tl.maximum(b_s, 0.0)
-        acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        for ky in tl.static_range(3):
-            o_iy = 2 * o_y - 1 + ky
-            m_y = m_n & (o_iy >= 0) & (o_iy < Hb)
-            for kx in tl.static_range(3):
-                o_ix = 2 * o_x - 1 + kx
-                m_t = m_y & (o_ix >= 0) & (o_ix < Wb)
-                p_big = big_ptr + ((o_b * Hb + o_iy) * Wb + o_ix)[:, None] * C + o_c[None, :]
-                b_v = tl.load(p_big, mask=m_t[:, None] & m_c[None, :], other=0.0).to(tl.float32)  # [BN, BC]
-                if BIG_PRE_RELU:
-                    b_v = tl.maximum(b_v, 0.0)
-                b_w = tl.load(w_ptr + o_c * 9 + (ky * 3 + kx), mask=m_c, other=0.0).to(tl.float32)  # [BC]
-                acc += b_v * b_w[None, :]
-                if WEIGHT_GRAD:
-                    b_dw += tl.where(o_p[:, None] == ky * 3 + kx, tl.sum(b_small * b_v, axis=0)[None, :], 0.0)
+        tile = (b_small, big_ptr, w_ptr, o_b, o_y, o_x, m_n, o_c, m_c, Hb, Wb, C)
+        acc = zero
+        acc, a0 = _down_tap(acc, a0, tile, 0, 0, BIG_PRE_RELU, WEIGHT_GRAD)
+        acc, a1 = _down_tap(acc, a1, tile, 0, 1, BIG_PRE_RELU, WEIGHT_GRAD)
+        acc, a2 = _down_tap(acc, a2, tile, 0, 2, BIG_PRE_RELU, WEIGHT_GRAD)
+        acc, a3 = _down_tap(acc, a3, tile, 1, 0, BIG_PRE_RELU, WEIGHT_GRAD)
+        acc, a4 = _down_tap(acc, a4, tile, 1, 1, BIG_PRE_RELU, WEIGHT_GRAD)
+        acc, a5 = _down_tap(acc, a5, tile, 1, 2, BIG_PRE_RELU, WEIGHT_GRAD)
+        acc, a6 = _down_tap(acc, a6, tile, 2, 0, BIG_PRE_RELU, WEIGHT_GRAD)
+        acc, a7 = _down_tap(acc, a7, tile, 2, 1, BIG_PRE_RELU, WEIGHT_GRAD)
+        acc, a8 = _down_tap(acc, a8, tile, 2, 2, BIG_PRE_RELU, WEIGHT_GRAD)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
         if OUT_RELU:
@@ -126,8 +196,8 @@ def _down_kernel(
             acc = tl.where(b_s > 0.0, acc, 0.0)
         tl.store(out_ptr + p_out, acc.to(out_ptr.dtype.element_ty), mask=m)
     if WEIGHT_GRAD:
-        p_part = part_ptr + pid_n.to(tl.int64) * (N_PART * C) + o_p[:, None] * C + o_c[None, :]
-        tl.store(p_part, b_dw, mask=(o_p < N_PART)[:, None] & m_c[None, :])
+        p_part = part_ptr + pid_n.to(tl.int64) * (N_PART * C) + o_c
+        _store_tap_partials(p_part, C, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
 
 
 @triton.jit(do_not_specialize=_GRID_ARGS)
@@ -144,15 +214,18 @@ def _up_kernel(
     Backward of the stride-2 conv (WEIGHT_GRAD): small = grad_y, zeroed where mask = y <= 0 (GRAD_MASK),
     big = x, out = grad_x (masked by x > 0 when BIG_PRE_RELU), partial[pid, tap] = sum of [ReLU](x) * g[tap]
     and, with N_PART = 10, partial[pid, 9] = sum of g over the centre tap, which meets every small pixel
-    exactly once because the small grid is ceil(big / 2): the bias gradient.
+    exactly once because the small grid is ceil(big / 2): the bias gradient. As in ``_down_kernel`` these
+    are accumulated element-wise over the program's tiles and summed over tokens once at the end.
     """
+    BIAS_GRAD: tl.constexpr = N_PART == 10
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     o_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
-    o_p = tl.arange(0, 16)
     n_big = Hb * Wb
-    b_dw = tl.zeros([16, BLOCK_C], dtype=tl.float32)  # rows: the 9 taps, then the bias
+    zero = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    a_bias = zero
     for i in range(tiles_per_prog):
         o_t = (pid_n + i * num_progs).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] big tokens
         m_n = o_t < n_out
@@ -162,42 +235,32 @@ def _up_kernel(
         o_x = o_s - o_y * Wb
         m = m_n[:, None] & m_c[None, :]
         p_out = o_t[:, None] * C + o_c[None, :]
-        b_g = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        b_big = b_g
+        b_g = zero
+        b_big = zero
         if WEIGHT_GRAD:
             b_g = tl.load(big_ptr + p_out, mask=m, other=0.0).to(tl.float32)
             b_big = b_g
             if BIG_PRE_RELU:
                 b_big = tl.maximum(b_g, 0.0)
-        acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        for ky in tl.static_range(3):
-            n_y = o_y + 1 - ky  # >= -1: clamped so that masked-off lanes still point inside the tensor
-            o_iy = tl.maximum(n_y, 0) // 2
-            m_y = m_n & (n_y >= 0) & ((n_y & 1) == 0) & (o_iy < Hs)
-            for kx in tl.static_range(3):
-                n_x = o_x + 1 - kx
-                o_ix = tl.maximum(n_x, 0) // 2
-                m_t = m_y & (n_x >= 0) & ((n_x & 1) == 0) & (o_ix < Ws)
-                m_v = m_t[:, None] & m_c[None, :]
-                p_small = ((o_b * Hs + o_iy) * Ws + o_ix)[:, None] * C + o_c[None, :]
-                b_v = tl.load(small_ptr + p_small, mask=m_v, other=0.0).to(tl.float32)  # [BN, BC]
-                if SMALL_PRE_RELU:
-                    b_v = tl.maximum(b_v, 0.0)
-                if GRAD_MASK:
-                    b_m = tl.load(mask_ptr + p_small, mask=m_v, other=0.0)
-                    b_v = tl.where(b_m > 0, b_v, 0.0)
-                b_w = tl.load(w_ptr + o_c * 9 + (ky * 3 + kx), mask=m_c, other=0.0).to(tl.float32)  # [BC]
-                acc += b_v * b_w[None, :]
-                if WEIGHT_GRAD:
-                    b_dw += tl.where(o_p[:, None] == ky * 3 + kx, tl.sum(b_big * b_v, axis=0)[None, :], 0.0)
-                    if N_PART == 10 and ky * 3 + kx == 4:
-                        b_dw += tl.where(o_p[:, None] == 9, tl.sum(b_v, axis=0)[None, :], 0.0)
+        tile = (b_big, small_ptr, mask_ptr, w_ptr, o_b, o_y, o_x, m_n, o_c, m_c, Hs, Ws, C)
+        acc = zero
+        acc, a0, a_bias = _up_tap(acc, a0, a_bias, tile, 0, 0, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
+        acc, a1, a_bias = _up_tap(acc, a1, a_bias, tile, 0, 1, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
+        acc, a2, a_bias = _up_tap(acc, a2, a_bias, tile, 0, 2, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
+        acc, a3, a_bias = _up_tap(acc, a3, a_bias, tile, 1, 0, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
+        acc, a4, a_bias = _up_tap(acc, a4, a_bias, tile, 1, 1, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
+        acc, a5, a_bias = _up_tap(acc, a5, a_bias, tile, 1, 2, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
+        acc, a6, a_bias = _up_tap(acc, a6, a_bias, tile, 2, 0, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
+        acc, a7, a_bias = _up_tap(acc, a7, a_bias, tile, 2, 1, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
+        acc, a8, a_bias = _up_tap(acc, a8, a_bias, tile, 2, 2, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
         if WEIGHT_GRAD and BIG_PRE_RELU:
             acc = tl.where(b_g > 0.0, acc, 0.0)
         tl.store(out_ptr + p_out, acc.to(out_ptr.dtype.element_ty), mask=m)
     if WEIGHT_GRAD:
-        p_part = part_ptr + pid_n.to(tl.int64) * (N_PART * C) + o_p[:, None] * C + o_c[None, :]
-        tl.store(p_part, b_dw, mask=(o_p < N_PART)[:, None] & m_c[None, :])
+        p_part = part_ptr + pid_n.to(tl.int64) * (N_PART * C) + o_c
+        _store_tap_partials(p_part, C, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
+        if BIAS_GRAD:
+            tl.store(p_part + 9 * C, tl.sum(a_bias, axis=0), mask=m_c)
 
 
 @triton.jit
@@ -238,14 +301,15 @@ def _shuffle4_ln_bwd_kernel(y_ptr, g_ptr, w_ptr, dy_ptr, part_ptr, n_rows, H, W,
     """LayerNorm backward (statistics recomputed from y), written back through the inverse shuffle.
 
     dy = rstd * (w g - xhat * mean(w g xhat) - mean(w g)); partial[pid] = (sum g xhat, sum g) over the
-    program's tokens.
+    program's tokens, accumulated element-wise over its tiles and summed over tokens once at the end (a
+    cross-warp reduction per tile would dominate the kernel's time).
     """
     pid = tl.program_id(0)
     o_c = tl.arange(0, BLOCK_C)
     m_c = o_c < C
     b_w = tl.load(w_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-    b_db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    a_dw = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    a_db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for i in range(tiles_per_prog):
         o_r = (pid + i * num_progs).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         m = (o_r < n_rows)[:, None] & m_c[None, :]
@@ -261,11 +325,11 @@ def _shuffle4_ln_bwd_kernel(y_ptr, g_ptr, w_ptr, dy_ptr, part_ptr, n_rows, H, W,
         c2 = tl.sum(b_wg, axis=1) / C
         b_dx = (b_wg - b_xhat * c1[:, None] - c2[:, None]) * b_rstd[:, None]
         tl.store(dy_ptr + p_src, b_dx.to(dy_ptr.dtype.element_ty), mask=m)
-        b_dw += tl.sum(b_g * b_xhat, axis=0)
-        b_db += tl.sum(b_g, axis=0)
+        a_dw += b_g * b_xhat
+        a_db += b_g
     p_part = part_ptr + pid.to(tl.int64) * (2 * C) + o_c
-    tl.store(p_part, b_dw, mask=m_c)
-    tl.store(p_part + C, b_db, mask=m_c)
+    tl.store(p_part, tl.sum(a_dw, axis=0), mask=m_c)
+    tl.store(p_part + C, tl.sum(a_db, axis=0), mask=m_c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +345,11 @@ class LaunchConfig:
     LayerNorm kernels always hold whole rows) by tile_elements / block_c tokens. A launch that reduces
     over tokens runs ``programs_per_sm`` programs per SM along the token axis in all, each looping over
     tiles (few programs keep the fp32 partials small).
+
+    The backward kernels also keep tile-shaped fp32 parameter-gradient accumulators across their tile
+    loop (9 taps, plus the bias in the stride-2 backward; 2 in the LayerNorm backward), so their tiles
+    are spread over more threads: 4 elements per thread for the stencils and 16 for the LayerNorm keep
+    them under 128 registers per thread on sm_90, without spills.
     """
 
     tile_elements: int = 4096
@@ -292,11 +361,11 @@ class LaunchConfig:
 # One entry per kernel launch; benchmarks/sampling.py --tune searches them.
 CONFIGS: dict[str, LaunchConfig] = {
     "stride2_fwd": LaunchConfig(),
-    "stride2_bwd": LaunchConfig(),
+    "stride2_bwd": LaunchConfig(tile_elements=1024, num_warps=8),
     "transpose2x_fwd": LaunchConfig(),
-    "transpose2x_bwd": LaunchConfig(),
+    "transpose2x_bwd": LaunchConfig(tile_elements=1024, num_warps=8),
     "shuffle4_ln_fwd": LaunchConfig(),
-    "shuffle4_ln_bwd": LaunchConfig(),
+    "shuffle4_ln_bwd": LaunchConfig(num_warps=8),
 }
 INTERPRETER_PARTIAL_PROGRAMS = 4  # programs along the token axis of a reducing launch under the interpreter
 
