@@ -99,10 +99,11 @@ def _run(command: Sequence[str]) -> str | None:
 
 def git_state() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the repository the benchmarks live in; (None, None) outside a git checkout."""
-    commit = _run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"])
-    if not commit and os.environ.get("MLLA_FAST_COMMIT"):
-        # a copy of the tree without .git (e.g. shipped to a GPU machine): the sender names the commit
+    if os.environ.get("MLLA_FAST_COMMIT"):
+        # a copy of the tree shipped elsewhere (e.g. to a GPU machine, without .git or with a stale one):
+        # the sender names the commit
         return os.environ["MLLA_FAST_COMMIT"], os.environ.get("MLLA_FAST_DIRTY") == "1"
+    commit = _run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"])
     if not commit:
         return None, None
     status = _run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"])

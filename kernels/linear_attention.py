@@ -52,23 +52,24 @@ class LinearAttentionConfig:
     ``lowp_dot_precision`` is the tl.dot input precision for bf16/fp16 activations ("tf32" or
     "ieee"); fp32 activations always use "ieee" so the fp32 path meets the 1e-5 rule. ``pair_loads``:
     "split" loads a head's 32 channels at once and splits the RoPE pairs in registers, "strided" loads
-    the even and odd channels separately. ``trig``: "table" gathers cos/sin from a cached
-    (max(H, W), C/4, 2) table computed in float64 (the reference's own values), "compute" evaluates
-    them in the kernels from fp32 angles.
+    the even and odd channels separately. ``trig``: "compute" evaluates cos/sin in the kernels from fp32
+    angles, "table" gathers them from a cached (max(H, W), C/4, 2) table computed in float64 (the
+    reference's own values) — slower on an H200 (fwd+bwd at 2x512²x64 bf16: 2.59 ms against 2.30 ms).
+    The defaults are the best of ``benchmarks/attention.py --tune`` on an H200 (see its results).
     """
 
-    fwd_reduce_block_n: int = 128
-    fwd_reduce_warps: int = 8
+    fwd_reduce_block_n: int = 64
+    fwd_reduce_warps: int = 4
     fwd_out_block_n: int = 64
     fwd_out_warps: int = 8
     bwd_q_block_n: int = 64
-    bwd_q_warps: int = 8
+    bwd_q_warps: int = 4
     bwd_kv_block_n: int = 64
     bwd_kv_warps: int = 8
     programs_per_sm: int = 4
     lowp_dot_precision: str = "tf32"
     pair_loads: str = "split"
-    trig: str = "table"
+    trig: str = "compute"
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .backend import check_backend, use_fused
+from .mlp import chunked_mlp, chunked_mlp_supported
 from .reference.block import MLLABlock as ReferenceMLLABlock
 from .reference.block import resolve_grid
 from .reference.ops import drop_path
@@ -68,10 +69,13 @@ class MLLABlock(ReferenceMLLABlock):
         r, h = cpe_residual_norm(
             x, self.cpe2.weight, self.cpe2.bias, self.norm2.weight, self.norm2.bias, hw, self.norm2.eps
         )
-        if torch.is_grad_enabled():
-            # The MLP's hidden activations (8C per token) are recomputed in the backward instead of saved, for
-            # one extra MLP pass; with the LayerNorm inputs and the gate recomputed inside the kernels, the
-            # block keeps about 11C per token for its backward (the reference: 30C).
+        # The MLP's hidden activations (8C per token) are recomputed in the backward instead of saved, for
+        # one extra fc1 pass, and over token chunks, so that its 4C-wide transients never exist for all tokens
+        # at once; with the LayerNorm inputs and the gate recomputed inside the kernels, the block keeps
+        # about 11C per token for its backward (the reference: 30C).
+        if chunked_mlp_supported(self.mlp, h):
+            mlp_out = chunked_mlp(self.mlp, h)
+        elif torch.is_grad_enabled():
             # The RNG state is stashed for the recompute only when the MLP draws random numbers: reading the
             # CUDA RNG state is host work on every step and, before PyTorch 2.10, an error inside CUDA graph
             # capture (mlla_fast.graphs).

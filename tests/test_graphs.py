@@ -115,14 +115,20 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_graphed_training_matches_eager(backend):
     """Three graphed steps against three eager steps of a twin from the same state, in fp32: the same
-    kernels in the same order, so the losses, parameters and BatchNorm statistics agree to 1e-5."""
+    kernels in the same order, so the losses, parameters and BatchNorm statistics agree to 1e-5.
+
+    SGD with momentum, not AdamW: a parameter whose gradient is zero in exact arithmetic (a convolution
+    bias followed by BatchNorm) gets rounding noise, and Adam turns noise of either sign into steps of
+    the full learning rate, so two correct runs can differ by ~lr there. (On an H200 the graphed and
+    eager fused runs differed by 6e-4 relative in such a bias under AdamW.) SGD keeps rounding
+    differences at rounding size. AdamW under capture is exercised by ``benchmarks/model.py``."""
     if backend == "triton" and not TRITON_INSTALLED:
         pytest.skip("Triton is not installed")
     device = torch.device("cuda")
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = mlla_fast.create_model("tiny", num_classes=3, img_size=64, backend=backend, **SMALL_UNET).to(device)
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, capturable=True)
+        return model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.01)
 
     gen = torch.Generator(device).manual_seed(1)
     batches = [(torch.randn(2, 3, 64, 64, generator=gen, device=device),

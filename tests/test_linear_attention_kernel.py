@@ -34,6 +34,7 @@ LARGE_BLOCKS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=_LARGE, fwd_out_b
 MANY_SPLITS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=16, fwd_out_block_n=16, bwd_q_block_n=16,
                                   bwd_kv_block_n=16, programs_per_sm=64, pair_loads="strided", trig="compute")
 COMPUTED_TRIG = dataclasses.replace(DEFAULT, trig="compute")
+TRIG_TABLE = dataclasses.replace(DEFAULT, trig="table")
 
 
 @pytest.fixture(autouse=True)
@@ -109,6 +110,7 @@ FP32_CASES = [
     pytest.param(1, 1, 33, 64, 1.0, False, DEFAULT, id="1x33-C64-nogate"),
     pytest.param(3, 7, 7, 32, 1.0, True, DEFAULT, id="B3-7x7-C32"),
     pytest.param(2, 13, 17, 96, 1.0, True, LARGE_BLOCKS, id="B2-13x17-C96"),
+    pytest.param(2, 9, 7, 64, 3.0, True, TRIG_TABLE, id="B2-9x7-C64-trig-table"),
     pytest.param(1, 14, 14, 128, 30.0, True, LARGE_BLOCKS, id="14x14-C128-scale30"),
     pytest.param(1, 32, 32, 64, 30.0, True, LARGE_BLOCKS, id="32x32-C64-scale30"),
     pytest.param(2, 5, 9, 64, 3.0, True, MANY_SPLITS, id="B2-5x9-C64-many-splits"),
@@ -200,7 +202,7 @@ def test_deterministic(config, device):
         assert torch.equal(g1[name], g2[name]), f"d{name} differs between two runs"
 
 
-@pytest.mark.parametrize("config", [DEFAULT], indirect=True)
+@pytest.mark.parametrize("config", [TRIG_TABLE], indirect=True)
 def test_rope_table_is_the_reference_table(config, device):
     """trig="table": the kernels gather exactly the reference's float64-computed table, rounded to float32,
     at angles beyond 2000 rad."""

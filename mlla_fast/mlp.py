@@ -1,0 +1,88 @@
+"""The block's MLP (fc1 -> GELU -> fc2) over token chunks, recomputed chunk by chunk in the backward.
+
+The MLP's hidden layer is 4C wide. Run over all tokens at once, its forward holds fc1's output and the
+GELU of it (8C per token) and its backward four such tensors (the recomputed fc1 output and GELU, their
+gradients): at 1024² tokens, batch 2, C=64 in bf16 that is 4 GiB of transients, more than everything
+else the block keeps. ``chunked_mlp`` computes the MLP over chunks of about ``HIDDEN_CHUNK`` hidden
+elements, keeps only its input for the backward, and in the backward recomputes each chunk's hidden
+activations, takes their gradients, and accumulates the weight gradients in fp32 (fp64 for fp64
+weights). The hidden transients shrink to one chunk's; the price is one extra fc1 GEMM and GELU, as
+with activation checkpointing.
+
+Autocast is honoured explicitly: under autocast the GEMMs run in the autocast dtype with the weights
+cast once per call, as ``F.linear`` would; the backward uses the dtype the forward used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HIDDEN_CHUNK = 1 << 24  # hidden elements per chunk: 32 MiB in bf16, GEMMs still large enough to run at speed
+
+
+def _compute_dtype(h: Tensor) -> torch.dtype:
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return h.dtype
+
+
+def _chunks(tokens: int, hidden: int) -> list[tuple[int, int]]:
+    per = max(1, HIDDEN_CHUNK // hidden)
+    return [(s, min(s + per, tokens)) for s in range(0, tokens, per)]
+
+
+class _ChunkedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, approximate: str) -> Tensor:
+        dtype = _compute_dtype(h)
+        with torch.autocast(h.device.type, enabled=False):
+            w1c, b1c, w2c, b2c = (t.to(dtype) for t in (w1, b1, w2, b2))
+            x = h.reshape(-1, h.shape[-1])
+            out = torch.empty(x.shape[0], w2.shape[0], dtype=dtype, device=h.device)
+            for s, e in _chunks(x.shape[0], w1.shape[0]):
+                hidden = F.gelu(F.linear(x[s:e].to(dtype), w1c, b1c), approximate=approximate)
+                torch.addmm(b2c, hidden, w2c.t(), out=out[s:e])
+        ctx.save_for_backward(h, w1, b1, w2)
+        ctx.dtype, ctx.approximate = dtype, approximate
+        return out.reshape(*h.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        h, w1, b1, w2 = ctx.saved_tensors
+        dtype, approximate = ctx.dtype, ctx.approximate
+        w1c, b1c, w2c = (t.to(dtype) for t in (w1, b1, w2))
+        x = h.reshape(-1, h.shape[-1])
+        dy = dout.reshape(-1, dout.shape[-1])
+        dx = torch.empty_like(x)
+        acc = torch.promote_types(w1.dtype, torch.float32)  # weight gradients summed over chunks in fp32 (or fp64)
+        dw1 = torch.zeros(w1.shape, dtype=acc, device=h.device)
+        db1 = torch.zeros(b1.shape, dtype=acc, device=h.device)
+        dw2 = torch.zeros(w2.shape, dtype=acc, device=h.device)
+        db2 = torch.zeros(w2.shape[0], dtype=acc, device=h.device)
+        for s, e in _chunks(x.shape[0], w1.shape[0]):
+            xc, dyc = x[s:e].to(dtype), dy[s:e].to(dtype)
+            pre = F.linear(xc, w1c, b1c)
+            dw2 += (dyc.t() @ F.gelu(pre, approximate=approximate)).to(acc)
+            db2 += dyc.sum(0, dtype=acc)
+            dpre = torch.ops.aten.gelu_backward(dyc @ w2c, pre, approximate=approximate)
+            del pre
+            dw1 += (dpre.t() @ xc).to(acc)
+            db1 += dpre.sum(0, dtype=acc)
+            dx[s:e] = dpre @ w1c
+        return dx.reshape(h.shape), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype), None
+
+
+def chunked_mlp_supported(mlp: nn.Module, h: Tensor) -> bool:
+    """Whether ``chunked_mlp`` computes exactly this MLP here: fc1 -> GELU -> fc2 with biases and no active
+    dropout, and inputs the GEMMs accept (the weights' dtype, or any dtype under autocast)."""
+    return (isinstance(getattr(mlp, "act", None), nn.GELU) and mlp.fc1.bias is not None and mlp.fc2.bias is not None
+            and not (mlp.training and mlp.drop.p > 0)
+            and (torch.is_autocast_enabled(h.device.type) or h.dtype == mlp.fc1.weight.dtype))
+
+
+def chunked_mlp(mlp: nn.Module, h: Tensor) -> Tensor:
+    """``mlp(h)`` over token chunks, keeping only h for the backward (see the module docstring)."""
+    return _ChunkedMLP.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.act.approximate)
