@@ -39,7 +39,11 @@ from ..reference.ops import check_tokens
 
 CHANNEL_MULTIPLE = 32
 MAX_NORM_CHANNELS = 4096
-TILE_ELEMENTS = 2048
+# Elements (tokens x channels) of one program's tile. Measured on an H200 (the stencil kernels' GPU time in
+# a MLLA-UNet-T training step, 224², batch 48, bf16): 512 -> 8.8 ms, 2048 -> 27 ms. Smaller tiles mean
+# fewer warps per program (the backward kernels hold ~4 elements per thread), so a program's LayerNorm
+# row sums and barriers span fewer warps and more programs fit on an SM at once.
+TILE_ELEMENTS = 512
 PARTIAL_PROGRAMS = 1024
 TAPS = 9
 

@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HIDDEN_CHUNK = 1 << 24  # hidden elements per chunk: 32 MiB in bf16, GEMMs still large enough to run at speed
+# Hidden elements per chunk: 128 MiB in bf16. With chunks of 2^24, a 512² block's fwd+bwd (batch 2, bf16)
+# took 11.4 ms on an H200 against 9.75 ms with one unchunked recompute; larger chunks mean fewer, larger
+# GEMMs and still only a few chunks' transients at large grids.
+HIDDEN_CHUNK = 1 << 26
 
 
 def _compute_dtype(h: Tensor) -> torch.dtype:
