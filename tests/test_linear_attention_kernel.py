@@ -256,11 +256,12 @@ def test_torch_compile_dynamic_grid(config, device):
 def test_opcheck(gate, config, device):
     inputs = make_inputs(1, 3, 4, 32, device, gate=gate)
     args = [inputs[k] for k in GRAD_NAMES]
-    torch.library.opcheck(la.linear_attention_fwd_op, (*args, 3, 4, 1))
-    y, kv, ksum = la.linear_attention_fwd_op(*args, 3, 4, 1)
-    detached = [x.detach() if x is not None else None for x in args]
-    torch.library.opcheck(la.linear_attention_bwd_op,
-                          (torch.randn_like(y), *detached, kv.detach(), ksum.detach(), 3, 4, 1))
+    for gate_silu in (False, True):
+        torch.library.opcheck(la.linear_attention_fwd_op, (*args, 3, 4, 1, gate_silu))
+        y, kv, ksum = la.linear_attention_fwd_op(*args, 3, 4, 1, gate_silu)
+        detached = [x.detach() if x is not None else None for x in args]
+        torch.library.opcheck(la.linear_attention_bwd_op,
+                              (torch.randn_like(y), *detached, kv.detach(), ksum.detach(), 3, 4, 1, gate_silu))
 
 
 def _bad(**changes):
