@@ -375,7 +375,7 @@ def stencil_build(op: str, mode: str, B: int, H: int, W: int, E: int, dtype: tor
                     lambda: (randn(B, 4 * n // B, E), randn(B, n // B, E)))
         nw, nb = 1 + 0.3 * torch.randn(E, device=device), torch.randn(E, device=device)
         if mode == "fwd":
-            return (lambda y: ops.pixel_shuffle4_layernorm_fwd(y, nw, nb, H, W, 1e-5),
+            return (lambda y: ops.pixel_shuffle4_layernorm_fwd(y, nw, nb, H, W, 1e-5, False),
                     lambda: (randn(B, H * W, 16 * E),))
         return (lambda g, y: ops.pixel_shuffle4_layernorm_bwd(g, y, nw, H, W, 1e-5),
                 lambda: (randn(B, 16 * H * W, E), randn(B, H * W, 16 * E)))

@@ -527,11 +527,12 @@ def _shuffle4_blocks(C: int, config: LaunchConfig) -> tuple[int, int, int]:
 
 @torch.library.custom_op(
     "mlla_fast::pixel_shuffle4_layernorm_fwd", mutates_args=(),
-    schema="(Tensor y, Tensor weight, Tensor bias, SymInt H, SymInt W, float eps) -> Tensor",
+    schema="(Tensor y, Tensor weight, Tensor bias, SymInt H, SymInt W, float eps, bool fp32_out) -> Tensor",
 )
-def _pixel_shuffle4_layernorm_fwd(y: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, eps: float) -> Tensor:
+def _pixel_shuffle4_layernorm_fwd(y: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, eps: float,
+                                  fp32_out: bool) -> Tensor:
     B, C = y.shape[0], y.shape[2] // 16
-    out = _empty((B, 16 * H * W, C), y.dtype, y.device)
+    out = _empty((B, 16 * H * W, C), torch.float32 if fp32_out else y.dtype, y.device)
     block_r, block_c, num_warps = _shuffle4_blocks(C, CONFIGS["shuffle4_ln_fwd"])
     n_rows = B * 16 * H * W
     _shuffle4_ln_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
@@ -542,8 +543,8 @@ def _pixel_shuffle4_layernorm_fwd(y: Tensor, weight: Tensor, bias: Tensor, H: in
 
 
 @_pixel_shuffle4_layernorm_fwd.register_fake
-def _(y: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, eps: float) -> Tensor:
-    return y.new_empty((y.shape[0], 16 * H * W, y.shape[2] // 16))
+def _(y: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, eps: float, fp32_out: bool) -> Tensor:
+    return y.new_empty((y.shape[0], 16 * H * W, y.shape[2] // 16), dtype=torch.float32 if fp32_out else y.dtype)
 
 
 @torch.library.custom_op(
@@ -619,7 +620,9 @@ class PixelShuffle4LayerNormFunction(torch.autograd.Function):
     def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor, H: int, W: int, eps: float) -> Tensor:
         ctx.save_for_backward(y, weight, bias)
         ctx.grid = (H, W, eps)
-        return torch.ops.mlla_fast.pixel_shuffle4_layernorm_fwd(y, weight, bias, H, W, eps)
+        # The output dtype F.layer_norm would give here: autocast runs LayerNorm in fp32 on CUDA.
+        fp32_out = F.layer_norm(y.new_empty((0, y.shape[2] // 16)), (y.shape[2] // 16,)).dtype == torch.float32
+        return torch.ops.mlla_fast.pixel_shuffle4_layernorm_fwd(y, weight, bias, H, W, eps, fp32_out)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -750,7 +753,8 @@ def pixel_shuffle4_layernorm(y: Tensor, hw: tuple[int, int], norm_weight: Tensor
         hw: the input grid (H, W). norm_weight, norm_bias: (C,). eps: the LayerNorm epsilon.
 
     Returns:
-        (B, 16*H*W, C) LayerNorm'd tokens in y's dtype.
+        (B, 16*H*W, C) LayerNorm'd tokens in y's dtype, or in fp32 where autocast runs LayerNorm in fp32
+        (as PyTorch does on CUDA).
     """
     H, W = _check_input(y, hw, "y")
     if y.shape[2] % 16:
