@@ -249,8 +249,8 @@ def fit_slopes(rows: Sequence[dict[str, Any]], fit_min: int) -> list[dict[str, A
     """Log-log slopes of time and of peak memory against pixels per (variant, mode), measured points only.
 
     Over the grids >= fit_min² (above the launch-bound regime). A variant with fewer than two measured
-    points there (softmax attention runs out of memory long before) is fitted over its largest three
-    measured grids instead, and its row says so (``fallback``)."""
+    points there (softmax attention runs out of memory long before) is fitted over its two largest
+    measured grids instead (the smaller ones are the most launch-bound), and its row says so (``fallback``)."""
     out = []
     for key in dict.fromkeys((r["variant"], r["mode"]) for r in rows):
         ok = sorted((r for r in rows if (r["variant"], r["mode"]) == key and r["status"] == "ok"),
@@ -258,7 +258,7 @@ def fit_slopes(rows: Sequence[dict[str, Any]], fit_min: int) -> list[dict[str, A
         fitted = [r for r in ok if r["pixels"] >= fit_min**2]
         fallback = len(fitted) < 2
         if fallback:
-            fitted = ok[-3:]
+            fitted = ok[-2:]
         pixels = [r["pixels"] for r in fitted]
         out.append({
             "variant": key[0], "mode": key[1], "fit_min_pixels": fit_min**2, "fallback": fallback,
