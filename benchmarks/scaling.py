@@ -21,12 +21,15 @@ Prints a table, fits the log-log slope of time and of peak memory against pixel 
 
     python benchmarks/scaling.py                                    # the full default run (GPU)
     python benchmarks/scaling.py --batch 2 --grids 512 1024 --modes fwd+bwd --variants fused eager compiled
+    python benchmarks/scaling.py --from-json benchmarks/results/nvidia-h200/scaling_C64_h2_B1_bf16.json  # refit
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +65,7 @@ from benchmarks.common import (
     fmt_ms,
     fmt_ratio,
     format_table,
+    git_state,
     measure,
     output_dir,
     release_compiled,
@@ -368,6 +372,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fit-min", type=int, default=None, metavar="SIDE",
                         help="fit slopes over grids with at least SIDE² pixels (default: 1024 on a GPU, where smaller "
                              "grids are launch-bound at B=1; 32 on CPU)")
+    parser.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                        help="measure nothing: refit the slopes of a results JSON of this script (with --fit-min "
+                             "if given) and rewrite its slopes, table and plot")
     parser.add_argument("--check-grid", type=parse_grid, default=(32, 48), metavar="HxW",
                         help="grid of the fused variant's correctness check")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of 'compiled'")
@@ -377,8 +384,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def refit(path: Path, fit_min: int | None) -> int:
+    """--from-json: the slopes, table and plot of a results JSON again, from its measured rows (nothing is
+    re-measured): the JSON's ``slopes`` are replaced and ``slopes_refitted`` says by which commit, when."""
+    try:
+        payload = json.loads(path.read_text())
+        config, rows, env = payload["config"], payload["results"], payload["env"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"--from-json {path}: expected a results JSON written by this script ({exc})") from exc
+    args = argparse.Namespace(**{**config, "fit_min": fit_min or config["fit_min"],
+                                 "grids": [parse_grid(g) for g in config["grids"]]})
+    slopes = fit_slopes(rows, args.fit_min)
+    title = (f"MLLA block scaling: C={args.dim}, heads={args.heads}, B={args.batch}, {args.dtype} | "
+             f"{env['card']} | {env['label']}")
+    print(title)
+    print(describe_environment(env))
+    print(report(rows, slopes, args))
+    commit, dirty = git_state()
+    payload["config"]["fit_min"] = args.fit_min
+    payload["slopes"] = slopes
+    payload["slopes_refitted"] = {"by": "benchmarks/scaling.py --from-json", "commit": commit, "dirty": dirty,
+                                  "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    write_json(path, payload)
+    written = [path]
+    try:
+        plot(rows, slopes, path.with_suffix(".png"), title)
+        written.append(path.with_suffix(".png"))
+    except ImportError as exc:
+        print(f"no plot: {exc}")
+    print("\nrewrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:
+        return refit(args.from_json, args.fit_min)
     device = default_device()
     cpu = device.type != "cuda"
     if cpu:

@@ -213,6 +213,33 @@ def test_scaling_cpu_demo_writes_results(tmp_path):
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert (out / ".gitignore").exists()
 
+    # --from-json: the same rows refitted (here from 16² up: one point each, so every variant falls back to
+    # its two largest grids), nothing re-measured
+    refit = run_script("benchmarks/scaling.py", "--from-json", str(stem.with_suffix(".json")), "--fit-min", "16")
+    assert "largest measured" in refit.stdout and "rewrote" in refit.stdout
+    again = json.loads(stem.with_suffix(".json").read_text())
+    assert again["results"] == rows and again["config"]["fit_min"] == 16
+    assert again["slopes_refitted"]["by"] == "benchmarks/scaling.py --from-json"
+    assert all(s["fallback"] and s["grids"] == ["8x8", "16x16"] for s in again["slopes"] if s["variant"] != "fused")
+
+
+def test_slope_fit_above_the_minimum_with_a_fallback(bench):
+    """Slopes over the grids >= fit_min²; a variant with fewer than two points there (softmax attention,
+    out of memory early) is fitted over its two largest measured grids and marked as such."""
+    rows = []
+    for variant, power, largest in (("fused", 1.0, 4096), ("softmax", 2.0, 256)):
+        for side in (64, 128, 256, 512, 1024, 2048, 4096):
+            ok = side <= largest
+            rows.append({"variant": variant, "mode": "fwd", "grid": f"{side}x{side}", "pixels": side * side,
+                         "status": "ok" if ok else "oom", "median_ms": 1e-6 * side ** (2 * power) + (5.0 if
+                         side == 64 else 0.0) if ok else None, "peak_bytes": 100 * side * side if ok else None})
+    slopes = {s["variant"]: s for s in bench["scaling"].fit_slopes(rows, 1024)}
+    assert slopes["fused"]["grids"] == ["1024x1024", "2048x2048", "4096x4096"] and not slopes["fused"]["fallback"]
+    assert slopes["fused"]["time_slope"] == pytest.approx(1.0) and slopes["fused"]["memory_slope"] == pytest.approx(1.0)
+    # the launch-bound 64² point (+5 ms) is left out of the fallback fit
+    assert slopes["softmax"]["fallback"] and slopes["softmax"]["grids"] == ["128x128", "256x256"]
+    assert slopes["softmax"]["time_slope"] == pytest.approx(2.0)
+
 
 def test_model_cpu_demo_writes_results(tmp_path):
     # the tiny config shrunk to one block per stage at C0 = 32, so that it runs in seconds on a CPU
