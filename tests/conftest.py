@@ -24,3 +24,19 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _nan_empty(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """poison_outputs(*modules): every allocation of those kernel modules' ``_empty`` (their outputs and
+    partial buffers) starts as NaN, so an element the kernels fail to write shows up in the results."""
+
+    def poison(*modules):
+        for module in modules:
+            monkeypatch.setattr(module, "_empty", _nan_empty)
+
+    return poison

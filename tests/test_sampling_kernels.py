@@ -49,11 +49,8 @@ LOWP = [torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(sampling, "_empty", poisoned)
+def _poison_outputs(poison_outputs):
+    poison_outputs(sampling)
 
 
 def leaves(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
