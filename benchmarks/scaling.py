@@ -384,6 +384,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_title(args: argparse.Namespace, env: dict[str, Any]) -> str:
+    return (f"MLLA block scaling: C={args.dim}, heads={args.heads}, B={args.batch}, {args.dtype} | "
+            f"{env['card']} | {env['label']}")
+
+
+def write_plot(rows: Sequence[dict[str, Any]], slopes: Sequence[dict[str, Any]], path: Path, title: str,
+               written: list[Path]) -> None:
+    """The PNG (appended to written), or a note when matplotlib is missing."""
+    try:
+        plot(rows, slopes, path, title)
+        written.append(path)
+    except ImportError as exc:
+        print(f"no plot: {exc}")
+
+
 def refit(path: Path, fit_min: int | None) -> int:
     """--from-json: the slopes, table and plot of a results JSON again, from its measured rows (nothing is
     re-measured): the JSON's ``slopes`` are replaced and ``slopes_refitted`` says by which commit, when."""
@@ -395,8 +410,7 @@ def refit(path: Path, fit_min: int | None) -> int:
     args = argparse.Namespace(**{**config, "fit_min": fit_min or config["fit_min"],
                                  "grids": [parse_grid(g) for g in config["grids"]]})
     slopes = fit_slopes(rows, args.fit_min)
-    title = (f"MLLA block scaling: C={args.dim}, heads={args.heads}, B={args.batch}, {args.dtype} | "
-             f"{env['card']} | {env['label']}")
+    title = run_title(args, env)
     print(title)
     print(describe_environment(env))
     print(report(rows, slopes, args))
@@ -407,11 +421,7 @@ def refit(path: Path, fit_min: int | None) -> int:
                                   "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     write_json(path, payload)
     written = [path]
-    try:
-        plot(rows, slopes, path.with_suffix(".png"), title)
-        written.append(path.with_suffix(".png"))
-    except ImportError as exc:
-        print(f"no plot: {exc}")
+    write_plot(rows, slopes, path.with_suffix(".png"), title, written)
     print("\nrewrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -430,8 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.fit_min = args.fit_min or (32 if cpu else 1024)
     timing = timing_from_args(args)
     env = environment(device)
-    title = (f"MLLA block scaling: C={args.dim}, heads={args.heads}, B={args.batch}, {args.dtype} | "
-             f"{env['card']} | {env['label']}")
+    title = run_title(args, env)
     print(title)
     print(describe_environment(env))
 
@@ -460,11 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(stem.with_suffix(".json"), payload)
         write_csv(stem.with_suffix(".csv"), rows, env)
         written = [stem.with_suffix(".json"), stem.with_suffix(".csv")]
-        try:
-            plot(rows, slopes, stem.with_suffix(".png"), title)
-            written.append(stem.with_suffix(".png"))
-        except ImportError as exc:
-            print(f"no plot: {exc}")
+        write_plot(rows, slopes, stem.with_suffix(".png"), title, written)
         print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 
