@@ -12,10 +12,11 @@ a-pairs, rows 16-31 the b-pairs), as is the d-vector mean phi(k).
 
 Forward: ``_la_fwd_reduce_kernel`` (partials of kv and sum phi(k) over token ranges, summed in a fixed
 order on the host: deterministic), then ``_la_fwd_out_kernel`` (one pass over tokens: phi, RoPE,
-q~ . kv, normaliser, LePE stencil, gate). Backward: ``_la_bwd_q_kernel`` (what needs only the forward's
-state: dq, dg, the gated output gradient do = dy * g, and partials of dKV and of the normaliser's k-side
-vector), the LePE weight/bias gradients from do and v by the depthwise-conv parameter-gradient kernel of
-``kernels/dwconv.py`` (element-wise accumulators over 2-D tiles, one reduction per program), then
+q~ . kv, normaliser, LePE stencil, gate). Backward: with a gate, ``_la_fwd_out_kernel`` again in its
+GATE_GRAD variant (dg and the gated output gradient do = dy * gate); ``_la_bwd_q_kernel`` (what needs only
+the forward's state and do: dq, and partials of dKV and of the normaliser's k-side vector); the LePE
+weight/bias gradients from do and v by the depthwise-conv parameter-gradient kernel of
+``kernels/dwconv.py`` (element-wise accumulators over 2-D tiles, one reduction per program); then
 ``_la_bwd_kv_kernel`` (dk; dv through kv and the transposed LePE stencil of do).
 Only the inputs and kv, mean phi(k) (O(B h d^2)) are kept for the backward; everything else is
 recomputed. The derivation is in ``kernels/README.md``.
@@ -317,19 +318,6 @@ def _la_fwd_out_kernel(
         else:
             b_o *= b_g
     tl.store(p_yt, b_o.to(p_y.dtype.element_ty), mask=m_n[:, None])
-
-
-@triton.jit
-def _load_do(p_dy, p_g, o_n, m_n, o_c, s_dy_n, s_g_n, HAS_GATE: tl.constexpr):
-    """dy and do = dy * g [BN, 32] in fp32 at tokens o_n (0 where m_n is false)."""
-    o_n64 = o_n.to(tl.int64)
-    b_dy = tl.load(p_dy + o_n64[:, None] * s_dy_n + o_c[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
-    if HAS_GATE:
-        b_g = tl.load(p_g + o_n64[:, None] * s_g_n + o_c[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
-        b_do = b_dy * b_g
-    else:
-        b_do = b_dy
-    return b_dy, b_do
 
 
 @triton.jit
