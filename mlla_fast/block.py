@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .backend import check_backend, use_fused
-from .mlp import chunked_mlp, chunked_mlp_supported
+from .mlp import chunked_mlp, chunked_mlp_supported, mlp_is_random
 from .reference.block import MLLABlock as ReferenceMLLABlock
 from .reference.block import resolve_grid
 from .reference.ops import drop_path
@@ -43,10 +43,6 @@ class MLLABlock(ReferenceMLLABlock):
             return self.fused_forward(x, hw)
         return super().forward(x, hw)
 
-    def mlp_is_random(self) -> bool:
-        """Whether the MLP draws random numbers in this call: its dropout (its only random op) is active."""
-        return self.mlp.training and self.mlp.drop.p > 0
-
     def fused_forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         """The block on fused kernels: stencils + norms, gate/value GEMM, fused attention, MLP on cuBLAS
         (recomputed in the backward)."""
@@ -79,7 +75,7 @@ class MLLABlock(ReferenceMLLABlock):
             # The RNG state is stashed for the recompute only when the MLP draws random numbers: reading the
             # CUDA RNG state is host work on every step and, before PyTorch 2.10, an error inside CUDA graph
             # capture (mlla_fast.graphs).
-            mlp_out = checkpoint(self.mlp, h, use_reentrant=False, preserve_rng_state=self.mlp_is_random())
+            mlp_out = checkpoint(self.mlp, h, use_reentrant=False, preserve_rng_state=mlp_is_random(self.mlp))
         else:
             mlp_out = self.mlp(h)
         return r + drop_path(mlp_out, self.drop_path_prob, self.training)

@@ -78,11 +78,16 @@ class _ChunkedMLP(torch.autograd.Function):
         return dx.reshape(h.shape), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(w2.dtype), None
 
 
+def mlp_is_random(mlp: nn.Module) -> bool:
+    """Whether the MLP draws random numbers in this call: its dropout (its only random op) is active."""
+    return mlp.training and mlp.drop.p > 0
+
+
 def chunked_mlp_supported(mlp: nn.Module, h: Tensor) -> bool:
     """Whether ``chunked_mlp`` computes exactly this MLP here: fc1 -> GELU -> fc2 with biases and no active
     dropout, and inputs the GEMMs accept (the weights' dtype, or any dtype under autocast)."""
     return (isinstance(getattr(mlp, "act", None), nn.GELU) and mlp.fc1.bias is not None and mlp.fc2.bias is not None
-            and not (mlp.training and mlp.drop.p > 0)
+            and not mlp_is_random(mlp)
             and (torch.is_autocast_enabled(h.device.type) or h.dtype == mlp.fc1.weight.dtype))
 
 
