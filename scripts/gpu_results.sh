@@ -4,9 +4,12 @@
 # plot), the attention op, the block at B=2 (bf16 with torch.compile, fp32), the U-Net training step
 # with and without CUDA graphs, and a per-kernel profile. Results and logs go to OUT/<card slug>/.
 #
-# Usage: scripts/gpu_results.sh OUT [SECONDS]
+# Usage: scripts/gpu_results.sh OUT [SECONDS [STEP...]]
 #   OUT      results root (e.g. benchmarks/results, or $OUT on a lent GPU machine)
 #   SECONDS  the whole run's budget (default 3000); a step that would start with under 30 s left is skipped
+#   STEP     run only these steps, in the order below (default: all). Steps: tests_<name> for each
+#            tests/test_<name>.py below, scaling_B1, attention, scaling_B2_bf16, scaling_B2_fp32, model,
+#            model_sizes, micro, profile_unet; a GPU lease with a per-call limit runs them over several calls
 # Environment: PYTHON (python3), MLLA_FAST_COMMIT (the commit, where the tree has no usable .git).
 set -uo pipefail
 
@@ -21,9 +24,13 @@ LOGS="$OUT/$CARD"
 mkdir -p "$LOGS"
 START=$(date +%s)
 
+shift $(($# < 2 ? $# : 2))
+WANTED=" $* "
+
 step() {  # step NAME SECONDS COMMAND...: run COMMAND (from the repository root) into LOGS/NAME.log
     local name=$1 limit=$2
     shift 2
+    [ "$WANTED" = "  " ] || [[ "$WANTED" == *" $name "* ]] || return 0
     local left=$((BUDGET - ($(date +%s) - START)))
     if [ "$left" -lt 30 ]; then
         echo "== $name: skipped, ${left} s of the budget left"
@@ -48,5 +55,8 @@ step scaling_B2_fp32 300 "$PY" benchmarks/scaling.py --batch 2 --grids 512 1024 
     --variants fused eager --out "$OUT"
 step model 900 "$PY" benchmarks/model.py --models tiny --sizes 224:48 1024:4 --modes train infer --dtypes bf16 \
     --variants fused fused-graph eager eager-graph compiled --compiled-sizes 224 --out "$OUT"
+step model_sizes 900 "$PY" benchmarks/model.py --models tiny small base --sizes 224:48 512:8 1024:2 \
+    --modes train infer --dtypes bf16 fp32 --variants fused eager --out "$OUT"
+step micro 600 "$PY" -m pytest -p no:cacheprovider -q benchmarks/micro --benchmark-json="$LOGS/micro.json"
 step profile_unet 300 "$PY" benchmarks/profile_block.py --model tiny --image 224 --batch 48
 echo "== done in $(($(date +%s) - START)) s; results in $LOGS"
