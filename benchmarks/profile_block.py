@@ -1,15 +1,22 @@
 """Where the time of one MLLA block (or a whole MLLA-UNet training step) goes, kernel by kernel, on a GPU.
 
 Runs a few warm-up calls, then profiles ``--steps`` calls of forward+backward under the CUDA profiler
-and prints the kernels sorted by total GPU time, with their share of the whole.
+and prints the kernels sorted by total GPU time, with their share of the whole. With ``--host`` it
+profiles the host side instead, for steps bound by launch overhead: the wall time per step, the host
+operators by self CPU time (torch profiler) and the Python functions by own time (cProfile).
 
     python benchmarks/profile_block.py --grid 512 --batch 2 --backend triton     # one block, bf16 autocast
     python benchmarks/profile_block.py --model tiny --image 224 --batch 48         # a U-Net training step
+    python benchmarks/profile_block.py --model tiny --image 224 --batch 48 --host  # its host side
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -38,6 +45,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=mlla_fast.BACKENDS, default="triton")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--host", action="store_true", help="profile the host side (CPU time) instead of the GPU")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_block.py needs a CUDA device")
@@ -58,6 +66,9 @@ def main() -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if args.host:
+        profile_host(step, args)
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             step()
@@ -71,6 +82,32 @@ def main() -> None:
     for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[: args.rows]:
         print(f"{e.self_device_time_total / 1e3 / args.steps:9.3f} {e.self_device_time_total / total:6.1%} "
               f"{e.count // args.steps:6d}  {e.key[:110]}")
+
+
+def profile_host(step, args: argparse.Namespace) -> None:
+    """Wall time per step, then the host side of the steps: operators by self CPU time, Python by own time."""
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / args.steps
+    print(f"{args.model or 'block'}, batch {args.batch}, backend {args.backend}: {wall * 1e3:.1f} ms wall per step")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    print(f"host operators by self CPU time ({args.steps} steps, under the profiler):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.rows)
+    print(f"Python functions by own time ({args.steps} steps, under cProfile):")
+    print(text.getvalue())
 
 
 if __name__ == "__main__":
