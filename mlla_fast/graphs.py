@@ -31,11 +31,12 @@ What the step function must respect (otherwise capture fails, or replays silentl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 DEFAULT_WARMUP = 3
 
@@ -130,3 +131,40 @@ class GraphedStep:
                 static.copy_(new)
         self.graph.replay()
         return self.output
+
+
+@contextlib.contextmanager
+def preserved_training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Undo, in place, whatever the body does to the model, the optimizer and the random number generators.
+
+    ``GraphedStep``'s warm-up runs real training steps; inside this context they leave no trace, so a
+    captured run trains exactly as many steps, from the same state, as an eager one. On exit every parameter
+    and buffer (BatchNorm statistics included) gets its old value back, optimizer state that existed gets
+    its old values, state the body created (lazily, on a first step) is zeroed (which is the fresh state of
+    Adam-type optimizers: moments and step count zero), and the CPU and CUDA generators are reset. Restoring
+    copies into the same tensors, so a graph captured inside the context still reads and writes them.
+    """
+    with torch.no_grad():
+        tensors = [*model.parameters(), *model.buffers()]
+        saved = [t.detach().clone() for t in tensors]
+        saved_state = {id(p): {k: v.detach().clone() for k, v in state.items() if isinstance(v, Tensor)}
+                       for p, state in optimizer.state.items()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, value in zip(tensors, saved, strict=True):
+                t.copy_(value)
+            for p, state in optimizer.state.items():
+                old = saved_state.get(id(p), {})
+                for key, value in state.items():
+                    if isinstance(value, Tensor):
+                        if key in old:
+                            value.copy_(old[key])
+                        else:
+                            value.zero_()
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)

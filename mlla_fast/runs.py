@@ -54,7 +54,8 @@ class TrainConfig:
     ``lr`` is used as given; ``model_args`` overrides entries of the named model config (e.g. a
     smaller test model); ``loss_weights`` None takes the dataset's (w_ce, w_dice) from the
     manifest; ``device`` None picks CUDA when available; ``max_minutes`` stops training early
-    (saving a checkpoint) once that much time has passed.
+    (saving a checkpoint) once that much time has passed; ``cuda_graph`` captures the training step
+    in one CUDA graph (one process on CUDA only; see :mod:`mlla_fast.graphs`).
     """
 
     data: str
@@ -77,6 +78,7 @@ class TrainConfig:
     pretrained: str | None = None
     loss_weights: list[float] | None = None
     max_minutes: float | None = None
+    cuda_graph: bool = False
 
     # Settings that determine the trained weights: a resumed run must keep them.
     DETERMINING = ("model", "model_args", "iterations", "batch_size", "lr", "min_lr", "weight_decay", "image_size",

@@ -12,6 +12,15 @@ the weights of an uninterrupted one.
 Several GPUs: ``torchrun --nproc_per_node=N -m mlla_fast train ...`` trains with
 DistributedDataParallel (NCCL; gloo on CPU); ``--batch-size`` is the global batch, split over
 the processes; only rank 0 writes to RUN.
+
+``--cuda-graph`` (one process, CUDA): the whole step (forward, loss, backward, AdamW) is captured once
+as a CUDA graph and replayed every iteration, removing the host's launch overhead, which bounds small
+models such as MLLA-UNet-T. The optimizer is AdamW with ``capturable=True`` and its learning rate a
+device tensor that the schedule updates in place; the capture's warm-up steps are undone
+(:func:`mlla_fast.graphs.preserved_training_state`), so the run trains the same steps from the same
+state, and a killed run resumes as it does without a graph. A non-finite loss is seen only after the
+graph has applied that step: training stops and nothing of it is saved (RUN keeps the last good
+checkpoint).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from .graphs import GraphedStep, preserved_training_state
 from .inference import autocast, predict_volume
 from .losses import DiceCELoss
 from .metrics import foreground_dice, nanmean
@@ -150,6 +160,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
 
 def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistContext) -> dict[str, Any]:
     config.validate()
+    if config.cuda_graph:
+        _check_graph_setting(ctx)
     run_dir = check_writable(config.out, tag=f".rank{ctx.rank}")
     if not resume and checkpoint_path(run_dir, "last").exists():
         raise RunError(f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out")
@@ -169,7 +181,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
         loaded, _ = load_imagenet_pretrained(model, config.pretrained)
         if ctx.is_main:
             tqdm.write(f"ImageNet initialisation from {config.pretrained}: {len(loaded)} tensors loaded")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  capturable=config.cuda_graph)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iterations, eta_min=config.min_lr)
     best = {"dice": -math.inf, "iteration": None}
     start = 0
@@ -178,6 +191,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _set_capturable(optimizer, config.cuda_graph, ctx.device)
         start = int(state["iteration"])
         best = {"dice": float(state["best_dice"]), "iteration": state["best_iteration"]}
         if state["world_size"] == ctx.world_size:
@@ -190,6 +204,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
         seed_everything(config.seed + ctx.rank)
     if ctx.is_main:
         save_config(run_dir, config, manifest)
+    if config.cuda_graph and not resume:
+        _set_capturable(optimizer, True, ctx.device)
 
     net = model
     if ctx.distributed:
@@ -221,19 +237,35 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
                           f"(best {best['dice']:.4f} at {best['iteration']})")
         barrier(ctx)
 
+    def graph_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(ctx.device):
+            logits = net(images)
+        loss = criterion(logits, labels)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
     began = time.monotonic()
     window = {"loss": 0.0, "count": 0, "images": 0, "since": time.monotonic()}
     iteration = start
     stopped = "completed"
+    graphed = None
     try:
         for images, labels in loader:
             images = images.to(ctx.device, non_blocking=True)
             labels = labels.to(ctx.device, non_blocking=True)
-            with autocast(ctx.device):
-                logits = net(images)
-            loss = criterion(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if config.cuda_graph:
+                if graphed is None:
+                    with preserved_training_state(model, optimizer):
+                        graphed = GraphedStep(graph_step, images, labels)
+                loss = graphed(images, labels)
+            else:
+                with autocast(ctx.device):
+                    logits = net(images)
+                loss = criterion(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             out_of_time = config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes
             flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
                                  torch.tensor(float(out_of_time), device=loss.device)])
@@ -241,10 +273,13 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
             if bad:
                 kept = checkpoint_path(run_dir, "last")
                 where = f"the last good checkpoint is {kept}" if kept.exists() else "no checkpoint was written"
-                raise TrainingDiverged(f"the loss became {loss.item()} at iteration {iteration + 1}; training "
-                                       f"stopped without applying that step; {where}")
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+                applied = ("the CUDA graph had already applied that step in memory; nothing of it was saved"
+                           if config.cuda_graph else "training stopped without applying that step")
+                raise TrainingDiverged(f"the loss became {loss.item()} at iteration {iteration + 1}; {applied}; "
+                                       f"{where}")
+            lr = float(optimizer.param_groups[0]["lr"])
+            if not config.cuda_graph:
+                optimizer.step()
             scheduler.step()
             iteration += 1
             bar.update()
@@ -273,6 +308,29 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
             "best_iteration": best["iteration"], "seconds": time.monotonic() - began}
 
 
+def _check_graph_setting(ctx: DistContext) -> None:
+    """ValueError unless a CUDA graph can capture this run's step: one process, on a CUDA device."""
+    if ctx.device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device, but this run trains on {ctx.device.type}; "
+                         "leave out --cuda-graph")
+    if ctx.distributed:
+        raise ValueError(f"--cuda-graph trains in one process, but this run has {ctx.world_size} "
+                         "(torchrun); leave out --cuda-graph for DistributedDataParallel")
+
+
+def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool, device: torch.device) -> None:
+    """Put AdamW in the form a CUDA graph needs (capturable, learning rate and step counts as device tensors),
+    or back in the plain form: a resumed run may have been saved in either."""
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if capturable else lr
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(
+                device if capturable else torch.device("cpu"))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``mlla-fast train``; unset flags take the recipe's value (or, with --resume, the run's)."""
     recipe = TrainConfig(data="", out="")
@@ -299,6 +357,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss-weights", type=float, nargs=2, metavar=("CE", "DICE"),
                         help="loss weights (default: the dataset's, from the manifest)")
     parser.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="capture the training step in one CUDA graph (one process on CUDA; faster for small "
+                             "models, whose steps are bound by launch overhead)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
 
 
@@ -306,7 +367,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     """(TrainConfig, resume) from parsed flags: the recipe, or the saved run, updated with the flags given."""
     names = ("data", "dataset", "model", "model_args", "iterations", "batch_size", "lr", "min_lr", "image_size",
              "val_every", "log_every", "workers", "seed", "device", "backend", "pretrained", "loss_weights",
-             "max_minutes")
+             "max_minutes", "cuda_graph")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     for key in ("data", "pretrained"):
         if key in given:

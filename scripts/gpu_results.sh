@@ -9,7 +9,7 @@
 #   SECONDS  the whole run's budget (default 3000); a step that would start with under 30 s left is skipped
 #   STEP     run only these steps, in the order below (default: all). Steps: tests_<name> for each
 #            tests/test_<name>.py below, scaling_B1, attention, scaling_B2_bf16, scaling_B2_fp32, model,
-#            model_sizes, micro, profile_unet; a GPU lease with a per-call limit runs them over several calls
+#            train_speed, model_sizes, micro, profile_unet, profile_host; a GPU lease with a per-call limit runs them over several calls
 # Environment: PYTHON (python3), MLLA_FAST_COMMIT (the commit, where the tree has no usable .git).
 set -uo pipefail
 
@@ -55,8 +55,10 @@ step scaling_B2_fp32 300 "$PY" benchmarks/scaling.py --batch 2 --grids 512 1024 
     --variants fused eager --out "$OUT"
 step model 900 "$PY" benchmarks/model.py --models tiny --sizes 224:48 1024:4 --modes train infer --dtypes bf16 \
     --variants fused fused-graph eager eager-graph compiled --compiled-sizes 224 --out "$OUT"
+step train_speed 600 env PYTHON="$PY" scripts/train_speed.sh "$LOGS/train_speed.log"
 step model_sizes 900 "$PY" benchmarks/model.py --models tiny small base --sizes 224:48 512:8 1024:2 \
     --modes train infer --dtypes bf16 fp32 --variants fused eager --out "$OUT"
 step micro 600 "$PY" -m pytest -p no:cacheprovider -q benchmarks/micro --benchmark-json="$LOGS/micro.json"
 step profile_unet 300 "$PY" benchmarks/profile_block.py --model tiny --image 224 --batch 48
+step profile_host 200 "$PY" benchmarks/profile_block.py --model tiny --image 224 --batch 48 --host
 echo "== done in $(($(date +%s) - START)) s; results in $LOGS"

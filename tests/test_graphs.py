@@ -1,17 +1,23 @@
-"""mlla_fast.graphs.GraphedStep: its error paths everywhere; on CUDA, a graphed training run against eager."""
+"""mlla_fast.graphs: GraphedStep's error paths and preserved_training_state everywhere; on CUDA, graphed
+training against eager, and ``mlla-fast train --cuda-graph`` (same first step as eager, exact resume)."""
 
 from __future__ import annotations
 
 import copy
+import csv
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from train_helpers import TINY_MODEL, make_prepared
 
 import mlla_fast
+import mlla_fast.train as train_module
 from mlla_fast import graphs
 from mlla_fast.backend import TRITON_INSTALLED
-from mlla_fast.graphs import GraphedStep
+from mlla_fast.graphs import GraphedStep, preserved_training_state
+from mlla_fast.runs import TrainConfig, load_checkpoint
 
 from tolerance import rel_err
 
@@ -153,3 +159,124 @@ def test_graphed_training_matches_eager(backend):
             assert rel_err(value, twin_state[name]) <= 1e-5, f"{name}: {rel_err(value, twin_state[name]):.2e}"
         else:
             assert torch.equal(value, twin_state[name]), name
+
+
+# --------------------------------------------------------------------------------------------------
+# preserved_training_state (CPU)
+# --------------------------------------------------------------------------------------------------
+
+
+def _small_net_and_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(torch.randn(16, 4)).square().mean().backward()
+        optimizer.step()
+
+    return model, optimizer, step
+
+
+def test_preserved_training_state_restores_weights_buffers_optimizer_and_rng_in_place():
+    model, optimizer, step = _small_net_and_step()
+    step()  # every parameter has optimizer state now
+    weights = copy.deepcopy(model.state_dict())
+    opt_state = copy.deepcopy(optimizer.state_dict())
+    addresses = [t.data_ptr() for t in (*model.parameters(), *model.buffers())]
+    rng = torch.get_rng_state()
+    with preserved_training_state(model, optimizer):
+        step()
+        step()
+        assert not torch.equal(model[0].weight, weights["0.weight"])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name  # BatchNorm statistics and its step count included
+    for param_id, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, opt_state["state"][param_id][key]), (param_id, key)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [t.data_ptr() for t in (*model.parameters(), *model.buffers())] == addresses
+
+
+def test_preserved_training_state_zeroes_optimizer_state_created_inside():
+    model, optimizer, step = _small_net_and_step()
+    weights = copy.deepcopy(model.state_dict())
+    with preserved_training_state(model, optimizer):
+        step()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    states = list(optimizer.state.values())
+    assert len(states) == len(list(model.parameters()))
+    for state in states:  # AdamW's fresh state: zero moments, step 0
+        assert all(not value.any() for value in state.values())
+
+
+def test_train_cuda_graph_needs_cuda(tmp_path):
+    config = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), device="cpu", cuda_graph=True)
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device, but this run trains on cpu"):
+        train_module.train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# mlla-fast train --cuda-graph (CUDA)
+# --------------------------------------------------------------------------------------------------
+
+
+def _losses(run) -> list[float]:
+    with open(run / "train_log.csv", newline="") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("phantom"))
+
+
+def _cuda_config(prepared, out, **overrides) -> TrainConfig:
+    values = dict(data=str(prepared), out=str(out), model_args=TINY_MODEL, iterations=9, batch_size=4, image_size=64,
+                  val_every=3, log_every=1, workers=0, device="cuda", backend="auto", lr=2e-3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@needs_cuda
+def test_train_cuda_graph_starts_where_eager_does_and_trains(prepared, tmp_path):
+    """The capture's warm-up steps are undone: the first logged loss (the forward of the initial weights on
+    the first batch, the same kernels either way) equals eager's; later steps differ only by rounding
+    (capturable AdamW computes its bias corrections on the device), so the losses stay close."""
+    eager = train_module.train(_cuda_config(prepared, tmp_path / "eager"), progress=False)
+    graph = train_module.train(_cuda_config(prepared, tmp_path / "graph", cuda_graph=True), progress=False)
+    assert eager["iteration"] == graph["iteration"] == 9
+    eager_losses, graph_losses = _losses(tmp_path / "eager"), _losses(tmp_path / "graph")
+    assert len(set(graph_losses)) == 9, f"the replays did not see new batches: {graph_losses}"
+    assert graph_losses[0] == pytest.approx(eager_losses[0], rel=1e-6, abs=0)
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=5e-2, atol=0)
+
+
+@needs_cuda
+def test_train_cuda_graph_resumes_exactly(prepared, tmp_path, monkeypatch):
+    """A graphed run that dies after its checkpoint of iteration 3 and is resumed (with a fresh capture)
+    ends bitwise equal to an uninterrupted graphed run."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train_module.train(_cuda_config(prepared, straight, cuda_graph=True), progress=False)
+
+    real_save = train_module.save_checkpoint
+
+    def die_after_three(state, path):
+        if state["iteration"] > 3:
+            raise KeyboardInterrupt("killed")
+        real_save(state, path)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", die_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(_cuda_config(prepared, killed, cuda_graph=True), progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert load_checkpoint(killed, "last")["iteration"] == 3
+    train_module.train(_cuda_config(prepared, killed, cuda_graph=True), resume=True, progress=False)
+
+    a, b = load_checkpoint(straight, "last"), load_checkpoint(killed, "last")
+    assert a["iteration"] == b["iteration"] == 9
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert _losses(straight) == _losses(killed)
