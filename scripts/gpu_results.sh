@@ -55,7 +55,7 @@ step scaling_B2_fp32 300 "$PY" benchmarks/scaling.py --batch 2 --grids 512 1024 
     --variants fused eager --out "$OUT"
 step model 900 "$PY" benchmarks/model.py --models tiny --sizes 224:48 1024:4 --modes train infer --dtypes bf16 \
     --variants fused fused-graph eager eager-graph compiled --compiled-sizes 224 --out "$OUT"
-step train_speed 600 env PYTHON="$PY" scripts/train_speed.sh "$LOGS/train_speed.log"
+step train_speed 600 env PYTHON="$PY" scripts/train_speed.sh -
 step model_sizes 900 "$PY" benchmarks/model.py --models tiny small base --sizes 224:48 512:8 1024:2 \
     --modes train infer --dtypes bf16 fp32 --variants fused eager --out "$OUT"
 step micro 600 "$PY" -m pytest -p no:cacheprovider -q benchmarks/micro --benchmark-json="$LOGS/micro.json"

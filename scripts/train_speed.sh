@@ -3,7 +3,7 @@
 # checkpoints included) on the built-in phantom, eager against --cuda-graph, each from a fresh run folder.
 #
 # Usage: scripts/train_speed.sh LOG [WORK_DIR]
-#   LOG       file that receives everything printed (appended)
+#   LOG       file that also receives everything printed (appended); - for the terminal only
 #   WORK_DIR  scratch folder (default: a new temporary folder)
 # Environment: CONFIG (tiny), ITERATIONS (200), BATCH (48), SIZE (224), WORKERS (8), BACKEND (auto), PYTHON (python).
 # The train log's images_per_s column is the throughput of each logging window; the first window holds
@@ -20,7 +20,7 @@ WORKERS=${WORKERS:-8}
 BACKEND=${BACKEND:-auto}
 PY=${PYTHON:-python}
 
-exec > >(tee -a "$LOG") 2>&1
+[ "$LOG" = - ] || exec > >(tee -a "$LOG") 2>&1
 echo "== train speed: $(date -u +%FT%TZ), $CONFIG, $ITERATIONS iterations, batch $BATCH, ${SIZE}², backend $BACKEND, in $WORK"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 "$PY" -m mlla_fast phantom --out "$WORK/phantom" --size 256 24
