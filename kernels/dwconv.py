@@ -23,10 +23,12 @@ Backward (``g`` is the gradient with respect to the convolution's output, ``w`` 
 
 A first kernel computes ``g`` per tile (stored in the activation dtype, as PyTorch's own
 backward does) together with per-program fp32 partials of the parameter gradients; a second
-kernel applies the transposed stencil to ``g``. The partials are summed by ``torch.sum``, so the
-results are deterministic (no atomics). Accumulation is fp32 throughout.
+kernel applies the transposed stencil to ``g``. The partials are summed over programs by one small
+kernel per backward (``reduce_partials``) in a fixed order, so the results are deterministic (no
+atomics). Accumulation is fp32 throughout.
 """
 
+import itertools
 import math
 
 import torch
@@ -125,9 +127,10 @@ def _accumulate_taps(a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g, p_x, stride_n, row
 
 
 @triton.jit
-def _store_weight_partials(p_dw, i_p, C, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8):
-    """Write one program's (C, 9) weight-gradient partial: tap k's sum over tokens of its accumulator a_k."""
-    p_row = p_dw + i_p.to(tl.int64) * C * 9 + o_c * 9
+def _store_weight_partials(p_dw, i_p, s_part, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8):
+    """Write one program's (C, 9) weight-gradient partial (row i_p of a partials buffer with row stride
+    s_part): tap k's sum over tokens of its accumulator a_k."""
+    p_row = p_dw + i_p.to(tl.int64) * s_part + o_c * 9
     tl.store(p_row + 0, tl.sum(a0, 0), mask=m_c)
     tl.store(p_row + 1, tl.sum(a1, 0), mask=m_c)
     tl.store(p_row + 2, tl.sum(a2, 0), mask=m_c)
@@ -175,10 +178,32 @@ def _cpe_residual_norm_fwd_kernel(
 
 
 @triton.jit
+def _reduce_partials_kernel(
+    part, n_rows, s_row, out0, out1, out2, out3, end0, end1, end2, end3,
+    BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    """Column sums of the fp32 partials (n_rows, end3), in a fixed order, written into up to four outputs:
+    columns [0, end0) to out0, [end0, end1) to out1, [end1, end2) to out2, [end2, end3) to out3 (each in
+    its own dtype). One launch replaces a torch.sum per gradient, and the outputs are separate tensors."""
+    o_j = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    m_j = o_j < end3
+    acc = tl.zeros([BLOCK_R, BLOCK_COLS], dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R)
+        offs = o_r.to(tl.int64)[:, None] * s_row + o_j[None, :]
+        acc += tl.load(part + offs, mask=(o_r < n_rows)[:, None] & m_j[None, :], other=0.0)
+    total = tl.sum(acc, 0)
+    tl.store(out0 + o_j, total.to(out0.dtype.element_ty), mask=o_j < end0)
+    tl.store(out1 + (o_j - end0), total.to(out1.dtype.element_ty), mask=(o_j >= end0) & (o_j < end1))
+    tl.store(out2 + (o_j - end1), total.to(out2.dtype.element_ty), mask=(o_j >= end1) & (o_j < end2))
+    tl.store(out3 + (o_j - end2), total.to(out3.dtype.element_ty), mask=(o_j >= end2) & m_j)
+
+
+@triton.jit
 def _cpe_residual_norm_bwd_kernel(
     x, cpe_w, cpe_b, dr, dh, norm_w, g, dw_part, db_part, dgamma_part, dbeta_part,
     H, W, C, n_tiles_w, n_tiles_img, n_tiles, tiles_per_prog,
-    sx_b, sx_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps,
+    sx_b, sx_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps, s_part,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_DR: tl.constexpr, HAS_DH: tl.constexpr,
 ):
@@ -228,10 +253,10 @@ def _cpe_residual_norm_bwd_kernel(
         a0, a1, a2, a3, a4, a5, a6, a7, a8 = _accumulate_taps(
             a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g, x + i_b64 * sx_b, sx_n, row, col, m_t, o_c, m_c, H, W)
 
-    _store_weight_partials(dw_part, i_p, C, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
-    tl.store(db_part + i_p.to(tl.int64) * C + o_c, tl.sum(a_db, 0), mask=m_c)
-    tl.store(dgamma_part + i_p.to(tl.int64) * C + o_c, tl.sum(a_dgamma, 0), mask=m_c)
-    tl.store(dbeta_part + i_p.to(tl.int64) * C + o_c, tl.sum(a_dbeta, 0), mask=m_c)
+    _store_weight_partials(dw_part, i_p, s_part, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
+    tl.store(db_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_db, 0), mask=m_c)
+    tl.store(dgamma_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_dgamma, 0), mask=m_c)
+    tl.store(dbeta_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_dbeta, 0), mask=m_c)
 
 
 @triton.jit
@@ -257,7 +282,7 @@ def _dwconv_silu_fwd_kernel(
 def _dwconv_param_grad_kernel(
     x, w, bias, dy, g, dw_part, db_part,
     H, W, C, n_tiles_w, n_tiles_img, n_tiles, tiles_per_prog,
-    sx_b, sx_n, sdy_b, sdy_n, sg_b, sg_n,
+    sx_b, sx_n, sdy_b, sdy_n, sg_b, sg_n, s_part,
     TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
 ):
     """fp32 partials of the weight and bias gradients of a depthwise 3x3 convolution of x (accumulated
@@ -295,8 +320,8 @@ def _dwconv_param_grad_kernel(
         a0, a1, a2, a3, a4, a5, a6, a7, a8 = _accumulate_taps(
             a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W)
 
-    _store_weight_partials(dw_part, i_p, C, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
-    tl.store(db_part + i_p.to(tl.int64) * C + o_c, tl.sum(a_db, 0), mask=m_c)
+    _store_weight_partials(dw_part, i_p, s_part, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
+    tl.store(db_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_db, 0), mask=m_c)
 
 
 @triton.jit
@@ -416,6 +441,30 @@ def _partial_programs(n_tiles: int, n_cblocks: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+REDUCE_ROWS, REDUCE_COLS = 64, 32
+
+
+def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[Tensor]:
+    """Sum the fp32 partials part (rows, columns) over rows into new tensors of the given shapes and dtypes,
+    which take the columns in order (their sizes add up to the columns): one kernel launch, a fixed
+    summation order (deterministic), and results that share no memory (a custom op may not return
+    aliases). Up to four outputs."""
+    sizes = [math.prod(shape) for shape, _ in outputs]
+    if not 1 <= len(outputs) <= 4 or sum(sizes) != part.shape[1] or part.stride(1) != 1:
+        raise ValueError(f"reduce_partials: {len(outputs)} outputs of sizes {sizes} for partials of shape "
+                         f"{tuple(part.shape)} with strides {part.stride()}")
+    tensors = [_empty(shape, dtype, part.device) for shape, dtype in outputs]
+    ends = list(itertools.accumulate(sizes))
+    args = tensors + [tensors[-1]] * (4 - len(tensors))
+    ends = ends + [ends[-1]] * (4 - len(ends))
+    _reduce_partials_kernel[(triton.cdiv(part.shape[1], REDUCE_COLS),)](
+        part, part.shape[0], part.stride(0), *args, *ends, BLOCK_R=REDUCE_ROWS, BLOCK_COLS=REDUCE_COLS, num_warps=4,
+    )
+    return tensors
+
+
+
+
 def cpe_residual_norm_fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
                           hw: tuple[int, int], eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """Launch the forward of ``cpe_residual_norm``: x (B, N, C) -> r, h, both (B, N, C) contiguous in x's dtype."""
@@ -479,28 +528,22 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_w
     n_tiles = B * n_tiles_img
     n_progs = _partial_programs(n_tiles, 1)
     g = _empty((B, N, C), x.dtype, x.device)
-    dw_part = _empty((n_progs, C, TAPS), torch.float32, x.device)
-    db_part = _empty((n_progs, C), torch.float32, x.device)
-    dgamma_part = _empty((n_progs, C), torch.float32, x.device)
-    dbeta_part = _empty((n_progs, C), torch.float32, x.device)
+    part = _empty((n_progs, (TAPS + 3) * C), torch.float32, x.device)
+    dw_part, db_part, dgamma_part, dbeta_part = part.split([TAPS * C, C, C, C], dim=1)
     dr_arg = x if dr is None else dr
     dh_arg = x if dh is None else dh
     _cpe_residual_norm_bwd_kernel[(n_progs,)](
         x, weight, cpe_bias.contiguous(), dr_arg, dh_arg, norm_weight.contiguous(), g, dw_part, db_part,
         dgamma_part, dbeta_part, H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
         x.stride(0), x.stride(1), dr_arg.stride(0), dr_arg.stride(1),
-        dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps,
+        dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps, part.stride(0),
         TH=th, TW=tw, BLOCK_C=block_c, HAS_DR=dr is not None, HAS_DH=dh is not None,
         num_warps=_bwd_num_warps(th * tw * block_c),
     )
     dx = _dwconv_transpose(g, weight, (H, W), residual=True)
-    return (
-        dx,
-        dw_part.sum(0).view(C, 1, 3, 3).to(cpe_weight.dtype),
-        db_part.sum(0).to(cpe_bias.dtype),
-        dgamma_part.sum(0).to(norm_weight.dtype),
-        dbeta_part.sum(0).to(norm_bias.dtype),
-    )
+    dw, db, dgamma, dbeta = reduce_partials(part, [((C, 1, 3, 3), cpe_weight.dtype), ((C,), cpe_bias.dtype),
+                                                   ((C,), norm_weight.dtype), ((C,), norm_bias.dtype)])
+    return dx, dw, db, dgamma, dbeta
 
 
 def dwconv_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -534,15 +577,16 @@ def _param_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[
     n_tiles = B * n_tiles_img
     n_progs = _partial_programs(n_tiles, n_cblocks)
     g = _empty((B, N, C), x.dtype, x.device) if silu else None
-    dw_part = _empty((n_progs, C, TAPS), torch.float32, x.device)
-    db_part = _empty((n_progs, C), torch.float32, x.device)
+    part = _empty((n_progs, (TAPS + 1) * C), torch.float32, x.device)
+    dw_part, db_part = part.split([TAPS * C, C], dim=1)
     _dwconv_param_grad_kernel[(n_progs, n_cblocks)](
         x, weight, bias, dy, dy if g is None else g, dw_part, db_part,
         H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C, part.stride(0),
         TH=th, TW=tw, BLOCK_C=block_c, SILU=silu, num_warps=_bwd_num_warps(th * tw * block_c),
     )
-    return g, dw_part.sum(0), db_part.sum(0)
+    dw, db = reduce_partials(part, [((C, TAPS), torch.float32), ((C,), torch.float32)])
+    return g, dw, db
 
 
 def dwconv_silu_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor,

@@ -243,3 +243,23 @@ def test_backward_launchers_check_their_tensors(device):
         dwconv.dwconv_silu_bwd(x[:, :3], x, w, b, (2, 3))
     with pytest.raises(ValueError, match=r"dh: expected a floating-point tensor of shape \(1, 6, 32\)"):
         dwconv.cpe_residual_norm_bwd(None, x.long(), x, w, b, b, b, (2, 3))
+
+
+def test_reduce_partials_sums_columns_into_separate_outputs(device, poison_outputs):
+    """Rows not a multiple of the row block, columns not a multiple of the column block, outputs of
+    several shapes and dtypes: each equals torch.sum over its columns, and no two share memory."""
+    poison_outputs(dwconv)
+    part = torch.randn(70, 9 * 5 + 5 + 3, device=device)
+    dw, db, extra = dwconv.reduce_partials(part, [((5, 1, 3, 3), torch.float32), ((5,), torch.float32),
+                                                  ((3,), torch.bfloat16)])
+    total = part.double().sum(0)
+    torch.testing.assert_close(dw, total[:45].view(5, 1, 3, 3).float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(db, total[45:50].float(), rtol=1e-6, atol=1e-5)
+    assert extra.dtype == torch.bfloat16
+    torch.testing.assert_close(extra, total[50:].to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+    assert len({t.untyped_storage().data_ptr() for t in (dw, db, extra)}) == 3
+
+
+def test_reduce_partials_checks_the_column_split(device):
+    with pytest.raises(ValueError, match=r"2 outputs of sizes \[4, 4\] for partials of shape \(3, 9\)"):
+        dwconv.reduce_partials(torch.zeros(3, 9, device=device), [((4,), torch.float32), ((4,), torch.float32)])
