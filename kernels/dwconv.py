@@ -179,12 +179,13 @@ def _cpe_residual_norm_fwd_kernel(
 
 @triton.jit
 def _reduce_partials_kernel(
-    part, n_rows, s_row, out0, out1, out2, out3, end0, end1, end2, end3,
+    part, n_rows, s_row, out0, out1, out2, out3, end0, end1, end2, end3, scale,
     BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     """Column sums of the fp32 partials (n_rows, end3), in a fixed order, written into up to four outputs:
     columns [0, end0) to out0, [end0, end1) to out1, [end1, end2) to out2, [end2, end3) to out3 (each in
-    its own dtype). One launch replaces a torch.sum per gradient, and the outputs are separate tensors."""
+    its own dtype), times scale. One launch replaces a torch.sum per gradient, and the outputs are separate
+    tensors."""
     o_j = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     m_j = o_j < end3
     acc = tl.zeros([BLOCK_R, BLOCK_COLS], dtype=tl.float32)
@@ -192,7 +193,7 @@ def _reduce_partials_kernel(
         o_r = r0 + tl.arange(0, BLOCK_R)
         offs = o_r.to(tl.int64)[:, None] * s_row + o_j[None, :]
         acc += tl.load(part + offs, mask=(o_r < n_rows)[:, None] & m_j[None, :], other=0.0)
-    total = tl.sum(acc, 0)
+    total = tl.sum(acc, 0) * scale
     tl.store(out0 + o_j, total.to(out0.dtype.element_ty), mask=o_j < end0)
     tl.store(out1 + (o_j - end0), total.to(out1.dtype.element_ty), mask=(o_j >= end0) & (o_j < end1))
     tl.store(out2 + (o_j - end1), total.to(out2.dtype.element_ty), mask=(o_j >= end1) & (o_j < end2))
@@ -444,11 +445,12 @@ def _partial_programs(n_tiles: int, n_cblocks: int) -> int:
 REDUCE_ROWS, REDUCE_COLS = 64, 32
 
 
-def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[Tensor]:
-    """Sum the fp32 partials part (rows, columns) over rows into new tensors of the given shapes and dtypes,
-    which take the columns in order (their sizes add up to the columns): one kernel launch, a fixed
-    summation order (deterministic), and results that share no memory (a custom op may not return
-    aliases). Up to four outputs."""
+def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dtype]],
+                    scale: float = 1.0) -> list[Tensor]:
+    """Sum the fp32 partials part (rows, columns) over rows, times scale, into new tensors of the given
+    shapes and dtypes, which take the columns in order (their sizes add up to the columns): one kernel
+    launch, a fixed summation order (deterministic), and results that share no memory (a custom op may
+    not return aliases). Up to four outputs."""
     sizes = [math.prod(shape) for shape, _ in outputs]
     if not 1 <= len(outputs) <= 4 or sum(sizes) != part.shape[1] or part.stride(1) != 1:
         raise ValueError(f"reduce_partials: {len(outputs)} outputs of sizes {sizes} for partials of shape "
@@ -458,7 +460,8 @@ def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dty
     args = tensors + [tensors[-1]] * (4 - len(tensors))
     ends = ends + [ends[-1]] * (4 - len(ends))
     _reduce_partials_kernel[(triton.cdiv(part.shape[1], REDUCE_COLS),)](
-        part, part.shape[0], part.stride(0), *args, *ends, BLOCK_R=REDUCE_ROWS, BLOCK_COLS=REDUCE_COLS, num_warps=4,
+        part, part.shape[0], part.stride(0), *args, *ends, float(scale),
+        BLOCK_R=REDUCE_ROWS, BLOCK_COLS=REDUCE_COLS, num_warps=4,
     )
     return tensors
 

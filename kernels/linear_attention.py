@@ -33,7 +33,7 @@ from triton.language.extra import libdevice
 
 from ..backend import interpreter_enabled
 from ..reference.ops import NORMALISER_EPS, rope_frequencies
-from .dwconv import depthwise_param_grads
+from .dwconv import depthwise_param_grads, reduce_partials
 
 HEAD_DIM = 32
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -172,10 +172,10 @@ def _load_state(p, o_bh):
 
 
 @triton.jit
-def _store_state(p, o_slot, b_a, b_b):
+def _store_state(p, o_start, b_a, b_b):
     o_p = tl.arange(0, 16)
     o_d = tl.arange(0, 32)
-    p_a = p + o_slot * 1024 + o_p[:, None] * 32 + o_d[None, :]
+    p_a = p + o_start + o_p[:, None] * 32 + o_d[None, :]
     tl.store(p_a, b_a)
     tl.store(p_a + 512, b_b)
 
@@ -184,13 +184,14 @@ def _store_state(p, o_slot, b_a, b_b):
 def _la_fwd_reduce_kernel(
     p_qk, p_v, p_trig, p_kv_part, p_ksum_part,
     N, W, n_pos, blocks_per_split,
-    s_qk_b, s_qk_n, s_v_b, s_v_n,
+    s_qk_b, s_qk_n, s_v_b, s_v_n, s_part,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
 ):
     """Partial sums over one token range of kv = sum_m k~_m v_m^T and sum_m phi(k_m), per (batch, head).
 
-    Grid (splits, B * heads); writes kv_part[split, bh] [32, 32] and ksum_part[split, bh] [32].
+    Grid (splits, B * heads); writes kv_part[split, bh] [32, 32] and ksum_part[split, bh] [32], both views
+    into one partials buffer with row stride s_part per split.
     """
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -226,11 +227,11 @@ def _la_fwd_reduce_kernel(
         b_ks_a += b_ka
         b_ks_b += b_kb
 
-    o_slot = (i_s * tl.num_programs(1) + i_bh).to(tl.int64)
-    _store_state(p_kv_part, o_slot, b_kv_a, b_kv_b)
+    o_row = i_s.to(tl.int64) * s_part  # this split's row of the partials buffer: kv of every (b, h), then ksum
+    _store_state(p_kv_part, o_row + i_bh * 1024, b_kv_a, b_kv_b)
     o_p = tl.arange(0, 16)
-    tl.store(p_ksum_part + o_slot * 32 + o_p, tl.sum(b_ks_a, axis=0))
-    tl.store(p_ksum_part + o_slot * 32 + 16 + o_p, tl.sum(b_ks_b, axis=0))
+    tl.store(p_ksum_part + o_row + i_bh * 32 + o_p, tl.sum(b_ks_a, axis=0))
+    tl.store(p_ksum_part + o_row + i_bh * 32 + 16 + o_p, tl.sum(b_ks_b, axis=0))
 
 
 @triton.jit
@@ -324,7 +325,7 @@ def _la_fwd_out_kernel(
 def _la_bwd_q_kernel(
     p_qk, p_do, p_trig, p_kv, p_ksum, p_dqk, p_dkv_part, p_dksum_part,
     N, W, n_pos, blocks_per_split,
-    s_qk_b, s_qk_n, s_do_b, s_do_n,
+    s_qk_b, s_qk_n, s_do_b, s_do_n, s_part,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
 ):
@@ -375,10 +376,10 @@ def _la_bwd_q_kernel(
         b_dqb = (b_dqrb * b_cos - b_dqra * b_sin + b_u[:, None] * b_ks_b[None, :]) * b_eqb
         _store_pairs(p_dq, o_n64 * 2 * C, m_n, b_dqa, b_dqb, SPLIT_PAIRS)
 
-    o_slot = (i_s * tl.num_programs(1) + i_bh).to(tl.int64)
-    _store_state(p_dkv_part, o_slot, b_dkv_a, b_dkv_b)
-    tl.store(p_dksum_part + o_slot * 32 + o_p, tl.sum(b_dks_a, axis=0))
-    tl.store(p_dksum_part + o_slot * 32 + 16 + o_p, tl.sum(b_dks_b, axis=0))
+    o_row = i_s.to(tl.int64) * s_part  # this split's row of the partials buffer: dkv of every (b, h), then dksum
+    _store_state(p_dkv_part, o_row + i_bh * 1024, b_dkv_a, b_dkv_b)
+    tl.store(p_dksum_part + o_row + i_bh * 32 + o_p, tl.sum(b_dks_a, axis=0))
+    tl.store(p_dksum_part + o_row + i_bh * 32 + 16 + o_p, tl.sum(b_dks_b, axis=0))
 
 
 @triton.jit
@@ -539,16 +540,16 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
 
     block_n = CONFIG.fwd_reduce_block_n
     n_split, per_split = _splits(N, block_n, bh, device)
-    kv_part = _empty((n_split, bh, HEAD_DIM, HEAD_DIM), torch.float32, device)
-    ksum_part = _empty((n_split, bh, HEAD_DIM), torch.float32, device)
+    part = _empty((n_split, bh * (HEAD_DIM + 1) * HEAD_DIM), torch.float32, device)
+    kv_part, ksum_part = part.split([bh * HEAD_DIM * HEAD_DIM, bh * HEAD_DIM], dim=1)
     _la_fwd_reduce_kernel[(n_split, bh)](
         qk, v, trig, kv_part, ksum_part, N, W, n_pos, per_split,
-        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1),
+        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs,
         TRIG_TABLE=trig_table, num_warps=CONFIG.fwd_reduce_warps,
     )
-    kv = kv_part.sum(0).div_(N)
-    ksum = ksum_part.sum(0).div_(N)
+    kv, ksum = reduce_partials(part, [((bh, HEAD_DIM, HEAD_DIM), torch.float32), ((bh, HEAD_DIM), torch.float32)],
+                               scale=1.0 / N)
 
     y = _empty((B, N, C), v.dtype, device)
     _launch_out_pass(qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, y)
@@ -601,16 +602,15 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
 
     block_n = CONFIG.bwd_q_block_n
     n_split, per_split = _splits(N, block_n, bh, device)
-    dkv_part = _empty((n_split, bh, HEAD_DIM, HEAD_DIM), torch.float32, device)
-    dksum_part = _empty((n_split, bh, HEAD_DIM), torch.float32, device)
+    part = _empty((n_split, bh * (HEAD_DIM + 1) * HEAD_DIM), torch.float32, device)
+    dkv_part, dksum_part = part.split([bh * HEAD_DIM * HEAD_DIM, bh * HEAD_DIM], dim=1)
     _la_bwd_q_kernel[(n_split, bh)](
         qk, do, trig, kv, ksum, dqk, dkv_part, dksum_part, N, W, n_pos, per_split,
-        qk.stride(0), qk.stride(1), do.stride(0), do.stride(1),
+        qk.stride(0), qk.stride(1), do.stride(0), do.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, TRIG_TABLE=trig_table, num_warps=CONFIG.bwd_q_warps,
     )
-    dkv = dkv_part.sum(0)
-    dksum = dksum_part.sum(0)
+    dkv, dksum = reduce_partials(part, [((bh, HEAD_DIM, HEAD_DIM), torch.float32), ((bh, HEAD_DIM), torch.float32)])
     dw, db = depthwise_param_grads(do, v, (H, W))  # the LePE's parameter gradients, reduced like the stencils'
 
     block_n = CONFIG.bwd_kv_block_n
