@@ -38,7 +38,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` folder importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -90,20 +89,11 @@ NO_GPU_MESSAGE = (
 )
 
 
-FUSED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
-
-
 class SoftmaxAttention(nn.Module):
     """Softmax attention in place of MLLA's linear attention, reusing its ``qk`` and ``lepe``.
 
     forward(v, hw, gate): q, k = split(qk(v)); per head of d channels ``SDPA(q, k, v)`` (scale d^-½,
     no RoPE, no feature map); merge heads, + lepe(v), times gate. v (B, N, C) -> (B, N, C).
-
-    On CUDA, q, k and v are cast to one dtype (the autocast dtype under autocast) and SDPA may only use
-    its fused kernels (FlashAttention, memory-efficient, cuDNN): the strongest softmax baseline, whose time
-    grows as N² and memory as N (where none of them applies, the point is recorded as an error). Without
-    the restriction, SDPA ran its math kernel in the H100 run of d935889, materialising the N×N scores
-    (72 GiB at 256² in the forward) and running out of memory at 256² in the forward+backward.
     """
 
     def __init__(self, attn: LinearAttention):
@@ -119,13 +109,7 @@ class SoftmaxAttention(nn.Module):
         def heads(t: Tensor) -> Tensor:
             return t.reshape(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
 
-        if v.is_cuda:
-            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
-            q, k, v_heads = (t.to(dtype) for t in (q, k, v))
-            with sdpa_kernel(FUSED_SDPA_BACKENDS):
-                out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v_heads))
-        else:
-            out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
         out = out.transpose(1, 2).reshape(B, N, C) + dwconv_tokens_ref(v, self.lepe.weight, self.lepe.bias, hw)
         return out if gate is None else out * gate
 

@@ -44,7 +44,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND (from the repository root)
     tail -n 4 "$LOGS/$name.log"
 }
 
-for t in linear_attention_kernel dwconv_kernels sampling_kernels batch_norm_tokens graphs mlp fused_model; do
+for t in linear_attention_kernel dwconv_kernels sampling_kernels graphs mlp fused_model; do
     step "tests_$t" 400 "$PY" -m pytest -p no:cacheprovider --tb=short -q "tests/test_$t.py"
 done
 step scaling_B1 600 "$PY" benchmarks/scaling.py --variants fused eager softmax --out "$OUT"
