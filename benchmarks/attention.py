@@ -345,6 +345,9 @@ def steps(impl: str, case: tuple[int, int, int, int], dtype: torch.dtype, device
         fn(*args)
 
     def fwd_bwd() -> None:
+        for t in args:  # fresh gradients each call: accumulating into the last call's would time an extra add
+            if t is not None:
+                t.grad = None
         fn(*args).backward(dy)
 
     return {"fwd+bwd": fwd_bwd, "fwd": fwd}, args

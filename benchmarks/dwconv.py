@@ -307,6 +307,8 @@ def time_case(op: str, dtype_name: str, case: tuple[int, int, int, int], impls: 
             fn(*inputs)
 
         def fwd_bwd(fn=fn, inputs=inputs) -> None:
+            for t in inputs:  # fresh gradients each call: accumulating into the last call's would time an extra add
+                t.grad = None
             torch.autograd.backward(as_list(fn(*inputs)), grad_outs)
 
         first_call_s = None
