@@ -86,23 +86,23 @@ def main() -> None:
 
 def profile_host(step, args: argparse.Namespace) -> None:
     """Wall time per step, then the host side of the steps: operators by self CPU time, Python by own time."""
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / args.steps
-    print(f"{args.model or 'block'}, batch {args.batch}, backend {args.backend}: {wall * 1e3:.1f} ms wall per step")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+
+    def run_steps() -> None:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    run_steps()
+    wall = (time.perf_counter() - t0) / args.steps
+    print(f"{args.model or 'block'}, batch {args.batch}, backend {args.backend}: {wall * 1e3:.1f} ms wall per step")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_steps()
     print(f"host operators by self CPU time ({args.steps} steps, under the profiler):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     profiler = cProfile.Profile()
     profiler.enable()
-    for _ in range(args.steps):
-        step()
-    torch.cuda.synchronize()
+    run_steps()
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.rows)

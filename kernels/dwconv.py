@@ -466,8 +466,6 @@ def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dty
     return tensors
 
 
-
-
 def cpe_residual_norm_fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
                           hw: tuple[int, int], eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """Launch the forward of ``cpe_residual_norm``: x (B, N, C) -> r, h, both (B, N, C) contiguous in x's dtype."""

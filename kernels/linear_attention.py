@@ -11,7 +11,7 @@ rotation is plain elementwise math; the d x d state kv is kept in that split ord
 a-pairs, rows 16-31 the b-pairs), as is the d-vector mean phi(k).
 
 Forward: ``_la_fwd_reduce_kernel`` (partials of kv and sum phi(k) over token ranges, summed in a fixed
-order on the host: deterministic), then ``_la_fwd_out_kernel`` (one pass over tokens: phi, RoPE,
+order by ``dwconv.reduce_partials``: deterministic), then ``_la_fwd_out_kernel`` (one pass over tokens: phi, RoPE,
 q~ . kv, normaliser, LePE stencil, gate). Backward: with a gate, ``_la_fwd_out_kernel`` again in its
 GATE_GRAD variant (dg and the gated output gradient do = dy * gate); ``_la_bwd_q_kernel`` (what needs only
 the forward's state and do: dq, and partials of dKV and of the normaliser's k-side vector); the LePE
@@ -501,6 +501,19 @@ def _multiprocessors(device: torch.device) -> int:
     return 1
 
 
+def _state_partials(n_split: int, bh: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """One fp32 buffer for the per-split partials of a (d, d) matrix and a d-vector per (batch, head): row
+    s holds split s's matrices of every (b, h), then its vectors. Returns (buffer, matrix view, vector view)."""
+    part = _empty((n_split, bh * (HEAD_DIM + 1) * HEAD_DIM), torch.float32, device)
+    return part, *part.split([bh * HEAD_DIM * HEAD_DIM, bh * HEAD_DIM], dim=1)
+
+
+def _sum_state_partials(part: Tensor, bh: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The partials of ``_state_partials`` summed over splits, times scale: (bh, d, d) and (bh, d), fp32."""
+    return tuple(reduce_partials(part, [((bh, HEAD_DIM, HEAD_DIM), torch.float32), ((bh, HEAD_DIM), torch.float32)],
+                                 scale=scale))
+
+
 def _splits(n_tokens: int, block_n: int, columns: int, device: torch.device) -> tuple[int, int]:
     """(number of splits, blocks per split) for kernels that loop over token blocks: about
     programs_per_sm * SMs programs in all, fixed for a shape and device (so results are reproducible)."""
@@ -540,16 +553,14 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
 
     block_n = CONFIG.fwd_reduce_block_n
     n_split, per_split = _splits(N, block_n, bh, device)
-    part = _empty((n_split, bh * (HEAD_DIM + 1) * HEAD_DIM), torch.float32, device)
-    kv_part, ksum_part = part.split([bh * HEAD_DIM * HEAD_DIM, bh * HEAD_DIM], dim=1)
+    part, kv_part, ksum_part = _state_partials(n_split, bh, device)
     _la_fwd_reduce_kernel[(n_split, bh)](
         qk, v, trig, kv_part, ksum_part, N, W, n_pos, per_split,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs,
         TRIG_TABLE=trig_table, num_warps=CONFIG.fwd_reduce_warps,
     )
-    kv, ksum = reduce_partials(part, [((bh, HEAD_DIM, HEAD_DIM), torch.float32), ((bh, HEAD_DIM), torch.float32)],
-                               scale=1.0 / N)
+    kv, ksum = _sum_state_partials(part, bh, scale=1.0 / N)
 
     y = _empty((B, N, C), v.dtype, device)
     _launch_out_pass(qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, y)
@@ -602,15 +613,14 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
 
     block_n = CONFIG.bwd_q_block_n
     n_split, per_split = _splits(N, block_n, bh, device)
-    part = _empty((n_split, bh * (HEAD_DIM + 1) * HEAD_DIM), torch.float32, device)
-    dkv_part, dksum_part = part.split([bh * HEAD_DIM * HEAD_DIM, bh * HEAD_DIM], dim=1)
+    part, dkv_part, dksum_part = _state_partials(n_split, bh, device)
     _la_bwd_q_kernel[(n_split, bh)](
         qk, do, trig, kv, ksum, dqk, dkv_part, dksum_part, N, W, n_pos, per_split,
         qk.stride(0), qk.stride(1), do.stride(0), do.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, TRIG_TABLE=trig_table, num_warps=CONFIG.bwd_q_warps,
     )
-    dkv, dksum = reduce_partials(part, [((bh, HEAD_DIM, HEAD_DIM), torch.float32), ((bh, HEAD_DIM), torch.float32)])
+    dkv, dksum = _sum_state_partials(part, bh)
     dw, db = depthwise_param_grads(do, v, (H, W))  # the LePE's parameter gradients, reduced like the stencils'
 
     block_n = CONFIG.bwd_kv_block_n

@@ -181,8 +181,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
         loaded, _ = load_imagenet_pretrained(model, config.pretrained)
         if ctx.is_main:
             tqdm.write(f"ImageNet initialisation from {config.pretrained}: {len(loaded)} tensors loaded")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  capturable=config.cuda_graph)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iterations, eta_min=config.min_lr)
     best = {"dice": -math.inf, "iteration": None}
     start = 0
@@ -191,7 +190,6 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_capturable(optimizer, config.cuda_graph, ctx.device)
         start = int(state["iteration"])
         best = {"dice": float(state["best_dice"]), "iteration": state["best_iteration"]}
         if state["world_size"] == ctx.world_size:
@@ -204,8 +202,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
         seed_everything(config.seed + ctx.rank)
     if ctx.is_main:
         save_config(run_dir, config, manifest)
-    if config.cuda_graph and not resume:
-        _set_capturable(optimizer, True, ctx.device)
+    _set_capturable(optimizer, config.cuda_graph, ctx.device)
 
     net = model
     if ctx.distributed:
@@ -237,14 +234,18 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
                           f"(best {best['dice']:.4f} at {best['iteration']})")
         barrier(ctx)
 
-    def graph_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward_backward(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with autocast(ctx.device):
             logits = net(images)
         loss = criterion(logits, labels)
         loss.backward()
-        optimizer.step()
         return loss.detach()
+
+    def graph_step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = forward_backward(images, labels)
+        optimizer.step()
+        return loss
 
     began = time.monotonic()
     window = {"loss": 0.0, "count": 0, "images": 0, "since": time.monotonic()}
@@ -261,11 +262,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
                         graphed = GraphedStep(graph_step, images, labels)
                 loss = graphed(images, labels)
             else:
-                with autocast(ctx.device):
-                    logits = net(images)
-                loss = criterion(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = forward_backward(images, labels)
             out_of_time = config.max_minutes is not None and time.monotonic() - began > 60 * config.max_minutes
             flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
                                  torch.tensor(float(out_of_time), device=loss.device)])
@@ -320,7 +317,7 @@ def _check_graph_setting(ctx: DistContext) -> None:
 
 def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool, device: torch.device) -> None:
     """Put AdamW in the form a CUDA graph needs (capturable, learning rate and step counts as device tensors),
-    or back in the plain form: a resumed run may have been saved in either."""
+    or in the plain form: a fresh optimizer is plain, and a resumed run may have been saved in either."""
     for group in optimizer.param_groups:
         group["capturable"] = capturable
         lr = float(group["lr"])
