@@ -82,6 +82,25 @@ def main() -> None:
     for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[: args.rows]:
         print(f"{e.self_device_time_total / 1e3 / args.steps:9.3f} {e.self_device_time_total / total:6.1%} "
               f"{e.count // args.steps:6d}  {e.key[:110]}")
+    print_triton_kernels()
+
+
+def print_triton_kernels() -> None:
+    """Every Triton kernel of mlla_fast compiled so far: warps, stages, registers per thread, spilled
+    registers and shared memory, one line per specialisation (what the profile's times cannot show)."""
+    from mlla_fast.kernels import dwconv, linear_attention, sampling
+
+    rows = []
+    for module in (linear_attention, dwconv, sampling):
+        for name, fn in vars(module).items():
+            for caches in getattr(fn, "device_caches", {}).values():
+                for kernel in caches[0].values():
+                    meta = kernel.metadata
+                    rows.append((name, meta.num_warps, meta.num_stages, kernel.n_regs, kernel.n_spills, meta.shared))
+    print(f"\ncompiled Triton kernels ({len(rows)} specialisations)")
+    print(f"{'warps':>5} {'stages':>6} {'regs':>5} {'spills':>6} {'shared':>7}  kernel")
+    for name, warps, stages, regs, spills, shared in sorted(rows):
+        print(f"{warps:5d} {stages:6d} {regs:5d} {spills:6d} {shared:7d}  {name}")
 
 
 def profile_host(step, args: argparse.Namespace) -> None:

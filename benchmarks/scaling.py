@@ -9,7 +9,10 @@ Variants, all with the same weights (loaded with ``load_state_dict``):
   compile time is the ``first_call_s`` column);
 - ``softmax``: the same block with softmax attention (``F.scaled_dot_product_attention`` over heads
   of 32 channels: q, k from the block's ``qk`` projection, v the attention input) in place of the
-  linear attention, then + LePE and gated like the block: the quadratic baseline.
+  linear attention, then + LePE and gated like the block: the quadratic baseline. On CUDA its first
+  call tries SDPA's kernels one at a time, flash, memory-efficient, cuDNN, then math, and keeps the
+  first that accepts the inputs; the row's note names it and why the ones before it were refused
+  (the math kernel holds the N x N attention matrix: quadratic memory as well as time).
 
 Modes: ``fwd`` (inference, under ``torch.no_grad``) and ``fwd+bwd`` (forward, then backward of a
 random output gradient into the input and every parameter). bf16 means autocast to bf16 with a bf16
@@ -31,6 +34,7 @@ import dataclasses
 import datetime
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` folder importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -83,6 +88,8 @@ MODES = ("fwd", "fwd+bwd")
 GPU_GRIDS = ("64", "128", "256", "512", "1024", "2048", "4096")
 CPU_GRIDS = ("16", "32", "64")
 ROPE_KEY = "attn.rope.rotations"
+SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                 SDPBackend.MATH)
 NO_GPU_MESSAGE = (
     "No CUDA device found: running a tiny CPU demonstration of the reference only "
     f"({CPU_DEMO_LABEL}). Run this script on an NVIDIA GPU for the real measurements."
@@ -94,6 +101,7 @@ class SoftmaxAttention(nn.Module):
 
     forward(v, hw, gate): q, k = split(qk(v)); per head of d channels ``SDPA(q, k, v)`` (scale d^-½,
     no RoPE, no feature map); merge heads, + lepe(v), times gate. v (B, N, C) -> (B, N, C).
+    ``sdpa_note`` says which SDPA kernel ran (see ``_sdpa``).
     """
 
     def __init__(self, attn: LinearAttention):
@@ -101,6 +109,34 @@ class SoftmaxAttention(nn.Module):
         self.num_heads = attn.num_heads
         self.qk = attn.qk
         self.lepe = attn.lepe
+        self.sdpa_backend = None
+        self.sdpa_note = ""
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """SDPA on the kernel chosen at the first call: on CUDA the first of SDPA_BACKENDS that accepts
+        these inputs (each refusal's reason, from SDPA's warnings, goes into ``sdpa_note``); elsewhere
+        PyTorch's own choice."""
+        if q.device.type != "cuda":
+            return F.scaled_dot_product_attention(q, k, v)
+        if self.sdpa_backend is not None:
+            with sdpa_kernel(self.sdpa_backend):
+                return F.scaled_dot_product_attention(q, k, v)
+        refused = []
+        for backend in SDPA_BACKENDS:
+            with warnings.catch_warnings(record=True) as caught, sdpa_kernel(backend):
+                warnings.simplefilter("always")
+                try:
+                    out = F.scaled_dot_product_attention(q, k, v)
+                except RuntimeError as exc:
+                    if "No available kernel" not in str(exc):
+                        raise
+                    reasons = "; ".join(dict.fromkeys(str(w.message).strip() for w in caught)) or str(exc)
+                    refused.append(f"{backend.name} refused ({reasons})")
+                    continue
+            self.sdpa_backend = backend
+            self.sdpa_note = "; ".join([f"SDPA kernel {backend.name}", *refused])
+            return out
+        raise RuntimeError("no SDPA kernel accepted the inputs: " + "; ".join(refused))
 
     def forward(self, v: Tensor, hw: tuple[int, int], gate: Tensor | None = None) -> Tensor:
         B, N, C = v.shape
@@ -109,7 +145,7 @@ class SoftmaxAttention(nn.Module):
         def heads(t: Tensor) -> Tensor:
             return t.reshape(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        out = self._sdpa(heads(q), heads(k), heads(v))
         out = out.transpose(1, 2).reshape(B, N, C) + dwconv_tokens_ref(v, self.lepe.weight, self.lepe.bias, hw)
         return out if gate is None else out * gate
 
@@ -195,9 +231,12 @@ def check_fused(args: argparse.Namespace, weights: dict[str, Tensor], device: to
 
 
 def build_point(variant: str, mode: str, grid: tuple[int, int], args: argparse.Namespace,
-                weights: dict[str, Tensor], device: torch.device):
-    """The (step, setup) pair that common.measure times for one variant, mode and grid."""
+                weights: dict[str, Tensor], device: torch.device, built: dict[str, nn.Module] | None = None):
+    """The (step, setup) pair that common.measure times for one variant, mode and grid (the block goes
+    into ``built["block"]`` when given)."""
     block = make_block(variant, args.dim, args.heads, grid, weights, device, args.compile_backend)
+    if built is not None:
+        built["block"] = block
     dtype = DTYPES[args.dtype]
     train = mode == "fwd+bwd"
     shape = (args.batch, grid[0] * grid[1], args.dim)
@@ -230,9 +269,13 @@ def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConf
             return Measurement(SKIPPED, note="the fused kernels need a CUDA device (CPU demonstration)")
         if variant in checks and not checks[variant].passed:
             return Measurement(FAILED_CHECK, note=checks[variant].detail)
-        result = measure(lambda: build_point(variant, mode, grid, args, weights, device), device, timing)
+        built = {}
+        result = measure(lambda: build_point(variant, mode, grid, args, weights, device, built), device, timing)
         if variant == "compiled":
             release_compiled(device)
+        sdpa_note = getattr(getattr(built.get("block"), "attn", None), "sdpa_note", "")
+        if sdpa_note:
+            result = dataclasses.replace(result, note="; ".join(filter(None, (result.note, sdpa_note))))
         return result
 
     def log(key: tuple[str, str], grid: tuple[int, int], m: Measurement) -> None:
