@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -130,7 +131,9 @@ class SoftmaxAttention(nn.Module):
                 except RuntimeError as exc:
                     if "No available kernel" not in str(exc):
                         raise
-                    reasons = "; ".join(dict.fromkeys(str(w.message).strip() for w in caught)) or str(exc)
+                    messages = (re.sub(r"\s*\(Triggered internally at [^)]*\)", "", str(w.message)).strip()
+                                for w in caught)
+                    reasons = "; ".join(dict.fromkeys(m for m in messages if not m.endswith("because:"))) or str(exc)
                     refused.append(f"{backend.name} refused ({reasons})")
                     continue
             self.sdpa_backend = backend
@@ -145,7 +148,9 @@ class SoftmaxAttention(nn.Module):
         def heads(t: Tensor) -> Tensor:
             return t.reshape(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
 
-        out = self._sdpa(heads(q), heads(k), heads(v))
+        # The block's v is a channels-first view (stride N between channels); SDPA's fused kernels need
+        # each head's channels contiguous.
+        out = self._sdpa(heads(q), heads(k), heads(v.contiguous()))
         out = out.transpose(1, 2).reshape(B, N, C) + dwconv_tokens_ref(v, self.lepe.weight, self.lepe.bias, hw)
         return out if gate is None else out * gate
 

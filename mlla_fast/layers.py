@@ -1,4 +1,4 @@
-"""Fused versions of the U-Net's sampling parts (EDSM, EUSM, final x4 expand, skip fusion).
+"""Fused versions of the U-Net's sampling parts (stem, EDSM, EUSM, final x4 expand, skip fusion).
 
 Each subclasses the reference module (same parameters and state-dict names) and runs the
 token-major Triton kernel of ``mlla_fast.kernels.sampling`` named ``kernel`` when its backend allows.
@@ -6,6 +6,7 @@ token-major Triton kernel of ``mlla_fast.kernels.sampling`` named ``kernel`` whe
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,6 +30,24 @@ class FusedSampler:
         from .kernels import sampling
 
         return super().forward(x, hw, op=getattr(sampling, self.kernel))
+
+
+class Stem(ref.Stem):
+    """The convolutional stem on channels-last (NHWC) images where the fused path runs.
+
+    cuDNN's NHWC convolutions and PyTorch's channels-last BatchNorm kernels are faster for its bf16
+    activations than their NCHW counterparts, and the stem's output tokens (B, H/4 * W/4, C) are then a
+    view of its last convolution's output instead of a transposed copy. Same parameters and values.
+    """
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = check_backend(backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if use_fused(self.backend, x) and x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
 
 
 class PatchMerging(FusedSampler, ref.PatchMerging):

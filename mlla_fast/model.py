@@ -6,7 +6,7 @@ import functools
 
 from .backend import check_backend
 from .block import MLLABlock
-from .layers import ConcatLinear, FinalPatchExpand_X4, PatchExpand, PatchMerging
+from .layers import ConcatLinear, FinalPatchExpand_X4, PatchExpand, PatchMerging, Stem
 from .reference.unet import MODEL_CONFIGS
 from .reference.unet import MLLAUNet as ReferenceMLLAUNet
 
@@ -22,7 +22,7 @@ class MLLAUNet(ReferenceMLLAUNet):
     def __init__(self, *args, backend: str | None = None, **kwargs):
         self.backend = check_backend(backend)
         parts = {"block_cls": MLLABlock, "downsample_cls": PatchMerging, "upsample_cls": PatchExpand,
-                 "final_expand_cls": FinalPatchExpand_X4}
+                 "final_expand_cls": FinalPatchExpand_X4, "stem_cls": Stem}
         kwargs.update({k: functools.partial(cls, backend=self.backend) for k, cls in parts.items()})
         kwargs["concat_cls"] = ConcatLinear
         super().__init__(*args, **kwargs)

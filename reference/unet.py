@@ -87,6 +87,7 @@ class MLLAUNet(nn.Module):
         upsample_cls: Callable = PatchExpand,
         final_expand_cls: Callable = FinalPatchExpand_X4,
         concat_cls: Callable = ConcatLinear,
+        stem_cls: Callable = Stem,
         **kwargs,
     ):
         super().__init__()
@@ -108,7 +109,7 @@ class MLLAUNet(nn.Module):
         self.embed_dim = embed_dim
         self.num_features = embed_dim * 2 ** (n - 1)
 
-        self.patch_embed = Stem(in_chans, embed_dim)
+        self.patch_embed = stem_cls(in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         starts = [sum(depths[:i]) for i in range(n + 1)]
