@@ -16,10 +16,11 @@ The two stencils are adjoint to each other: the input gradient of the stride-2 c
 transposed-conv gather of the output gradient, and the input gradient of the transposed conv is a
 stride-2 gather. So there are two stencil kernels, one that runs over the small grid and gathers
 from the big one (``_down_kernel``) and one that runs over the big grid and gathers from the small
-one (``_up_kernel``); each serves one op's forward and the other op's backward. In a backward launch
-the same program also forms the depthwise weight (and bias) gradient from the values it has
-loaded, accumulating over its tokens in fp32 registers and writing one fp32 partial per program;
-the partials are summed by ``torch.sum`` (no atomics, deterministic).
+one (``_up_kernel``, its programs split by the parity class of the big pixels, so that each evaluates
+only the 1, 2 or 4 taps that reach the small grid); each serves one op's forward and the other op's
+backward. In a backward launch the same program also forms the depthwise weight (and bias) gradient
+from the values it has loaded, accumulating over its tokens in fp32 registers and writing one fp32
+partial per program; the partials are summed by ``torch.sum`` (no atomics, deterministic).
 
 ``input_relu=True`` makes a stencil consume ReLU(x) instead of x (and mask its input gradient by
 x > 0): the composed ops use it to fuse the ReLU after the 1x1 expand GEMM into the stencil, so the
@@ -87,39 +88,6 @@ def _down_tap(acc, a_k, tile, KY: tl.constexpr, KX: tl.constexpr, BIG_PRE_RELU: 
     if WEIGHT_GRAD:
         a_k += b_small * b_v
     return acc, a_k
-
-
-@triton.jit
-def _up_tap(acc, a_k, a_bias, tile, KY: tl.constexpr, KX: tl.constexpr, SMALL_PRE_RELU: tl.constexpr,
-            GRAD_MASK: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr):
-    """Tap (KY, KX) of ``_up_kernel``'s gather: v = [ReLU](small), zeroed where mask <= 0 (GRAD_MASK), at small
-    pixel ((y + 1 - KY) / 2, (x + 1 - KX) / 2) where both are integers in range (else zero). Returns
-    acc + w[tap] * v, a_k + big * v (WEIGHT_GRAD) and, at the centre tap, a_bias + v (BIAS_GRAD); the
-    accumulators not updated are returned unchanged.
-
-    tile = (big [BN, BC] fp32, small_ptr, mask_ptr, w_ptr, o_b, o_y, o_x, m_n [BN], o_c, m_c [BC], Hs, Ws, C).
-    """
-    b_big, small_ptr, mask_ptr, w_ptr, o_b, o_y, o_x, m_n, o_c, m_c, Hs, Ws, C = tile
-    n_y = o_y + 1 - KY  # >= -1: clamped so that masked-off lanes still point inside the tensor
-    o_iy = tl.maximum(n_y, 0) // 2
-    n_x = o_x + 1 - KX
-    o_ix = tl.maximum(n_x, 0) // 2
-    m_t = m_n & (n_y >= 0) & ((n_y & 1) == 0) & (o_iy < Hs) & (n_x >= 0) & ((n_x & 1) == 0) & (o_ix < Ws)
-    m_v = m_t[:, None] & m_c[None, :]
-    p_small = ((o_b * Hs + o_iy) * Ws + o_ix)[:, None] * C + o_c[None, :]
-    b_v = tl.load(small_ptr + p_small, mask=m_v, other=0.0).to(tl.float32)  # [BN, BC]
-    if SMALL_PRE_RELU:
-        b_v = tl.maximum(b_v, 0.0)
-    if GRAD_MASK:
-        b_m = tl.load(mask_ptr + p_small, mask=m_v, other=0.0)
-        b_v = tl.where(b_m > 0, b_v, 0.0)
-    b_w = tl.load(w_ptr + o_c * 9 + (KY * 3 + KX), mask=m_c, other=0.0).to(tl.float32)  # [BC]
-    acc += b_v * b_w[None, :]
-    if WEIGHT_GRAD:
-        a_k += b_big * b_v
-        if BIAS_GRAD and KY == 1 and KX == 1:
-            a_bias += b_v
-    return acc, a_k, a_bias
 
 
 @triton.jit
@@ -200,41 +168,83 @@ def _down_kernel(
         _store_tap_partials(p_part, C, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
 
 
-@triton.jit(do_not_specialize=_GRID_ARGS)
-def _up_kernel(
-    small_ptr, mask_ptr, big_ptr, w_ptr, out_ptr, part_ptr,
-    n_out, Hs, Ws, Hb, Wb, C, tiles_per_prog, num_progs,
-    SMALL_PRE_RELU: tl.constexpr, GRAD_MASK: tl.constexpr, BIG_PRE_RELU: tl.constexpr,
-    WEIGHT_GRAD: tl.constexpr, N_PART: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Programs over big-grid tokens (flattened over the batch); big pixel (y, x) gathers small pixels
-    ((y + 1 - ky) / 2, (x + 1 - kx) / 2) where both are integers in range.
+@triton.jit
+def _up_tap(acc, a_k, a_bias, tile, KY: tl.constexpr, KX: tl.constexpr, SMALL_PRE_RELU: tl.constexpr,
+            GRAD_MASK: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr):
+    """Tap (KY, KX) of ``_up_kernel``'s gather for a tile of one parity class, where the tap is valid: big pixel
+    (2i + PY, 2j + PX) reads small pixel (i + [KY == 0], j + [KX == 0]) (zero past the small grid's last row or
+    column). v = [ReLU](small) there, zeroed where mask <= 0 (GRAD_MASK). Returns acc + w[tap] * v,
+    a_k + big * v (WEIGHT_GRAD) and, at the centre tap, a_bias + v (BIAS_GRAD); the accumulators not updated
+    are returned unchanged.
 
-    Forward of the transposed conv: small = x, out = sum_tap w * [ReLU](small[tap]).
-    Backward of the stride-2 conv (WEIGHT_GRAD): small = grad_y, zeroed where mask = y <= 0 (GRAD_MASK),
-    big = x, out = grad_x (masked by x > 0 when BIG_PRE_RELU), partial[pid, tap] = sum of [ReLU](x) * g[tap]
-    and, with N_PART = 10, partial[pid, 9] = sum of g over the centre tap, which meets every small pixel
-    exactly once because the small grid is ceil(big / 2): the bias gradient. As in ``_down_kernel`` these
-    are accumulated element-wise over the program's tiles and summed over tokens once at the end.
+    tile = (big [BN, BC] fp32, small_ptr, mask_ptr, w_ptr, o_s [BN] small token (i, j), o_i, o_j, m_n [BN],
+    o_c, m_c [BC], Hs, Ws, C).
+    """
+    b_big, small_ptr, mask_ptr, w_ptr, o_s, o_i, o_j, m_n, o_c, m_c, Hs, Ws, C = tile
+    m_t = m_n
+    o_src = o_s
+    if KY == 0:
+        m_t = m_t & (o_i + 1 < Hs)
+        o_src += Ws
+    if KX == 0:
+        m_t = m_t & (o_j + 1 < Ws)
+        o_src += 1
+    m_v = m_t[:, None] & m_c[None, :]
+    p_small = o_src[:, None] * C + o_c[None, :]
+    b_v = tl.load(small_ptr + p_small, mask=m_v, other=0.0).to(tl.float32)  # [BN, BC]
+    if SMALL_PRE_RELU:
+        b_v = tl.maximum(b_v, 0.0)
+    if GRAD_MASK:
+        b_m = tl.load(mask_ptr + p_small, mask=m_v, other=0.0)
+        b_v = tl.where(b_m > 0, b_v, 0.0)
+    b_w = tl.load(w_ptr + o_c * 9 + (KY * 3 + KX), mask=m_c, other=0.0).to(tl.float32)  # [BC]
+    acc += b_v * b_w[None, :]
+    if WEIGHT_GRAD:
+        a_k += b_big * b_v
+        if BIAS_GRAD and KY == 1 and KX == 1:
+            a_bias += b_v
+    return acc, a_k, a_bias
+
+
+@triton.jit
+def _up_class(
+    small_ptr, mask_ptr, big_ptr, w_ptr, out_ptr, part_ptr, pid_n,
+    n_out, Hs, Ws, Hb, Wb, C, tiles_per_prog, num_progs,
+    PY: tl.constexpr, PX: tl.constexpr, SMALL_PRE_RELU: tl.constexpr, GRAD_MASK: tl.constexpr,
+    BIG_PRE_RELU: tl.constexpr, WEIGHT_GRAD: tl.constexpr, N_PART: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``_up_kernel`` over the big pixels (2i + PY, 2j + PX) of parity class (PY, PX), token tiles
+    pid_n, pid_n + num_progs, ... of the class's (B, Hc, Wc) grid. Only the taps (ky, kx) with ky = 1 (PY = 0)
+    or ky in {0, 2} (PY = 1), and likewise kx for PX, reach a small pixel: 1, 2, 2 or 4 taps, taps
+    (KY0 + 2t, KX0 + 2u) with KY0 = 1 - PY, KX0 = 1 - PX, accumulated in tap order into a0 (t = u = 0),
+    a1 (u = 1), a2 (t = 1) and a3 (t = u = 1). Each tap belongs to exactly one class, so the program writes
+    the partial rows of its class's taps (and the bias row for class (0, 0)) and no others.
     """
     BIAS_GRAD: tl.constexpr = N_PART == 10
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    o_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    KY0: tl.constexpr = 1 - PY
+    KX0: tl.constexpr = 1 - PX
+    o_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
-    n_big = Hb * Wb
+    n_img = Hb * Wb
+    Hc = (Hb + 1 - PY) // 2  # class rows i with 2i + PY < Hb; Hc <= Hs
+    Wc = (Wb + 1 - PX) // 2
+    n_cls_img = Hc * Wc
+    n_cls = (n_out // n_img) * n_cls_img
+    n_cls_img = tl.maximum(n_cls_img, 1)  # an empty class (Hb or Wb = 1): every lane masked off
+    Wc = tl.maximum(Wc, 1)
     zero = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
-    a_bias = zero
-    for i in range(tiles_per_prog):
-        o_t = (pid_n + i * num_progs).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] big tokens
-        m_n = o_t < n_out
-        o_b = o_t // n_big
-        o_s = o_t - o_b * n_big
-        o_y = o_s // Wb
-        o_x = o_s - o_y * Wb
+    a0, a1, a2, a3, a_bias = zero, zero, zero, zero, zero
+    for it in range(tiles_per_prog):
+        o_t = (pid_n + it * num_progs).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] class tokens
+        m_n = o_t < n_cls
+        o_b = o_t // n_cls_img
+        o_r = o_t - o_b * n_cls_img
+        o_i = o_r // Wc
+        o_j = o_r - o_i * Wc
+        o_s = (o_b * Hs + o_i) * Ws + o_j  # small pixel (i, j)
         m = m_n[:, None] & m_c[None, :]
-        p_out = o_t[:, None] * C + o_c[None, :]
+        p_out = ((o_b * Hb + 2 * o_i + PY) * Wb + 2 * o_j + PX)[:, None] * C + o_c[None, :]
         b_g = zero
         b_big = zero
         if WEIGHT_GRAD:
@@ -242,25 +252,77 @@ def _up_kernel(
             b_big = b_g
             if BIG_PRE_RELU:
                 b_big = tl.maximum(b_g, 0.0)
-        tile = (b_big, small_ptr, mask_ptr, w_ptr, o_b, o_y, o_x, m_n, o_c, m_c, Hs, Ws, C)
+        tile = (b_big, small_ptr, mask_ptr, w_ptr, o_s, o_i, o_j, m_n, o_c, m_c, Hs, Ws, C)
         acc = zero
-        acc, a0, a_bias = _up_tap(acc, a0, a_bias, tile, 0, 0, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
-        acc, a1, a_bias = _up_tap(acc, a1, a_bias, tile, 0, 1, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
-        acc, a2, a_bias = _up_tap(acc, a2, a_bias, tile, 0, 2, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
-        acc, a3, a_bias = _up_tap(acc, a3, a_bias, tile, 1, 0, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
-        acc, a4, a_bias = _up_tap(acc, a4, a_bias, tile, 1, 1, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
-        acc, a5, a_bias = _up_tap(acc, a5, a_bias, tile, 1, 2, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
-        acc, a6, a_bias = _up_tap(acc, a6, a_bias, tile, 2, 0, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
-        acc, a7, a_bias = _up_tap(acc, a7, a_bias, tile, 2, 1, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
-        acc, a8, a_bias = _up_tap(acc, a8, a_bias, tile, 2, 2, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD, BIAS_GRAD)
+        acc, a0, a_bias = _up_tap(acc, a0, a_bias, tile, KY0, KX0, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD,
+                                  BIAS_GRAD)
+        if PX == 1:
+            acc, a1, a_bias = _up_tap(acc, a1, a_bias, tile, KY0, 2, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD,
+                                      BIAS_GRAD)
+        if PY == 1:
+            acc, a2, a_bias = _up_tap(acc, a2, a_bias, tile, 2, KX0, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD,
+                                      BIAS_GRAD)
+            if PX == 1:
+                acc, a3, a_bias = _up_tap(acc, a3, a_bias, tile, 2, 2, SMALL_PRE_RELU, GRAD_MASK, WEIGHT_GRAD,
+                                          BIAS_GRAD)
         if WEIGHT_GRAD and BIG_PRE_RELU:
             acc = tl.where(b_g > 0.0, acc, 0.0)
         tl.store(out_ptr + p_out, acc.to(out_ptr.dtype.element_ty), mask=m)
     if WEIGHT_GRAD:
         p_part = part_ptr + pid_n.to(tl.int64) * (N_PART * C) + o_c
-        _store_tap_partials(p_part, C, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
-        if BIAS_GRAD:
+        tl.store(p_part + (KY0 * 3 + KX0) * C, tl.sum(a0, axis=0), mask=m_c)
+        if PX == 1:
+            tl.store(p_part + (KY0 * 3 + 2) * C, tl.sum(a1, axis=0), mask=m_c)
+        if PY == 1:
+            tl.store(p_part + (6 + KX0) * C, tl.sum(a2, axis=0), mask=m_c)
+            if PX == 1:
+                tl.store(p_part + 8 * C, tl.sum(a3, axis=0), mask=m_c)
+        if BIAS_GRAD and PY == 0 and PX == 0:
             tl.store(p_part + 9 * C, tl.sum(a_bias, axis=0), mask=m_c)
+
+
+@triton.jit(do_not_specialize=_GRID_ARGS)
+def _up_kernel(
+    small_ptr, mask_ptr, big_ptr, w_ptr, out_ptr, part_ptr,
+    n_out, Hs, Ws, Hb, Wb, C, tiles_per_prog, num_progs,
+    SMALL_PRE_RELU: tl.constexpr, GRAD_MASK: tl.constexpr, BIG_PRE_RELU: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr, N_PART: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Programs over big-grid tokens (n_out of them, flattened over the batch); big pixel (y, x) gathers small
+    pixels ((y + 1 - ky) / 2, (x + 1 - kx) / 2) where both are integers in range.
+
+    Forward of the transposed conv: small = x, out = sum_tap w * [ReLU](small[tap]).
+    Backward of the stride-2 conv (WEIGHT_GRAD): small = grad_y, zeroed where mask = y <= 0 (GRAD_MASK),
+    big = x, out = grad_x (masked by x > 0 when BIG_PRE_RELU), partial[pid, tap] = sum of [ReLU](x) * g[tap]
+    and, with N_PART = 10, partial[pid, 9] = sum of g over the centre tap, which meets every small pixel
+    exactly once because the small grid is ceil(big / 2): the bias gradient. As in ``_down_kernel`` these
+    are accumulated element-wise over the program's tiles and summed over tokens once at the end.
+
+    Which taps are valid depends only on the parity (y % 2, x % 2): program_id(0) = 4 * pid_n + class, and
+    each program runs ``_up_class`` for its class with the class's 1, 2 or 4 taps known at compile time (so
+    at most 4 tap accumulators live, and no masked-off loads). The class is the fastest-varying program index:
+    the four programs of a token tile, which read the same small pixels, run side by side. The four classes
+    of pid_n write disjoint rows of partial[pid_n] that together cover all N_PART rows.
+    """
+    pid = tl.program_id(0)
+    pid_n = pid // 4
+    cls = pid % 4
+    if cls == 0:
+        _up_class(small_ptr, mask_ptr, big_ptr, w_ptr, out_ptr, part_ptr, pid_n, n_out, Hs, Ws, Hb, Wb, C,
+                  tiles_per_prog, num_progs, 0, 0, SMALL_PRE_RELU, GRAD_MASK, BIG_PRE_RELU, WEIGHT_GRAD, N_PART,
+                  BLOCK_N, BLOCK_C)
+    elif cls == 1:
+        _up_class(small_ptr, mask_ptr, big_ptr, w_ptr, out_ptr, part_ptr, pid_n, n_out, Hs, Ws, Hb, Wb, C,
+                  tiles_per_prog, num_progs, 0, 1, SMALL_PRE_RELU, GRAD_MASK, BIG_PRE_RELU, WEIGHT_GRAD, N_PART,
+                  BLOCK_N, BLOCK_C)
+    elif cls == 2:
+        _up_class(small_ptr, mask_ptr, big_ptr, w_ptr, out_ptr, part_ptr, pid_n, n_out, Hs, Ws, Hb, Wb, C,
+                  tiles_per_prog, num_progs, 1, 0, SMALL_PRE_RELU, GRAD_MASK, BIG_PRE_RELU, WEIGHT_GRAD, N_PART,
+                  BLOCK_N, BLOCK_C)
+    else:
+        _up_class(small_ptr, mask_ptr, big_ptr, w_ptr, out_ptr, part_ptr, pid_n, n_out, Hs, Ws, Hb, Wb, C,
+                  tiles_per_prog, num_progs, 1, 1, SMALL_PRE_RELU, GRAD_MASK, BIG_PRE_RELU, WEIGHT_GRAD, N_PART,
+                  BLOCK_N, BLOCK_C)
 
 
 @triton.jit
@@ -347,7 +409,8 @@ class LaunchConfig:
     tiles (few programs keep the fp32 partials small).
 
     The backward kernels also keep tile-shaped fp32 parameter-gradient accumulators across their tile
-    loop (9 taps, plus the bias in the stride-2 backward; 2 in the LayerNorm backward), so their tiles
+    loop (9 taps in the transposed conv's backward; in the stride-2 backward only the taps of the program's
+    parity class, at most 4, or the centre tap and the bias; 2 in the LayerNorm backward), so their tiles
     are spread over more threads: 4 elements per thread for the stencils and 16 for the LayerNorm keep
     them under 128 registers per thread on sm_90, without spills.
     """
@@ -400,18 +463,21 @@ def _launch_stencil(kernel, config: LaunchConfig, inputs: tuple[Tensor, ...], ou
                     grid: tuple[int, int, int, int, int], n_part: int, weight_grad: bool, flags: dict) -> Tensor | None:
     """Launch a stencil kernel with its four input pointers, writing out (B, N_out, C).
 
-    grid = (Hs, Ws, Hb, Wb) of the small and big grids and the batch size B. Returns the (n_part, C) sums
-    of the fp32 partials of a WEIGHT_GRAD launch, else None.
+    grid = (Hs, Ws, Hb, Wb) of the small and big grids and the batch size B. ``_down_kernel`` tiles the
+    B * Hs * Ws small tokens; ``_up_kernel`` runs four programs (one per parity class of the big grid, each
+    class at most B * Hs * Ws tokens) per token tile. Returns the (n_part, C) sums of the fp32 partials of a
+    WEIGHT_GRAD launch, else None.
     """
     Hs, Ws, Hb, Wb, B = grid
     n_out, C = B * out.shape[1], out.shape[2]
+    n_classes = 4 if kernel is _up_kernel else 1
     block_c = min(config.block_c, max(16, triton.next_power_of_2(C)))
     block_n = max(1, config.tile_elements // block_c)
     c_progs = triton.cdiv(C, block_c)
-    n_tiles = triton.cdiv(n_out, block_n)
-    n_progs = _reduction_progs(n_tiles, c_progs, out.device, config) if weight_grad else n_tiles
+    n_tiles = triton.cdiv(B * Hs * Ws, block_n)
+    n_progs = _reduction_progs(n_tiles, n_classes * c_progs, out.device, config) if weight_grad else n_tiles
     part = _empty((n_progs, n_part, C), torch.float32, out.device) if weight_grad else out
-    kernel[(n_progs, c_progs)](
+    kernel[(n_classes * n_progs, c_progs)](
         *inputs, out, part, n_out, Hs, Ws, Hb, Wb, C, triton.cdiv(n_tiles, n_progs), n_progs,
         WEIGHT_GRAD=weight_grad, N_PART=n_part, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=config.num_warps,
         **flags,

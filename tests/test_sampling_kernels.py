@@ -135,6 +135,24 @@ def test_many_tiles_per_program(op, device, monkeypatch):
     check_stencil_fp32(op, 2, 5, 7, 64, True, device)
 
 
+# (B, H, W, input_relu): single pixels, single rows and columns, odd and mixed-parity grids.
+PARITY_SHAPES = [(2, 1, 1, True), (1, 1, 6, False), (1, 6, 1, True), (2, 2, 3, True), (1, 3, 2, False),
+                 (2, 9, 11, True), (1, 10, 7, True)]
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=lambda s: "B{}_{}x{}_relu{}".format(*s))
+@pytest.mark.parametrize("op", ["dwconv_stride2_relu", "dwconv_transpose2x"])
+def test_parity_classes_on_odd_and_degenerate_grids(op, shape, device, monkeypatch):
+    """The big-grid stencil runs one program per parity class (y % 2, x % 2) and token tile: on grids whose
+    classes differ in size or are empty (H or W = 1 in the stride-2 backward), with tiles of 8 tokens and
+    several partial programs per class, each looping over tiles, some past their class's end."""
+    for key in sampling.CONFIGS:
+        monkeypatch.setitem(sampling.CONFIGS, key, sampling.LaunchConfig(tile_elements=256, block_c=32))
+    monkeypatch.setattr(sampling, "INTERPRETER_PARTIAL_PROGRAMS", 24)
+    B, H, W, input_relu = shape
+    check_stencil_fp32(op, B, H, W, 64, input_relu, device)
+
+
 def test_stride2_relu_gradient_masks_are_exact(device):
     """Where an output or a ReLU'd input is exactly 0 the gradient is cut, as in PyTorch (relu' = [y > 0])."""
     B, H, W, C = 1, 6, 5, 32
