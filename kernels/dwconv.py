@@ -18,16 +18,20 @@ Backward (``g`` is the gradient with respect to the convolution's output, ``w`` 
   ``dw[tap] = sum_p g[p] * x[p + tap]``, ``db = sum_p g[p]``;
 * cpe: ``g = dr + rstd * (gamma * dh - mean_c(gamma * dh) - xhat * mean_c(gamma * dh * xhat))``
   with ``xhat = (r - mean) * rstd`` and ``r`` itself recomputed from the saved ``x`` (the forward's
-  own stencil code and rounding), so the op keeps only its input for the backward;
+  tap order and rounding), so the op keeps only its input for the backward;
 * silu: ``g = dy * s * (1 + pre * (1 - s))`` with ``s = sigmoid(pre)`` and ``pre`` recomputed.
 
 A first kernel computes ``g`` per tile (stored in the activation dtype, as PyTorch's own
 backward does) together with per-program fp32 partials of the parameter gradients; a second
-kernel applies the transposed stencil to ``g``. The partials are summed over programs by one small
-kernel per backward (``reduce_partials``) in a fixed order, so the results are deterministic (no
-atomics). Accumulation is fp32 throughout.
+kernel applies the transposed stencil to ``g``. The cpe one walks down the grid one row of TW
+tokens at a time and keeps x's 3x3 neighbourhood of the current row in registers (rows y - 1, y
+and y + 1, each also shifted a column either way): a step loads only row y + 1, and the same nine
+tiles give both the recomputed ``r`` and the weight gradient's products. The partials are summed
+over programs by one small kernel per backward (``reduce_partials``) in a fixed order, so the
+results are deterministic (no atomics). Accumulation is fp32 throughout.
 """
 
+import functools
 import itertools
 import math
 
@@ -47,6 +51,13 @@ MAX_NORM_CHANNELS = 4096
 # row sums and barriers span fewer warps and more programs fit on an SM at once.
 TILE_ELEMENTS = 512
 PARTIAL_PROGRAMS = 1024
+# The cpe backward's programs each walk a run of grid rows: CPE_BWD_PROGRAMS_PER_SM programs per SM on a GPU
+# (PARTIAL_PROGRAMS in the interpreter) and CPE_BWD_MAXNREG, ptxas's register cap (None: ptxas's choice).
+# Compiled offline by ptxas for sm_90a (Triton 3.9) it takes 168 registers, no spills: 3 programs of 4 warps
+# per SM, so 6 per SM make two full waves. Capped at 128 it spills 84 bytes a thread (conv taps, reloaded from
+# L1 at every row) and fits 4 programs per SM (then 8 per SM for two waves). Not yet timed on a GPU.
+CPE_BWD_PROGRAMS_PER_SM = 6
+CPE_BWD_MAXNREG: int | None = None
 TAPS = 9
 
 __all__ = [
@@ -143,12 +154,22 @@ def _store_weight_partials(p_dw, i_p, s_part, o_c, m_c, a0, a1, a2, a3, a4, a5, 
 
 
 @triton.jit
-def _normalize(b_r, m_c, C, eps):
-    """LayerNorm statistics over the channels of b_r [BLOCK_T, BLOCK_C]: (xhat, rstd [BLOCK_T])."""
-    b_mean = tl.sum(b_r, 1) / C
+def _normalize(b_r, m_c, inv_c, eps):
+    """LayerNorm statistics over the channels of b_r [BLOCK_T, BLOCK_C] (inv_c = 1 / C): (xhat, rstd [BLOCK_T])."""
+    b_mean = tl.sum(b_r, 1) * inv_c
     b_diff = tl.where(m_c[None, :], b_r - b_mean[:, None], 0.0)
-    b_rstd = tl.rsqrt(tl.sum(b_diff * b_diff, 1) / C + eps)
+    b_rstd = tl.rsqrt(tl.sum(b_diff * b_diff, 1) * inv_c + eps)
     return b_diff * b_rstd[:, None], b_rstd
+
+
+@triton.jit
+def _masked_load(p, m, MASKED: tl.constexpr):
+    """tl.load(p) in fp32, zero where m is false when MASKED (m unused otherwise)."""
+    if MASKED:
+        b = tl.load(p, mask=m, other=0.0)
+    else:
+        b = tl.load(p)
+    return b.to(tl.float32)
 
 
 @triton.jit
@@ -171,7 +192,7 @@ def _cpe_residual_norm_fwd_kernel(
     o_out = i_b.to(tl.int64) * so_b + (row * W + col).to(tl.int64)[:, None] * so_n + o_c[None, :]
     tl.store(r + o_out, b_r, mask=m)
 
-    b_xhat, _ = _normalize(b_r.to(tl.float32), m_c, C, eps)
+    b_xhat, _ = _normalize(b_r.to(tl.float32), m_c, 1.0 / C, eps)
     b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
     b_beta = tl.load(norm_b + o_c, mask=m_c, other=0.0).to(tl.float32)
     tl.store(h + o_out, (b_xhat * b_gamma[None, :] + b_beta[None, :]).to(h.dtype.element_ty), mask=m)
@@ -201,58 +222,140 @@ def _reduce_partials_kernel(
 
 
 @triton.jit
+def _tap_weights(p_w, o_c, m_c, RESIDUAL: tl.constexpr):
+    """The nine 3x3 taps of the depthwise weight (C, 9), each [BLOCK_C] in fp32 (tap k = 3 * di + dj);
+    RESIDUAL adds one to the centre tap, as ``_stencil3x3`` does."""
+    w0 = tl.load(p_w + o_c * 9 + 0, mask=m_c, other=0.0).to(tl.float32)
+    w1 = tl.load(p_w + o_c * 9 + 1, mask=m_c, other=0.0).to(tl.float32)
+    w2 = tl.load(p_w + o_c * 9 + 2, mask=m_c, other=0.0).to(tl.float32)
+    w3 = tl.load(p_w + o_c * 9 + 3, mask=m_c, other=0.0).to(tl.float32)
+    w4 = tl.load(p_w + o_c * 9 + 4, mask=m_c, other=0.0).to(tl.float32)
+    w5 = tl.load(p_w + o_c * 9 + 5, mask=m_c, other=0.0).to(tl.float32)
+    w6 = tl.load(p_w + o_c * 9 + 6, mask=m_c, other=0.0).to(tl.float32)
+    w7 = tl.load(p_w + o_c * 9 + 7, mask=m_c, other=0.0).to(tl.float32)
+    w8 = tl.load(p_w + o_c * 9 + 8, mask=m_c, other=0.0).to(tl.float32)
+    w4 += 1.0 * RESIDUAL
+    return w0, w1, w2, w3, w4, w5, w6, w7, w8
+
+
+@triton.jit
+def _row_neighbours(p_x, stride_n, y, col, o_c, m_c, H, W):
+    """x at grid row y and columns col - 1, col, col + 1 (one image; p_x points at its first token), in
+    fp32, zero outside the grid: three [TW, BLOCK_C]. The row offset is int64, the column offsets int32."""
+    p_row = p_x + (y * W).to(tl.int64) * stride_n
+    y_t = tl.zeros_like(col) + y  # a tensor, not a scalar: the interpreter needs it
+    m_y = (y_t >= 0) & (y_t < H)
+    c_l, c_r = col - 1, col + 1
+    m_l = (m_y & (c_l >= 0) & (c_l < W))[:, None] & m_c[None, :]
+    m_m = (m_y & (col < W))[:, None] & m_c[None, :]
+    m_r = (m_y & (c_r < W))[:, None] & m_c[None, :]
+    b_l = tl.load(p_row + (c_l * stride_n)[:, None] + o_c[None, :], mask=m_l, other=0.0).to(tl.float32)
+    b_m = tl.load(p_row + (col * stride_n)[:, None] + o_c[None, :], mask=m_m, other=0.0).to(tl.float32)
+    b_r = tl.load(p_row + (c_r * stride_n)[:, None] + o_c[None, :], mask=m_r, other=0.0).to(tl.float32)
+    return b_l, b_m, b_r
+
+
+@triton.jit
 def _cpe_residual_norm_bwd_kernel(
     x, cpe_w, cpe_b, dr, dh, norm_w, g, dw_part, db_part, dgamma_part, dbeta_part,
-    H, W, C, n_tiles_w, n_tiles_img, n_tiles, tiles_per_prog,
+    H, W, C, n_tiles_w, n_rows,
     sx_b, sx_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps, s_part,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+    TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
     HAS_DR: tl.constexpr, HAS_DH: tl.constexpr,
 ):
     """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients.
 
-    r = x + dwconv(x) is recomputed from x by the forward's own code and rounding (x's neighbours are
-    loaded for the weight gradient anyway), so the forward keeps only x for the backward.
+    A tile is TW tokens of one grid row (all C channels). The tiles are numbered strip by strip (a strip:
+    one batch sample's TW-wide column block, top row to bottom row) and each program walks down a
+    contiguous run of them, the runs of all programs as equal as they can be. x's 3x3 neighbourhood of
+    row y (rows y - 1, y, y + 1, each at columns shifted by -1, 0, +1) stays in registers from one row to
+    the next, so a step loads only row y + 1's three shifts; the nine tiles serve both the recomputation
+    of r = x + dwconv(x) (the forward's own tap order and rounding, so the forward keeps only x for the
+    backward) and the weight gradient dw[tap] = sum_p g[p] * x[p + tap]. The window is refilled where a
+    run starts and where it enters a new strip.
     The parameter gradients are accumulated element-wise over the program's tiles and summed over
     tokens once at the end: a cross-warp reduction per tile would dominate the kernel's time.
     """
     i_p, n_p = tl.program_id(0), tl.num_programs(0)
+    start = (i_p.to(tl.int64) * n_rows // n_p).to(tl.int32)
+    end = ((i_p + 1).to(tl.int64) * n_rows // n_p).to(tl.int32)
     o_c = tl.arange(0, BLOCK_C)
-    m_c = o_c < C
+    m_c = o_c < (BLOCK_C if EVEN_C else C)  # all true at compile time when C == BLOCK_C
+    inv_c = 1.0 / C
+    MASKED: tl.constexpr = not (EVEN_C and EVEN_W)  # some tiles reach past the grid's last column or C
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = _tap_weights(cpe_w, o_c, m_c, True)
+    b_bias = tl.load(cpe_b + o_c, mask=m_c, other=0.0).to(tl.float32)
     b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
-    zero = tl.zeros([TH * TW, BLOCK_C], dtype=tl.float32)
+    zero = tl.zeros([TW, BLOCK_C], dtype=tl.float32)
     a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
     a_db, a_dgamma, a_dbeta = zero, zero, zero
-    for k in range(tiles_per_prog):
-        i_tt = i_p + k * n_p
-        i_b = i_tt // n_tiles_img
-        row, col, m_t = _tile_tokens(i_tt % n_tiles_img, n_tiles_w, H, W, TH, TW)
-        m_t = m_t & (tl.zeros_like(row) + i_tt < n_tiles)  # a tensor, not a scalar: the interpreter needs it
-        m = m_t[:, None] & m_c[None, :]
-        o_n = (row * W + col).to(tl.int64)[:, None]
+    x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = zero, zero, zero, zero, zero, zero  # rows y - 1 and y
+    i_s = start // H  # strip
+    y = start - i_s * H
+    i_b = i_s * 0
+    col = tl.arange(0, TW)
+    for i in range(start, end):
+        if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
+            i_s += y // H
+            y = y % H
+            i_b = i_s // n_tiles_w
+            col = (i_s - i_b * n_tiles_w) * TW + tl.arange(0, TW)
+            p_x = x + i_b.to(tl.int64) * sx_b
+            x_u0, x_u1, x_u2 = _row_neighbours(p_x, sx_n, y - 1, col, o_c, m_c, H, W)
+            x_v0, x_v1, x_v2 = _row_neighbours(p_x, sx_n, y, col, o_c, m_c, H, W)
         i_b64 = i_b.to(tl.int64)
+        x_d0, x_d1, x_d2 = _row_neighbours(x + i_b64 * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
+        m_t = col < W
+        m = m_t[:, None] & m_c[None, :]
+        o_y = (y * W).to(tl.int64)
 
-        b_g = tl.zeros([TH * TW, BLOCK_C], dtype=tl.float32)
+        b_g = zero
         if HAS_DH:
-            b_r = _stencil3x3(x + i_b64 * sx_b, sx_n, cpe_w, row, col, m_t, o_c, m_c, H, W,
-                              TH * TW, BLOCK_C, False, True)
-            b_r += tl.load(cpe_b + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-            b_r = tl.where(m, b_r.to(g.dtype.element_ty).to(tl.float32), 0.0)
-            b_dh = tl.load(dh + i_b64 * sdh_b + o_n * sdh_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
-            b_xhat, b_rstd = _normalize(b_r, m_c, C, eps)
+            b_r = zero
+            b_r += x_u0 * w0[None, :]
+            b_r += x_u1 * w1[None, :]
+            b_r += x_u2 * w2[None, :]
+            b_r += x_v0 * w3[None, :]
+            b_r += x_v1 * w4[None, :]
+            b_r += x_v2 * w5[None, :]
+            b_r += x_d0 * w6[None, :]
+            b_r += x_d1 * w7[None, :]
+            b_r += x_d2 * w8[None, :]
+            b_r += b_bias[None, :]
+            b_r = b_r.to(g.dtype.element_ty).to(tl.float32)
+            if MASKED:
+                b_r = tl.where(m, b_r, 0.0)
+            b_dh = _masked_load(dh + i_b64 * sdh_b + o_y * sdh_n + (col * sdh_n)[:, None] + o_c[None, :], m, MASKED)
+            b_xhat, b_rstd = _normalize(b_r, m_c, inv_c, eps)
             a_dgamma += b_dh * b_xhat
             a_dbeta += b_dh
             b_gdh = b_dh * b_gamma[None, :]
-            b_mean_gdh = tl.sum(b_gdh, 1) / C
-            b_mean_gdh_xhat = tl.sum(b_gdh * b_xhat, 1) / C
+            b_mean_gdh = tl.sum(b_gdh, 1) * inv_c
+            b_mean_gdh_xhat = tl.sum(b_gdh * b_xhat, 1) * inv_c
             b_g = b_rstd[:, None] * (b_gdh - b_mean_gdh[:, None] - b_xhat * b_mean_gdh_xhat[:, None])
-            b_g = tl.where(m, b_g, 0.0)
+            if MASKED:
+                b_g = tl.where(m, b_g, 0.0)
         if HAS_DR:
-            b_g += tl.load(dr + i_b64 * sdr_b + o_n * sdr_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(g + i_b64 * sg_b + o_n * sg_n + o_c[None, :], b_g.to(g.dtype.element_ty), mask=m)
+            b_g += _masked_load(dr + i_b64 * sdr_b + o_y * sdr_n + (col * sdr_n)[:, None] + o_c[None, :], m, MASKED)
+        p_g = g + i_b64 * sg_b + o_y * sg_n + (col * sg_n)[:, None] + o_c[None, :]
+        if MASKED:
+            tl.store(p_g, b_g.to(g.dtype.element_ty), mask=m)
+        else:
+            tl.store(p_g, b_g.to(g.dtype.element_ty))
 
         a_db += b_g
-        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _accumulate_taps(
-            a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g, x + i_b64 * sx_b, sx_n, row, col, m_t, o_c, m_c, H, W)
+        a0 += b_g * x_u0
+        a1 += b_g * x_u1
+        a2 += b_g * x_u2
+        a3 += b_g * x_v0
+        a4 += b_g * x_v1
+        a5 += b_g * x_v2
+        a6 += b_g * x_d0
+        a7 += b_g * x_d1
+        a8 += b_g * x_d2
+        x_u0, x_u1, x_u2 = x_v0, x_v1, x_v2
+        x_v0, x_v1, x_v2 = x_d0, x_d1, x_d2
+        y += 1
 
     _store_weight_partials(dw_part, i_p, s_part, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
     tl.store(db_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_db, 0), mask=m_c)
@@ -437,6 +540,21 @@ def _partial_programs(n_tiles: int, n_cblocks: int) -> int:
     return max(1, min(n_tiles, PARTIAL_PROGRAMS // n_cblocks))
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _cpe_bwd_programs(n_rows: int, device: torch.device) -> int:
+    """Programs of the cpe backward kernel: CPE_BWD_PROGRAMS_PER_SM per SM on a GPU, PARTIAL_PROGRAMS in the
+    interpreter (so that the tests can make programs walk many rows), at most one per row tile."""
+    if device.type == "cuda":
+        target = CPE_BWD_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
+    else:
+        target = PARTIAL_PROGRAMS
+    return max(1, min(n_rows, target))
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -523,11 +641,10 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_w
     weight = cpe_weight.contiguous()
 
     block_c = triton.next_power_of_2(C)
-    th, tw = _tile_shape(H, W, max(1, TILE_ELEMENTS // block_c))
+    tw = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(W))
     n_tiles_w = triton.cdiv(W, tw)
-    n_tiles_img = triton.cdiv(H, th) * n_tiles_w
-    n_tiles = B * n_tiles_img
-    n_progs = _partial_programs(n_tiles, 1)
+    n_rows = B * n_tiles_w * H
+    n_progs = _cpe_bwd_programs(n_rows, x.device)
     g = _empty((B, N, C), x.dtype, x.device)
     part = _empty((n_progs, (TAPS + 3) * C), torch.float32, x.device)
     dw_part, db_part, dgamma_part, dbeta_part = part.split([TAPS * C, C, C, C], dim=1)
@@ -535,11 +652,11 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_w
     dh_arg = x if dh is None else dh
     _cpe_residual_norm_bwd_kernel[(n_progs,)](
         x, weight, cpe_bias.contiguous(), dr_arg, dh_arg, norm_weight.contiguous(), g, dw_part, db_part,
-        dgamma_part, dbeta_part, H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
+        dgamma_part, dbeta_part, H, W, C, n_tiles_w, n_rows,
         x.stride(0), x.stride(1), dr_arg.stride(0), dr_arg.stride(1),
         dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps, part.stride(0),
-        TH=th, TW=tw, BLOCK_C=block_c, HAS_DR=dr is not None, HAS_DH=dh is not None,
-        num_warps=_bwd_num_warps(th * tw * block_c),
+        TW=tw, BLOCK_C=block_c, EVEN_C=block_c == C, EVEN_W=W % tw == 0, HAS_DR=dr is not None,
+        HAS_DH=dh is not None, num_warps=_bwd_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
     )
     dx = _dwconv_transpose(g, weight, (H, W), residual=True)
     dw, db, dgamma, dbeta = reduce_partials(part, [((C, 1, 3, 3), cpe_weight.dtype), ((C,), cpe_bias.dtype),

@@ -118,6 +118,21 @@ def test_many_tiles_per_program(op, device, monkeypatch):
     check_fp32(op, inputs, (H, W), [torch.randn(B, H * W, C, device=device) for _ in names(op)[0]])
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 13, 96), (3, 5, 16, 64), (2, 7, 3, 512)],
+                         ids=lambda s: "B{}_{}x{}_C{}".format(*s))
+@pytest.mark.parametrize("used", ["both", "r", "h"])
+def test_cpe_residual_norm_backward_walks_rows(used, shape, device, monkeypatch):
+    """Few backward programs, so each walks many grid rows, carrying x's neighbourhood from row to row and
+    refilling it where its run starts mid-strip and where it enters the next strip (column block or
+    sample); channels short of a power of two or not, grids a multiple of the tile width or not."""
+    monkeypatch.setattr(dwconv, "PARTIAL_PROGRAMS", 5)
+    B, H, W, C = shape
+    inputs = leaves(make_inputs("cpe_residual_norm", B, H, W, C, device))
+    grads = [torch.randn(B, H * W, C, device=device) for _ in range(2)]
+    check_fp32("cpe_residual_norm", inputs, (H, W),
+               [None if used == "h" else grads[0], None if used == "r" else grads[1]])
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_low_precision_activations_fp32_params(op, dtype, device):
