@@ -53,10 +53,11 @@ TILE_ELEMENTS = 512
 PARTIAL_PROGRAMS = 1024
 # The cpe backward's programs each walk a run of grid rows: CPE_BWD_PROGRAMS_PER_SM programs per SM on a GPU
 # (PARTIAL_PROGRAMS in the interpreter) and CPE_BWD_MAXNREG, ptxas's register cap (None: ptxas's choice).
-# Compiled offline by ptxas for sm_90a (Triton 3.9) it takes 168 registers, no spills: 3 programs of 4 warps
-# per SM, so 6 per SM make two full waves. Capped at 128 it spills 84 bytes a thread (conv taps, reloaded from
-# L1 at every row) and fits 4 programs per SM (then 8 per SM for two waves). Not yet timed on a GPU.
-CPE_BWD_PROGRAMS_PER_SM = 6
+# At 168 registers (no spills) 3 programs of 4 warps fit on an SM: one wave, the fewest window refills.
+# Measured on an H200 (the kernel's GPU time in a MLLA-UNet-T training step, 224², batch 48, bf16; the old
+# square-tile kernel: 3.78 ms): 3 per SM 2.07 ms, 6 per SM 2.59 ms, 9 per SM 3.11 ms; capped at 128 registers
+# (spilling 84 bytes a thread): 4 per SM 2.25 ms, 8 per SM 2.97 ms.
+CPE_BWD_PROGRAMS_PER_SM = 3
 CPE_BWD_MAXNREG: int | None = None
 TAPS = 9
 
