@@ -59,6 +59,15 @@ PARTIAL_PROGRAMS = 1024
 # (spilling 84 bytes a thread): 4 per SM 2.25 ms, 8 per SM 2.97 ms.
 CPE_BWD_PROGRAMS_PER_SM = 3
 CPE_BWD_MAXNREG: int | None = None
+# The depthwise parameter-gradient kernel walks grid rows like the cpe backward: PARAM_GRAD_PROGRAMS_PER_SM
+# programs per SM, counted over all channel blocks (PARTIAL_PROGRAMS in the interpreter), and
+# PARAM_GRAD_MAXNREG, ptxas's register cap (None: ptxas's choice). Compiled offline by ptxas for sm_90a
+# (Triton 3.9; ptxas 13.4, the bundled ptxas-blackwell, as the bundled ptxas 12.9 rejects Triton's PTX 9.4),
+# 4 warps, bf16 x: at most 128 registers, no spills (SiLU 121-128, plain 106-118, over BLOCK_C 32 to 128 and
+# W a multiple of TW or not), so 4 programs fit on an SM: one wave, as the cpe backward measured best.
+# Not yet timed on a GPU.
+PARAM_GRAD_PROGRAMS_PER_SM = 4
+PARAM_GRAD_MAXNREG: int | None = None
 TAPS = 9
 
 __all__ = [
@@ -110,32 +119,6 @@ def _stencil3x3(p_src, stride_n, p_w, row, col, m_t, o_c, m_c, H, W,
             b_s = tl.load(p_src + o_n[:, None] + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
             b_acc += b_s.to(tl.float32) * b_w[None, :]
     return b_acc
-
-
-@triton.jit
-def _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, DI: tl.constexpr, DJ: tl.constexpr):
-    """g[p, c] * x[p + (DI - 1, DJ - 1), c] in fp32 (zero outside the grid). [BLOCK_T, BLOCK_C]"""
-    r = row + (DI - 1)
-    c = col + (DJ - 1)
-    m_n = m_t & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-    o_n = (r * W + c).to(tl.int64) * stride_n
-    b_x = tl.load(p_x + o_n[:, None] + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
-    return b_g * b_x.to(tl.float32)
-
-
-@triton.jit
-def _accumulate_taps(a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W):
-    """Add each 3x3 tap's g * shifted-x product to its accumulator (tap k = 3 * di + dj)."""
-    a0 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 0, 0)
-    a1 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 0, 1)
-    a2 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 0, 2)
-    a3 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 1, 0)
-    a4 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 1, 1)
-    a5 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 1, 2)
-    a6 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 2, 0)
-    a7 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 2, 1)
-    a8 += _tap_product(b_g, p_x, stride_n, row, col, m_t, o_c, m_c, H, W, 2, 2)
-    return a0, a1, a2, a3, a4, a5, a6, a7, a8
 
 
 @triton.jit
@@ -257,6 +240,61 @@ def _row_neighbours(p_x, stride_n, y, col, o_c, m_c, H, W):
 
 
 @triton.jit
+def _run_bounds(i_p, n_p, n_rows):
+    """Row tiles [start, end) of program i_p of n_p: contiguous runs, as equal as they can be."""
+    start = (i_p.to(tl.int64) * n_rows // n_p).to(tl.int32)
+    end = ((i_p + 1).to(tl.int64) * n_rows // n_p).to(tl.int32)
+    return start, end
+
+
+@triton.jit
+def _walk_refill(x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW: tl.constexpr):
+    """Enter strip i_s + y // H at row y % H (y == H: the next strip's top row): returns (strip, row, sample,
+    the tile's columns [TW], x's rows y - 1 and y at column shifts -1, 0, +1 (six [TW, BLOCK_C]))."""
+    i_s += y // H
+    y = y % H
+    i_b = i_s // n_tiles_w
+    col = (i_s - i_b * n_tiles_w) * TW + tl.arange(0, TW)
+    p_x = x + i_b.to(tl.int64) * sx_b
+    x_u0, x_u1, x_u2 = _row_neighbours(p_x, sx_n, y - 1, col, o_c, m_c, H, W)
+    x_v0, x_v1, x_v2 = _row_neighbours(p_x, sx_n, y, col, o_c, m_c, H, W)
+    return i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2
+
+
+@triton.jit
+def _window_stencil(x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2, w0, w1, w2, w3, w4, w5, w6, w7, w8):
+    """sum over the 3x3 taps of w[tap] * x[p + tap] from the window's nine tiles, in the forward's tap order
+    (``_stencil3x3``'s, so the recomputation rounds like the forward). [TW, BLOCK_C]"""
+    b = tl.zeros_like(x_v1)
+    b += x_u0 * w0[None, :]
+    b += x_u1 * w1[None, :]
+    b += x_u2 * w2[None, :]
+    b += x_v0 * w3[None, :]
+    b += x_v1 * w4[None, :]
+    b += x_v2 * w5[None, :]
+    b += x_d0 * w6[None, :]
+    b += x_d1 * w7[None, :]
+    b += x_d2 * w8[None, :]
+    return b
+
+
+@triton.jit
+def _window_taps(a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g,
+                 x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2):
+    """Add each 3x3 tap's g * shifted-x product, from the window's nine tiles, to its accumulator."""
+    a0 += b_g * x_u0
+    a1 += b_g * x_u1
+    a2 += b_g * x_u2
+    a3 += b_g * x_v0
+    a4 += b_g * x_v1
+    a5 += b_g * x_v2
+    a6 += b_g * x_d0
+    a7 += b_g * x_d1
+    a8 += b_g * x_d2
+    return a0, a1, a2, a3, a4, a5, a6, a7, a8
+
+
+@triton.jit
 def _cpe_residual_norm_bwd_kernel(
     x, cpe_w, cpe_b, dr, dh, norm_w, g, dw_part, db_part, dgamma_part, dbeta_part,
     H, W, C, n_tiles_w, n_rows,
@@ -278,8 +316,7 @@ def _cpe_residual_norm_bwd_kernel(
     tokens once at the end: a cross-warp reduction per tile would dominate the kernel's time.
     """
     i_p, n_p = tl.program_id(0), tl.num_programs(0)
-    start = (i_p.to(tl.int64) * n_rows // n_p).to(tl.int32)
-    end = ((i_p + 1).to(tl.int64) * n_rows // n_p).to(tl.int32)
+    start, end = _run_bounds(i_p, n_p, n_rows)
     o_c = tl.arange(0, BLOCK_C)
     m_c = o_c < (BLOCK_C if EVEN_C else C)  # all true at compile time when C == BLOCK_C
     inv_c = 1.0 / C
@@ -297,13 +334,8 @@ def _cpe_residual_norm_bwd_kernel(
     col = tl.arange(0, TW)
     for i in range(start, end):
         if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
-            i_s += y // H
-            y = y % H
-            i_b = i_s // n_tiles_w
-            col = (i_s - i_b * n_tiles_w) * TW + tl.arange(0, TW)
-            p_x = x + i_b.to(tl.int64) * sx_b
-            x_u0, x_u1, x_u2 = _row_neighbours(p_x, sx_n, y - 1, col, o_c, m_c, H, W)
-            x_v0, x_v1, x_v2 = _row_neighbours(p_x, sx_n, y, col, o_c, m_c, H, W)
+            i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
+                x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW)
         i_b64 = i_b.to(tl.int64)
         x_d0, x_d1, x_d2 = _row_neighbours(x + i_b64 * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
         m_t = col < W
@@ -312,16 +344,8 @@ def _cpe_residual_norm_bwd_kernel(
 
         b_g = zero
         if HAS_DH:
-            b_r = zero
-            b_r += x_u0 * w0[None, :]
-            b_r += x_u1 * w1[None, :]
-            b_r += x_u2 * w2[None, :]
-            b_r += x_v0 * w3[None, :]
-            b_r += x_v1 * w4[None, :]
-            b_r += x_v2 * w5[None, :]
-            b_r += x_d0 * w6[None, :]
-            b_r += x_d1 * w7[None, :]
-            b_r += x_d2 * w8[None, :]
+            b_r = _window_stencil(x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2,
+                                  w0, w1, w2, w3, w4, w5, w6, w7, w8)
             b_r += b_bias[None, :]
             b_r = b_r.to(g.dtype.element_ty).to(tl.float32)
             if MASKED:
@@ -345,15 +369,8 @@ def _cpe_residual_norm_bwd_kernel(
             tl.store(p_g, b_g.to(g.dtype.element_ty))
 
         a_db += b_g
-        a0 += b_g * x_u0
-        a1 += b_g * x_u1
-        a2 += b_g * x_u2
-        a3 += b_g * x_v0
-        a4 += b_g * x_v1
-        a5 += b_g * x_v2
-        a6 += b_g * x_d0
-        a7 += b_g * x_d1
-        a8 += b_g * x_d2
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _window_taps(a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g,
+                                                          x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2)
         x_u0, x_u1, x_u2 = x_v0, x_v1, x_v2
         x_v0, x_v1, x_v2 = x_d0, x_d1, x_d2
         y += 1
@@ -386,44 +403,70 @@ def _dwconv_silu_fwd_kernel(
 @triton.jit
 def _dwconv_param_grad_kernel(
     x, w, bias, dy, g, dw_part, db_part,
-    H, W, C, n_tiles_w, n_tiles_img, n_tiles, tiles_per_prog,
+    H, W, C, n_tiles_w, n_rows,
     sx_b, sx_n, sdy_b, sdy_n, sg_b, sg_n, s_part,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
+    TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr, SILU: tl.constexpr,
 ):
-    """fp32 partials of the weight and bias gradients of a depthwise 3x3 convolution of x (accumulated
-    element-wise over the program's tiles, summed over tokens once at the end).
+    """fp32 partials of the weight and bias gradients of a depthwise 3x3 convolution of x:
+    dw[c, tap] = sum_p g[p, c] * x[p + tap, c] and db[c] = sum_p g[p, c], over channel block
+    program_id(1) (BLOCK_C channels).
 
     SILU: the convolution feeds a SiLU and dy is the SiLU's output gradient: g = dy * SiLU'(pre), with
     pre recomputed, is stored for the transposed stencil. Otherwise dy is the convolution's output
-    gradient itself (g = dy; nothing is stored)."""
+    gradient itself (g = dy; nothing is stored).
+
+    The tiles walk like ``_cpe_residual_norm_bwd_kernel``'s: a tile is TW tokens of one grid row, numbered
+    strip by strip (one sample's TW-wide column block, top row to bottom row), and each program walks a
+    contiguous run of them with x's 3x3 neighbourhood in registers, loading only row y + 1 at each step
+    (the nine tiles serve both the recomputation of pre and the weight gradient); the window is refilled
+    where a run starts and where it enters a new strip. The gradients are accumulated element-wise over
+    the program's tiles and summed over tokens once at the end.
+    """
     i_p, i_c, n_p = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+    start, end = _run_bounds(i_p, n_p, n_rows)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    zero = tl.zeros([TH * TW, BLOCK_C], dtype=tl.float32)
+    m_c = (tl.arange(0, BLOCK_C) < BLOCK_C) if EVEN_C else (o_c < C)  # all true at compile time when EVEN_C
+    MASKED: tl.constexpr = not (EVEN_C and EVEN_W)  # some tiles reach past the grid's last column or C
+    if SILU:
+        w0, w1, w2, w3, w4, w5, w6, w7, w8 = _tap_weights(w, o_c, m_c, False)
+        b_bias = tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)
+    zero = tl.zeros([TW, BLOCK_C], dtype=tl.float32)
     a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
     a_db = zero
-    for k in range(tiles_per_prog):
-        i_tt = i_p + k * n_p
-        i_b64 = (i_tt // n_tiles_img).to(tl.int64)
-        row, col, m_t = _tile_tokens(i_tt % n_tiles_img, n_tiles_w, H, W, TH, TW)
-        m_t = m_t & (tl.zeros_like(row) + i_tt < n_tiles)  # a tensor, not a scalar: the interpreter needs it
+    x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = zero, zero, zero, zero, zero, zero  # rows y - 1 and y
+    i_s = start // H  # strip
+    y = start - i_s * H
+    i_b = i_s * 0
+    col = tl.arange(0, TW)
+    for i in range(start, end):
+        if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
+            i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
+                x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW)
+        i_b64 = i_b.to(tl.int64)
+        x_d0, x_d1, x_d2 = _row_neighbours(x + i_b64 * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
+        m_t = col < W
         m = m_t[:, None] & m_c[None, :]
-        o_n = (row * W + col).to(tl.int64)[:, None]
+        o_y = (y * W).to(tl.int64)
 
-        p_x = x + i_b64 * sx_b
-        b_dy = tl.load(dy + i_b64 * sdy_b + o_n * sdy_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+        b_g = _masked_load(dy + i_b64 * sdy_b + o_y * sdy_n + (col * sdy_n)[:, None] + o_c[None, :], m, MASKED)
         if SILU:
-            b_pre = _stencil3x3(p_x, sx_n, w, row, col, m_t, o_c, m_c, H, W, TH * TW, BLOCK_C, False, False)
-            b_pre += tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+            b_pre = _window_stencil(x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2,
+                                    w0, w1, w2, w3, w4, w5, w6, w7, w8)
+            b_pre += b_bias[None, :]
             b_s = tl.sigmoid(b_pre)
-            b_g = tl.where(m, b_dy * b_s * (1.0 + b_pre * (1.0 - b_s)), 0.0)
-            tl.store(g + i_b64 * sg_b + o_n * sg_n + o_c[None, :], b_g.to(g.dtype.element_ty), mask=m)
-        else:
-            b_g = b_dy
+            b_g = b_g * b_s * (1.0 + b_pre * (1.0 - b_s))  # zero past the grid's edge or C: dy loaded as zero
+            p_g = g + i_b64 * sg_b + o_y * sg_n + (col * sg_n)[:, None] + o_c[None, :]
+            if MASKED:
+                tl.store(p_g, b_g.to(g.dtype.element_ty), mask=m)
+            else:
+                tl.store(p_g, b_g.to(g.dtype.element_ty))
 
         a_db += b_g
-        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _accumulate_taps(
-            a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g, p_x, sx_n, row, col, m_t, o_c, m_c, H, W)
+        a0, a1, a2, a3, a4, a5, a6, a7, a8 = _window_taps(a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g,
+                                                          x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2)
+        x_u0, x_u1, x_u2 = x_v0, x_v1, x_v2
+        x_v0, x_v1, x_v2 = x_d0, x_d1, x_d2
+        y += 1
 
     _store_weight_partials(dw_part, i_p, s_part, o_c, m_c, a0, a1, a2, a3, a4, a5, a6, a7, a8)
     tl.store(db_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_db, 0), mask=m_c)
@@ -536,24 +579,20 @@ def _check_like(name: str, t: Tensor | None, like: Tensor) -> None:
         )
 
 
-def _partial_programs(n_tiles: int, n_cblocks: int) -> int:
-    """Programs of a weight-gradient kernel: each loops over tiles and writes one fp32 partial row."""
-    return max(1, min(n_tiles, PARTIAL_PROGRAMS // n_cblocks))
-
-
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _cpe_bwd_programs(n_rows: int, device: torch.device) -> int:
-    """Programs of the cpe backward kernel: CPE_BWD_PROGRAMS_PER_SM per SM on a GPU, PARTIAL_PROGRAMS in the
-    interpreter (so that the tests can make programs walk many rows), at most one per row tile."""
+def _row_walk_programs(n_rows: int, device: torch.device, per_sm: int, n_cblocks: int = 1) -> int:
+    """Programs per channel block of a kernel whose programs walk runs of row tiles: per_sm per SM on a GPU,
+    PARTIAL_PROGRAMS in the interpreter (so that the tests can make programs walk many rows), in all over the
+    n_cblocks channel blocks; at least one and at most one per row tile."""
     if device.type == "cuda":
-        target = CPE_BWD_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
+        target = per_sm * _sm_count(device.index if device.index is not None else 0)
     else:
         target = PARTIAL_PROGRAMS
-    return max(1, min(n_rows, target))
+    return max(1, min(n_rows, target // n_cblocks))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,7 +684,7 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_w
     tw = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(W))
     n_tiles_w = triton.cdiv(W, tw)
     n_rows = B * n_tiles_w * H
-    n_progs = _cpe_bwd_programs(n_rows, x.device)
+    n_progs = _row_walk_programs(n_rows, x.device, CPE_BWD_PROGRAMS_PER_SM)
     g = _empty((B, N, C), x.dtype, x.device)
     part = _empty((n_progs, (TAPS + 3) * C), torch.float32, x.device)
     dw_part, db_part, dgamma_part, dbeta_part = part.split([TAPS * C, C, C, C], dim=1)
@@ -690,19 +729,19 @@ def _param_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[
     B, N, C = x.shape
     block_c = _channel_block(C)
     n_cblocks = C // block_c
-    th, tw = _tile_shape(H, W, TILE_ELEMENTS // block_c)
+    tw = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(W))
     n_tiles_w = triton.cdiv(W, tw)
-    n_tiles_img = triton.cdiv(H, th) * n_tiles_w
-    n_tiles = B * n_tiles_img
-    n_progs = _partial_programs(n_tiles, n_cblocks)
+    n_rows = B * n_tiles_w * H
+    n_progs = _row_walk_programs(n_rows, x.device, PARAM_GRAD_PROGRAMS_PER_SM, n_cblocks)
     g = _empty((B, N, C), x.dtype, x.device) if silu else None
     part = _empty((n_progs, (TAPS + 1) * C), torch.float32, x.device)
     dw_part, db_part = part.split([TAPS * C, C], dim=1)
     _dwconv_param_grad_kernel[(n_progs, n_cblocks)](
         x, weight, bias, dy, dy if g is None else g, dw_part, db_part,
-        H, W, C, n_tiles_w, n_tiles_img, n_tiles, triton.cdiv(n_tiles, n_progs),
+        H, W, C, n_tiles_w, n_rows,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C, part.stride(0),
-        TH=th, TW=tw, BLOCK_C=block_c, SILU=silu, num_warps=_bwd_num_warps(th * tw * block_c),
+        TW=tw, BLOCK_C=block_c, EVEN_C=C % block_c == 0, EVEN_W=W % tw == 0, SILU=silu,
+        num_warps=_bwd_num_warps(tw * block_c), maxnreg=PARAM_GRAD_MAXNREG,
     )
     dw, db = reduce_partials(part, [((C, TAPS), torch.float32), ((C,), torch.float32)])
     return g, dw, db

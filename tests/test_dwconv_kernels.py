@@ -133,6 +133,38 @@ def test_cpe_residual_norm_backward_walks_rows(used, shape, device, monkeypatch)
                [None if used == "h" else grads[0], None if used == "r" else grads[1]])
 
 
+# (B, H, W, C) for 7 partial programs in all: a run starts mid-strip and crosses into the next strip (the
+# next column block or sample) in each; 1 to 3 channel blocks of 32, 64 or 128 channels; grids a multiple
+# of the tile width (16 and 40 columns) or not (13 and 3).
+PARAM_GRAD_WALKS = [(3, 5, 13, 96), (2, 6, 16, 64), (2, 7, 3, 256), (1, 4, 40, 384)]
+
+
+def _depthwise_param_grads_ref(g: torch.Tensor, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """float64 dw[c, 3 * di + dj] = sum_p g[p, c] x[p + (di - 1, dj - 1), c] (zero padding), db[c] = sum_p g[p, c]."""
+    (H, W), (B, _, C) = hw, x.shape
+    xp = torch.nn.functional.pad(x.double().view(B, H, W, C), (0, 0, 1, 1, 1, 1))
+    g64 = g.double().view(B, H, W, C)
+    dw = torch.stack([(g64 * xp[:, di:di + H, dj:dj + W]).sum((0, 1, 2)) for di in range(3) for dj in range(3)], 1)
+    return dw, g64.sum((0, 1, 2))
+
+
+@pytest.mark.parametrize("shape", PARAM_GRAD_WALKS, ids=lambda s: "B{}_{}x{}_C{}".format(*s))
+def test_param_grads_walk_rows(shape, device, monkeypatch):
+    """Few parameter-gradient programs per channel block, so each walks many grid rows, carrying x's
+    neighbourhood from row to row and refilling it where its run starts mid-strip and where it enters the
+    next strip: dwconv_silu's backward (g = dy * SiLU'(pre) recomputed in the kernel) and the plain
+    depthwise parameter gradients (g given), against float64."""
+    monkeypatch.setattr(dwconv, "PARTIAL_PROGRAMS", 7)
+    B, H, W, C = shape
+    inputs = leaves(make_inputs("dwconv_silu", B, H, W, C, device))
+    check_fp32("dwconv_silu", inputs, (H, W), [torch.randn(B, H * W, C, device=device)])
+    x, g = torch.randn(B, H * W, C, device=device) + 0.5, torch.randn(B, H * W, C, device=device)
+    for name, out, ref in zip(("dw", "db"), dwconv.depthwise_param_grads(g, x, (H, W)),
+                              _depthwise_param_grads_ref(g, x, (H, W)), strict=True):
+        assert out.dtype == torch.float32, f"{name}: dtype {out.dtype}"
+        assert_matches(f"depthwise_param_grads {name}", out, ref)
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_low_precision_activations_fp32_params(op, dtype, device):
