@@ -31,7 +31,6 @@ over programs by one small kernel per backward (``reduce_partials``) in a fixed 
 results are deterministic (no atomics). Accumulation is fp32 throughout.
 """
 
-import functools
 import itertools
 import math
 
@@ -40,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backend import fused_supported
+from ..backend import fused_supported, multiprocessors
 from ..reference.ops import check_tokens
 
 CHANNEL_MULTIPLE = 32
@@ -577,9 +576,11 @@ def _check_like(name: str, t: Tensor | None, like: Tensor) -> None:
         )
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _row_tiles(B: int, H: int, W: int, block_c: int) -> tuple[int, int, int]:
+    """Row tiles of the row-walking kernels: (TW tokens per tile, tiles per grid row, row tiles in all)."""
+    tw = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(W))
+    n_tiles_w = triton.cdiv(W, tw)
+    return tw, n_tiles_w, B * n_tiles_w * H
 
 
 def _row_walk_programs(n_rows: int, device: torch.device, per_sm: int, n_cblocks: int = 1) -> int:
@@ -587,7 +588,7 @@ def _row_walk_programs(n_rows: int, device: torch.device, per_sm: int, n_cblocks
     PARTIAL_PROGRAMS in the interpreter (so that the tests can make programs walk many rows), in all over the
     n_cblocks channel blocks; at least one and at most one per row tile."""
     if device.type == "cuda":
-        target = per_sm * _sm_count(device.index if device.index is not None else 0)
+        target = per_sm * multiprocessors(device)
     else:
         target = PARTIAL_PROGRAMS
     return max(1, min(n_rows, target // n_cblocks))
@@ -679,9 +680,7 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_w
     weight = cpe_weight.contiguous()
 
     block_c = triton.next_power_of_2(C)
-    tw = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(W))
-    n_tiles_w = triton.cdiv(W, tw)
-    n_rows = B * n_tiles_w * H
+    tw, n_tiles_w, n_rows = _row_tiles(B, H, W, block_c)
     n_progs = _row_walk_programs(n_rows, x.device, CPE_BWD_PROGRAMS_PER_SM)
     g = _empty((B, N, C), x.dtype, x.device)
     part = _empty((n_progs, (TAPS + 3) * C), torch.float32, x.device)
@@ -727,9 +726,7 @@ def _param_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[
     B, N, C = x.shape
     block_c = _channel_block(C)
     n_cblocks = C // block_c
-    tw = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(W))
-    n_tiles_w = triton.cdiv(W, tw)
-    n_rows = B * n_tiles_w * H
+    tw, n_tiles_w, n_rows = _row_tiles(B, H, W, block_c)
     n_progs = _row_walk_programs(n_rows, x.device, PARAM_GRAD_PROGRAMS_PER_SM, n_cblocks)
     g = _empty((B, N, C), x.dtype, x.device) if silu else None
     part = _empty((n_progs, (TAPS + 1) * C), torch.float32, x.device)

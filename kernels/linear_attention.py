@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from ..backend import interpreter_enabled
+from ..backend import interpreter_enabled, multiprocessors
 from ..reference.ops import NORMALISER_EPS, rope_frequencies
 from .dwconv import depthwise_param_grads, reduce_partials
 
@@ -494,13 +494,6 @@ def _trig_args(H: int, W: int, C: int, device: torch.device) -> tuple[Tensor, in
     return _pair_frequencies(C, device), 1, False
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _state_partials(n_split: int, bh: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """One fp32 buffer for the per-split partials of a (d, d) matrix and a d-vector per (batch, head): row
     s holds split s's matrices of every (b, h), then its vectors. Returns (buffer, matrix view, vector view)."""
@@ -518,7 +511,7 @@ def _splits(n_tokens: int, block_n: int, columns: int, device: torch.device) -> 
     """(number of splits, blocks per split) for kernels that loop over token blocks: about
     programs_per_sm * SMs programs in all, fixed for a shape and device (so results are reproducible)."""
     n_blocks = triton.cdiv(n_tokens, block_n)
-    target = max(1, CONFIG.programs_per_sm * _multiprocessors(device) // columns)
+    target = max(1, CONFIG.programs_per_sm * multiprocessors(device) // columns)
     per_split = triton.cdiv(n_blocks, min(target, n_blocks))
     return triton.cdiv(n_blocks, per_split), per_split
 

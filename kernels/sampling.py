@@ -35,7 +35,6 @@ BatchNorm is ``F.batch_norm`` on the (B*N, C) token matrix, neither with a permu
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from ..backend import fused_supported
+from ..backend import fused_supported, multiprocessors
 from ..reference.ops import check_tokens
 from ..reference.sampling import TokenSampler
 
@@ -438,17 +437,12 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _reduction_progs(n_tiles: int, other_progs: int, device: torch.device, config: LaunchConfig) -> int:
     """Programs along the token axis of a launch that also reduces over tokens: config.programs_per_sm per SM
     in all (INTERPRETER_PARTIAL_PROGRAMS in the interpreter, so that the tests run programs looping over
     several tiles), at most one per tile."""
     if device.type == "cuda":
-        target = config.programs_per_sm * _sm_count(device.index or 0)
+        target = config.programs_per_sm * multiprocessors(device)
     else:
         target = INTERPRETER_PARTIAL_PROGRAMS
     return max(1, min(n_tiles, triton.cdiv(target, other_progs)))

@@ -8,6 +8,7 @@ default for modules built with ``backend=None``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -38,6 +39,18 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device (its index, else the current one); 1 elsewhere."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def fused_supported(x: torch.Tensor) -> str | None:
