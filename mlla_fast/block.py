@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .backend import check_backend, use_fused
+from .linear import linear
 from .mlp import chunked_mlp, chunked_mlp_supported, mlp_is_random
 from .reference.block import MLLABlock as ReferenceMLLABlock
 from .reference.block import resolve_grid
@@ -45,7 +45,7 @@ class MLLABlock(ReferenceMLLABlock):
 
     def fused_forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         """The block on fused kernels: stencils + norms, gate/value GEMM, fused attention, MLP on cuBLAS
-        (recomputed in the backward)."""
+        (recomputed in the backward); the Linear layers' bias gradients are Triton column sums."""
         from .kernels.dwconv import cpe_residual_norm, dwconv_silu
         from .kernels.linear_attention import linear_attention
 
@@ -55,13 +55,14 @@ class MLLABlock(ReferenceMLLABlock):
             x, self.cpe1.weight, self.cpe1.bias, self.norm1.weight, self.norm1.bias, hw, self.norm1.eps
         )
         gate_value_weight = torch.cat([self.act_proj.weight, self.in_proj.weight])
-        gv = F.linear(h, gate_value_weight, torch.cat([self.act_proj.bias, self.in_proj.bias]))
+        gv = linear(h, gate_value_weight, torch.cat([self.act_proj.bias, self.in_proj.bias]))
         v = dwconv_silu(gv[..., C:], self.dwc.weight, self.dwc.bias, hw)
+        qk = linear(v, self.attn.qk.weight, self.attn.qk.bias)
         a = linear_attention(  # the gate's SiLU is applied (and differentiated) inside the attention kernels
-            self.attn.qk(v), v, gv[..., :C], self.attn.lepe.weight, self.attn.lepe.bias, hw, self.num_heads,
+            qk, v, gv[..., :C], self.attn.lepe.weight, self.attn.lepe.bias, hw, self.num_heads,
             gate_silu=True,
         )
-        x = r + drop_path(self.out_proj(a), self.drop_path_prob, self.training)
+        x = r + drop_path(linear(a, self.out_proj.weight, self.out_proj.bias), self.drop_path_prob, self.training)
         r, h = cpe_residual_norm(
             x, self.cpe2.weight, self.cpe2.bias, self.norm2.weight, self.norm2.bias, hw, self.norm2.eps
         )
