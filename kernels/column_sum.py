@@ -14,14 +14,12 @@ INTERPRETER_PROGRAMS under Triton's interpreter (so that the tests make programs
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backend import fused_supported
+from ..backend import fused_supported, multiprocessors
 from .dwconv import reduce_partials
 
 # Elements of one program's [BLOCK_M, BLOCK_N] tile (one loop step) and its warps: 32 elements per thread,
@@ -64,11 +62,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _check_input(x: Tensor, dtype: torch.dtype) -> None:
     if not isinstance(x, Tensor):
         raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -91,8 +84,7 @@ def _launch_geometry(M: int, N: int, device: torch.device) -> tuple[int, int, in
     block_m = max(1, COLSUM_TILE_ELEMENTS // block_n)
     n_cblocks = triton.cdiv(N, block_n)
     if device.type == "cuda":
-        target = max(1, COLSUM_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
-                     // n_cblocks)
+        target = max(1, COLSUM_PROGRAMS_PER_SM * multiprocessors(device) // n_cblocks)
     else:
         target = INTERPRETER_PROGRAMS
     n_rblocks = max(1, triton.cdiv(M, block_m))
