@@ -356,25 +356,27 @@ def _la_bwd_q_kernel(
         o_n = i_blk * BLOCK_N + o_t
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
-        b_qa, b_qb, b_eqa, b_eqb, b_qra, b_qrb, b_cos, b_sin, b_num, b_z = _attention_numerator(
+        b_qa, b_qb, _, _, b_qra, b_qrb, b_cos, b_sin, b_num, b_z = _attention_numerator(
             p_q, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, o_n // W, o_n % W, m_n, i_bh, i_h, C // 4, EPS,
             DOT_PRECISION, SPLIT_PAIRS, TRIG_TABLE)
         b_do = tl.load(p_dob + o_n64[:, None] * s_do_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
 
         b_u = -b_z * b_z * tl.sum(b_num * b_do, axis=1)  # [BN]
         b_zdo = b_do * b_z[:, None]
+
+        # dq: through q~ (z KV do, rotated back) and through z (u mean phi(k)), times ELU' = min(phi, 1)
+        # (exactly _phi's derivative, recomputed rather than kept live); dq comes before the dKV/ds updates so
+        # that cos, sin and the ELU' factors die before the dKV dots' operands are loaded
+        b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
+        b_dqra = tl.dot(b_zdo, tl.trans(b_kv_a), input_precision=DOT_PRECISION)  # [BN, 16]
+        b_dqrb = tl.dot(b_zdo, tl.trans(b_kv_b), input_precision=DOT_PRECISION)
+        b_dqa = (b_dqra * b_cos + b_dqrb * b_sin + b_u[:, None] * b_ks_a[None, :]) * tl.minimum(b_qa, 1.0)
+        b_dqb = (b_dqrb * b_cos - b_dqra * b_sin + b_u[:, None] * b_ks_b[None, :]) * tl.minimum(b_qb, 1.0)
+        _store_pairs(p_dq, o_n64 * 2 * C, m_n, b_dqa, b_dqb, SPLIT_PAIRS)
         b_dkv_a = tl.dot(tl.trans(b_qra), b_zdo, b_dkv_a, input_precision=DOT_PRECISION)
         b_dkv_b = tl.dot(tl.trans(b_qrb), b_zdo, b_dkv_b, input_precision=DOT_PRECISION)
         b_dks_a += b_u[:, None] * b_qa
         b_dks_b += b_u[:, None] * b_qb
-
-        # dq: through q~ (z KV do, rotated back) and through z (u mean phi(k)), times ELU'
-        b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
-        b_dqra = tl.dot(b_zdo, tl.trans(b_kv_a), input_precision=DOT_PRECISION)  # [BN, 16]
-        b_dqrb = tl.dot(b_zdo, tl.trans(b_kv_b), input_precision=DOT_PRECISION)
-        b_dqa = (b_dqra * b_cos + b_dqrb * b_sin + b_u[:, None] * b_ks_a[None, :]) * b_eqa
-        b_dqb = (b_dqrb * b_cos - b_dqra * b_sin + b_u[:, None] * b_ks_b[None, :]) * b_eqb
-        _store_pairs(p_dq, o_n64 * 2 * C, m_n, b_dqa, b_dqb, SPLIT_PAIRS)
 
     o_row = i_s.to(tl.int64) * s_part  # this split's row of the partials buffer: dkv of every (b, h), then dksum
     _store_state(p_dkv_part, o_row + i_bh * 1024, b_dkv_a, b_dkv_b)

@@ -1,0 +1,172 @@
+"""Registers, spills and shared memory of the linear attention's kernels, compiled offline (no GPU needed).
+
+Runs the real launchers (``_linear_attention_fwd`` and ``_linear_attention_bwd`` of
+``kernels/linear_attention.py``) on meta tensors of the given shape with every Triton launch intercepted,
+so each kernel is compiled with exactly the arguments, constexprs and warps the launcher passes, specialised
+the way Triton's JIT specialises them (integers equal to 1 become constants, multiples of 16 get the
+divisibility hint, tensors are taken as 16-byte aligned, as real allocations are). Each launch is then
+compiled afresh for sm_<arch> with Triton's CUDA backend, and the log of Triton's own ``ptxas -v`` run (the
+ptxas it bundles) gives registers per thread, spill store/load bytes and stack bytes (32 of them are
+libdevice's cos/sin slow path, not spilling); shared memory (bytes per program) is Triton's own figure.
+It uses Triton internals (the JIT's binder, ``_pack_args``, ``knobs``) as of Triton 3.9.
+
+The numbers are those of the local Triton and ptxas, not of the GPU's install: indicative, to compare
+kernel variants before spending GPU time (``attention.py --resource-usage`` sweeps the tuner's block and
+warp choices instead). The SM count (which sets the token splits of the looping
+kernels, hence ``blocks_per_split``) is taken as --sms.
+
+    python benchmarks/kernel_registers.py                       # C=64, 2 x 1024^2, bf16 and fp32, gated
+    python benchmarks/kernel_registers.py --dtype bf16 --hw 512 512 --no-gate
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+
+DTYPES = ("bf16", "fp32", "fp16")
+
+
+def record_launches(run, modules) -> list[tuple[object, tuple, dict]]:
+    """Call run() with every Triton JIT function of the modules replaced by a recorder; returns the launches
+    (kernel, positional args, keyword args) in order. The kernels are put back afterwards."""
+    import triton
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+    saved = []
+    for module in modules:
+        for name, value in vars(module).items():
+            if isinstance(value, triton.runtime.jit.JITFunction):
+                saved.append((module, name, value))
+    try:
+        for module, name, value in saved:
+            setattr(module, name, Recorder(value))
+        run()
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+    return launches
+
+
+def compile_launch(fn, args: tuple, kwargs: dict, arch: int):
+    """Compile one recorded launch for sm_<arch> with the JIT's own argument specialisation; returns the
+    compiled kernel and the log of Triton's own ptxas -v run (always compiled afresh, never from the cache)."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    log = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(src, target=target, options=options.__dict__)
+    return compiled, log.getvalue()
+
+
+def ptxas_usage(log: str) -> dict[str, int]:
+    """Registers, spill store/load bytes and stack bytes per thread from a ptxas -v log."""
+
+    def field(pattern: str) -> int:
+        found = re.search(pattern, log)
+        return int(found.group(1)) if found else 0
+
+    return {"regs": field(r"Used (\d+) registers"), "spill_st": field(r"(\d+) bytes spill stores"),
+            "spill_ld": field(r"(\d+) bytes spill loads"), "stack": field(r"(\d+) bytes stack frame")}
+
+
+def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bool, sms: int):
+    """The kernel launches of the attention's forward and backward at this shape (meta tensors)."""
+    import torch
+
+    from mlla_fast.kernels import dwconv
+    from mlla_fast.kernels import linear_attention as la
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+    meta = torch.device("meta")
+    N = H * W
+    qk = torch.empty(B, N, 2 * C, dtype=dtype, device=meta)
+    v = torch.empty(B, N, C, dtype=dtype, device=meta)
+    g = torch.empty(B, N, C, dtype=dtype, device=meta) if gate else None
+    weight = torch.empty(C, 1, 3, 3, device=meta)
+    bias = torch.empty(C, device=meta)
+    kv = torch.empty(B * C // 32, 32, 32, device=meta)
+    ksum = torch.empty(B * C // 32, 32, device=meta)
+
+    def run():
+        la._linear_attention_fwd(qk, v, g, weight, bias, H, W, C // 32, False)
+        la._linear_attention_bwd(torch.empty_like(v), qk, v, g, weight, bias, kv, ksum, H, W, C // 32, False)
+
+    patched = [(module, module.multiprocessors) for module in (la, dwconv)]
+    try:
+        for module, _ in patched:
+            module.multiprocessors = lambda device: sms
+        return record_launches(run, (la, dwconv))
+    finally:
+        for module, original in patched:
+            module.multiprocessors = original
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=DTYPES, nargs="+", default=["bf16", "fp32"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--hw", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"))
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--no-gate", action="store_true", help="launch without a gate (no GATE_GRAD pass)")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
+    parser.add_argument("--sms", type=int, default=132, help="SM count assumed by the launchers' token splits")
+    parser.add_argument("--all", action="store_true", help="also the dwconv kernels the attention launches")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("kernel_registers.py compiles real kernels: unset TRITON_INTERPRET.")
+        return 2
+    import triton
+
+    print(f"Triton {triton.__version__}, sm_{args.arch}a, C={args.channels}, B={args.batch}, grid "
+          f"{args.hw[0]}x{args.hw[1]}, {'no gate' if args.no_gate else 'gated'}, {args.sms} SMs "
+          "(offline compilation; GPU builds with another Triton may differ)")
+    print(f"{'dtype':5s} {'kernel':28s} {'variant':12s} {'block':>5s} {'warps':>5s} {'regs':>4s} "
+          f"{'spill st/ld':>11s} {'stack':>5s} {'shared':>7s}")
+    seen = set()
+    for dtype_name in args.dtype:
+        launches = attention_launches(args.batch, *args.hw, args.channels, dtype_name, not args.no_gate, args.sms)
+        for fn, call_args, kwargs in launches:
+            name = fn.__name__
+            if not (args.all or name.startswith("_la_")):
+                continue
+            variant = "GATE_GRAD" if kwargs.get("GATE_GRAD") else ""
+            key = (dtype_name, name, variant)
+            if key in seen:
+                continue
+            seen.add(key)
+            compiled, log = compile_launch(fn, call_args, kwargs, args.arch)
+            usage = ptxas_usage(log)
+            block = kwargs.get("BLOCK_N", "")
+            print(f"{dtype_name:5s} {name:28s} {variant:12s} {block!s:>5s} {compiled.metadata.num_warps:5d} "
+                  f"{usage['regs']:4d} {usage['spill_st']:5d}/{usage['spill_ld']:<5d} {usage['stack']:5d} "
+                  f"{compiled.metadata.shared:7d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
