@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backend import check_backend, use_fused
 from .linear import linear
-from .mlp import chunked_mlp, chunked_mlp_supported, mlp_is_random
+from .mlp import chunked_mlp, chunked_mlp_supported, mlp_is_random, triton_mlp, triton_mlp_supported
 from .reference.block import MLLABlock as ReferenceMLLABlock
 from .reference.block import resolve_grid
 from .reference.ops import drop_path
@@ -44,8 +44,9 @@ class MLLABlock(ReferenceMLLABlock):
         return super().forward(x, hw)
 
     def fused_forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
-        """The block on fused kernels: stencils + norms, gate/value GEMM, fused attention, MLP on cuBLAS
-        (recomputed in the backward); the Linear layers' bias gradients are Triton column sums."""
+        """The block on fused kernels: stencils + norms, gate/value GEMM, fused attention, the MLP on Triton
+        (narrow layers) or cuBLAS, recomputed in the backward; the Linear layers' bias gradients are Triton
+        column sums."""
         from .kernels.dwconv import cpe_residual_norm, dwconv_silu
         from .kernels.linear_attention import linear_attention
 
@@ -66,11 +67,17 @@ class MLLABlock(ReferenceMLLABlock):
         r, h = cpe_residual_norm(
             x, self.cpe2.weight, self.cpe2.bias, self.norm2.weight, self.norm2.bias, hw, self.norm2.eps
         )
-        # The MLP's hidden activations (8C per token) are recomputed in the backward instead of saved, for
-        # one extra fc1 pass, and over token chunks, so that its 4C-wide transients never exist for all tokens
-        # at once; with the LayerNorm inputs and the gate recomputed inside the kernels, the block keeps
-        # about 11C per token for its backward (the reference: 30C).
-        if chunked_mlp_supported(self.mlp, h):
+        # The MLP's hidden activations (8C per token) are recomputed in the backward instead of saved; with the
+        # LayerNorm inputs and the gate recomputed inside the kernels, the block keeps about 11C per token for
+        # its backward (the reference: 30C). The Triton MLP (C <= 128; bf16/fp16 on CUDA) never writes the
+        # hidden layer to memory and adds the residual in its epilogue when no drop-path scales the MLP's
+        # output; otherwise the cuBLAS MLP runs over token chunks, so that its 4C-wide transients never exist
+        # for all tokens at once.
+        if triton_mlp_supported(self.mlp, h):
+            if self.drop_path_prob == 0.0 or not self.training:
+                return triton_mlp(self.mlp, h, residual=r)
+            mlp_out = triton_mlp(self.mlp, h)
+        elif chunked_mlp_supported(self.mlp, h):
             mlp_out = chunked_mlp(self.mlp, h)
         elif torch.is_grad_enabled():
             # The RNG state is stashed for the recompute only when the MLP draws random numbers: reading the

@@ -91,3 +91,25 @@ def chunked_mlp_supported(mlp: nn.Module, h: Tensor) -> bool:
 def chunked_mlp(mlp: nn.Module, h: Tensor) -> Tensor:
     """``mlp(h)`` over token chunks, keeping only h for the backward (see the module docstring)."""
     return _ChunkedMLP.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.act.approximate)
+
+
+def triton_mlp_supported(mlp: nn.Module, h: Tensor) -> bool:
+    """Whether ``triton_mlp`` runs this MLP here: as for ``chunked_mlp``, plus C <= kernels.mlp.MAX_CHANNELS
+    and, on CUDA, a bf16/fp16 compute dtype (Triton's exact fp32 products use no tensor cores: fp32 stays on
+    cuBLAS there)."""
+    if not chunked_mlp_supported(mlp, h):
+        return False
+    dtype = compute_dtype(h)
+    if h.is_cuda and dtype == torch.float32:
+        return False
+    from .kernels.mlp import supported
+
+    return supported(h, dtype) is None
+
+
+def triton_mlp(mlp: nn.Module, h: Tensor, residual: Tensor | None = None) -> Tensor:
+    """``residual + mlp(h)`` on the Triton MLP kernels (hidden layer on chip; see ``kernels/mlp.py``)."""
+    from .kernels.mlp import mlp as fused_mlp
+
+    return fused_mlp(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.act.approximate, residual,
+                     dtype=compute_dtype(h))

@@ -1,0 +1,387 @@
+"""The block's MLP, ``fc2(GELU(fc1(x))) (+ residual)``, in Triton with the hidden layer kept on chip.
+
+``mlp(x, w1, b1, w2, b2, approximate, residual)`` = ``residual + F.linear(F.gelu(F.linear(x, w1, b1),
+approximate=approximate), w2, b2)`` over token-major x (M, C), for narrow layers (C <= MAX_CHANNELS; the
+hidden width is free). The hidden activations (4C per token) never reach memory: every kernel computes
+them tile by tile from x and the weights, in the forward and again in the backward.
+
+- ``_mlp_fwd_kernel``, one program per BLOCK_M tokens: for each BLOCK_H-wide slice of the hidden layer,
+  ``pre = x W1ᵀ + b1`` (fp32), ``GELU(pre)`` cast to the compute dtype, ``acc += GELU(pre) W2ᵀ``; then
+  ``acc + b2 (+ residual)`` is stored once.
+- ``_mlp_bwd_dx_kernel``, one program per BLOCK_M tokens: per hidden slice, recompute ``pre``, then
+  ``dpre = (dy W2) ⊙ GELU'(pre)`` and ``dx += dpre W1``.
+- ``_mlp_bwd_dw_kernel``, grid (hidden slices, P token runs): each program keeps fp32 accumulators for its
+  slice's rows of dW1 and db1 and columns of dW2 over a contiguous run of tokens (``dW2 += dyᵀ GELU(pre)``,
+  ``dW1 += dpreᵀ x``, ``db1 += Σ dpre``, and ``db2 += Σ dy`` in the first slice's programs) and writes them
+  as one row of fp32 partials; ``dwconv.reduce_partials`` sums the P rows in a fixed order (deterministic)
+  into gradients of the weights' dtypes.
+
+The GEMM operands are in the compute dtype (x's, or autocast's), accumulation is fp32; fp32 operands use
+exact fp32 products (``input_precision="ieee"``). Weights and biases may be fp32 or the compute dtype; they
+are cast as they are loaded. Only x (and no hidden activation) is kept for the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..backend import fused_supported, interpreter_enabled, multiprocessors
+from .dwconv import reduce_partials
+
+# The widest layer the kernels take: x's tile (BLOCK_M x C) and the output accumulator stay in registers.
+MAX_CHANNELS = 128
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+APPROXIMATIONS = ("none", "tanh")
+
+# Launch constants (tokens per program, hidden slice width, warps) by kernel; not tuned on a GPU yet.
+FWD_BLOCK_M, FWD_BLOCK_H = 128, 64
+DX_BLOCK_M, DX_BLOCK_H = 64, 64
+DW_BLOCK_M, DW_BLOCK_H = 64, 64
+WARPS_BY_CHANNELS = {32: 4, 64: 4, 128: 8}
+# Weight-gradient programs per SM over all hidden slices; INTERPRETER_RUNS token runs off CUDA, so that the
+# tests make programs walk several token blocks.
+DW_PROGRAMS_PER_SM = 4
+INTERPRETER_RUNS = 3
+
+__all__ = ["MAX_CHANNELS", "mlp", "mlp_bwd", "mlp_fwd", "supported"]
+
+# Triton's interpreter (3.9) multiplies bfloat16 tl.dot operands wrongly and converts fp32 to bfloat16 by
+# truncation. There every product is taken on the operands converted to fp32 (exact for bf16/fp16 values,
+# with fp32 accumulation as on a GPU) and conversions to bfloat16 round to nearest even first, as a GPU does.
+_INTERPRETER = tl.constexpr(interpreter_enabled())
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b (fp32 accumulation)."""
+    if _INTERPRETER:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr):
+    """v converted to dtype, rounding to nearest even."""
+    if _INTERPRETER and dtype == tl.bfloat16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _gelu_and_grad(pre, TANH: tl.constexpr, GRAD: tl.constexpr):
+    """GELU(pre) and, when GRAD, its derivative (exact erf form, or the tanh approximation)."""
+    if TANH:
+        k0: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
+        k1: tl.constexpr = 0.044715
+        t = 2.0 * tl.sigmoid(2.0 * k0 * (pre + k1 * pre * pre * pre)) - 1.0  # tanh(k0 (pre + k1 pre^3))
+        cdf = 0.5 * (1.0 + t)
+        grad = cdf
+        if GRAD:
+            grad = cdf + 0.5 * pre * (1.0 - t * t) * k0 * (1.0 + 3.0 * k1 * pre * pre)
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+        grad = cdf
+        if GRAD:
+            grad = cdf + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre)  # + pre * pdf(pre)
+    return pre * cdf, grad
+
+
+@triton.jit
+def _tile(p, o_m, m_m, s_m, o_c, m_c, DT: tl.constexpr):
+    """The [BLOCK_M, BLOCK_C] tile of rows o_m of a token-major matrix (row stride s_m), zero off the mask,
+    in the compute dtype DT."""
+    return _cast(tl.load(p + o_m.to(tl.int64)[:, None] * s_m + o_c[None, :], mask=m_m[:, None] & m_c[None, :],
+                         other=0.0), DT)
+
+
+@triton.jit
+def _w1_slice(w1, b1, o_h, m_h, o_c, m_c, C, DT: tl.constexpr):
+    """W1's rows o_h transposed ([BLOCK_C, BLOCK_H], DT) and b1's (fp32)."""
+    w1_t = _cast(tl.load(w1 + o_h.to(tl.int64)[None, :] * C + o_c[:, None], mask=m_c[:, None] & m_h[None, :],
+                         other=0.0), DT)
+    return w1_t, tl.load(b1 + o_h, mask=m_h, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _hidden_slice(x_t, w1, b1, o_h, m_h, o_c, m_c, C, DT: tl.constexpr, PRECISION: tl.constexpr):
+    """W1's slice transposed ([BLOCK_C, BLOCK_H], DT) and ``pre = x W1ᵀ + b1`` for the slice (fp32)."""
+    w1_t, b1_h = _w1_slice(w1, b1, o_h, m_h, o_c, m_c, C, DT)
+    return w1_t, _mma(x_t, w1_t, None, PRECISION) + b1_h[None, :]
+
+
+@triton.jit
+def _w2_slice(w2, o_h, m_h, o_c, m_c, HID):
+    """W2[:, slice] ([BLOCK_C, BLOCK_H]) in its own dtype."""
+    return tl.load(w2 + o_c.to(tl.int64)[:, None] * HID + o_h[None, :], mask=m_c[:, None] & m_h[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _mlp_fwd_kernel(
+    x, w1, b1, w2, b2, res, y, M, C, HID, s_x, s_res, s_y,
+    HAS_RES: tl.constexpr, TANH: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    x_t = _tile(x, o_m, m_m, s_x, o_c, m_c, DT)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for h0 in range(0, HID, BLOCK_H):
+        o_h = h0 + tl.arange(0, BLOCK_H)
+        m_h = o_h < HID
+        _, pre = _hidden_slice(x_t, w1, b1, o_h, m_h, o_c, m_c, C, DT, PRECISION)
+        act, _ = _gelu_and_grad(pre, TANH, False)
+        w2_t = tl.trans(_cast(_w2_slice(w2, o_h, m_h, o_c, m_c, HID), DT))
+        acc = _mma(_cast(act, DT), w2_t, acc, PRECISION)
+    acc += tl.load(b2 + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    mask = m_m[:, None] & m_c[None, :]
+    if HAS_RES:
+        acc += tl.load(res + o_m.to(tl.int64)[:, None] * s_res + o_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(y + o_m.to(tl.int64)[:, None] * s_y + o_c[None, :], _cast(acc, y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mlp_bwd_dx_kernel(
+    x, dy, w1, b1, w2, dx, M, C, HID, s_x, s_dy, s_dx,
+    TANH: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    x_t = _tile(x, o_m, m_m, s_x, o_c, m_c, DT)
+    dy_t = _tile(dy, o_m, m_m, s_dy, o_c, m_c, DT)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for h0 in range(0, HID, BLOCK_H):
+        o_h = h0 + tl.arange(0, BLOCK_H)
+        m_h = o_h < HID
+        w1_t, pre = _hidden_slice(x_t, w1, b1, o_h, m_h, o_c, m_c, C, DT, PRECISION)
+        _, gelu_grad = _gelu_and_grad(pre, TANH, True)
+        dh = _mma(dy_t, _cast(_w2_slice(w2, o_h, m_h, o_c, m_c, HID), DT), None, PRECISION)
+        acc = _mma(_cast(dh * gelu_grad, DT), tl.trans(w1_t), acc, PRECISION)
+    tl.store(dx + o_m.to(tl.int64)[:, None] * s_dx + o_c[None, :], _cast(acc, dx.dtype.element_ty),
+             mask=m_m[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _mlp_bwd_dw_kernel(
+    x, dy, w1, b1, w2, part, M, C, HID, s_x, s_dy, s_part, rows_per_run,
+    TANH: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Partials row p = program_id(1): [dW1 (HID x C) | dW2 (C x HID) | db1 (HID) | db2 (C)], each program
+    writing its hidden slice's part (db2: the first slice's programs)."""
+    i_h, i_p = tl.program_id(0), tl.program_id(1)
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_h = o_h < HID
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    w1_t, b1_h = _w1_slice(w1, b1, o_h, m_h, o_c, m_c, C, DT)
+    w2_s = _cast(_w2_slice(w2, o_h, m_h, o_c, m_c, HID), DT)
+    acc_w1 = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    acc_w2 = tl.zeros([BLOCK_C, BLOCK_H], dtype=tl.float32)
+    acc_b1 = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc_b2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    row_start = i_p * rows_per_run
+    row_end = tl.minimum(row_start + rows_per_run, M)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        o_m = m0 + tl.arange(0, BLOCK_M)
+        m_m = o_m < row_end
+        x_t = _tile(x, o_m, m_m, s_x, o_c, m_c, DT)
+        dy_t = _tile(dy, o_m, m_m, s_dy, o_c, m_c, DT)  # zero rows off the run: they add nothing below
+        pre = _mma(x_t, w1_t, None, PRECISION) + b1_h[None, :]
+        act, gelu_grad = _gelu_and_grad(pre, TANH, True)
+        acc_w2 = _mma(tl.trans(dy_t), _cast(act, DT), acc_w2, PRECISION)
+        dpre = _mma(dy_t, w2_s, None, PRECISION) * gelu_grad
+        acc_w1 = _mma(tl.trans(_cast(dpre, DT)), x_t, acc_w1, PRECISION)
+        acc_b1 += tl.sum(dpre, 0)
+        acc_b2 += tl.sum(dy_t.to(tl.float32), 0)
+    row = part + i_p.to(tl.int64) * s_part
+    tl.store(row + o_h[:, None] * C + o_c[None, :], acc_w1, mask=m_h[:, None] & m_c[None, :])
+    tl.store(row + HID * C + o_c[:, None] * HID + o_h[None, :], acc_w2, mask=m_c[:, None] & m_h[None, :])
+    tl.store(row + 2 * HID * C + o_h, acc_b1, mask=m_h)
+    if i_h == 0:
+        tl.store(row + 2 * HID * C + HID + o_c, acc_b2, mask=m_c)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every output and work buffer of this module is allocated here (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t as a 2-D (tokens, channels) matrix with unit channel stride (a view where possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.shape[-1] <= 1 or t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch_args(C: int, dtype: torch.dtype) -> dict:
+    block_c = max(16, triton.next_power_of_2(C))
+    return {"DT": _TL_DTYPES[dtype], "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "BLOCK_C": block_c, "num_warps": WARPS_BY_CHANNELS[max(32, block_c)]}
+
+
+def mlp_fwd(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, residual: Tensor | None, tanh: bool,
+            dtype: torch.dtype) -> Tensor:
+    """Launch the forward: x (..., C) -> (..., C) in dtype (the compute dtype, promoted with the residual's)."""
+    C, HID = x.shape[-1], w1.shape[0]
+    x2 = _rows(x)
+    M = x2.shape[0]
+    out_dtype = dtype if residual is None else torch.promote_types(dtype, residual.dtype)
+    y = _empty((M, C), out_dtype, x.device)
+    r2 = _rows(residual) if residual is not None else y
+    if M:
+        _mlp_fwd_kernel[(triton.cdiv(M, FWD_BLOCK_M),)](
+            x2, w1, b1, w2, b2, r2, y, M, C, HID, x2.stride(0), r2.stride(0), y.stride(0),
+            HAS_RES=residual is not None, TANH=tanh, BLOCK_M=FWD_BLOCK_M, BLOCK_H=FWD_BLOCK_H,
+            **_launch_args(C, dtype),
+        )
+    return y.reshape(x.shape)
+
+
+def _dw_runs(M: int, n_slices: int, device: torch.device) -> tuple[int, int]:
+    """(token runs P, rows per run): whole DW_BLOCK_M blocks, about DW_PROGRAMS_PER_SM programs per SM over
+    all hidden slices (INTERPRETER_RUNS off CUDA), no run empty."""
+    target = max(1, DW_PROGRAMS_PER_SM * multiprocessors(device) // n_slices) if device.type == "cuda" \
+        else INTERPRETER_RUNS
+    blocks = max(1, triton.cdiv(M, DW_BLOCK_M))
+    per_run = triton.cdiv(blocks, min(target, blocks))
+    return triton.cdiv(blocks, per_run), per_run * DW_BLOCK_M
+
+
+def mlp_bwd(dy: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, tanh: bool,
+            dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch the backward: (dx in x's dtype, dw1, db1, dw2, db2 in the dtypes of w1, b1, w2, b2)."""
+    C, HID = x.shape[-1], w1.shape[0]
+    x2, dy2 = _rows(x), _rows(dy)
+    M = x2.shape[0]
+    dx = _empty((M, C), x.dtype, x.device)
+    args = _launch_args(C, dtype)
+    if M:
+        _mlp_bwd_dx_kernel[(triton.cdiv(M, DX_BLOCK_M),)](
+            x2, dy2, w1, b1, w2, dx, M, C, HID, x2.stride(0), dy2.stride(0), dx.stride(0),
+            TANH=tanh, BLOCK_M=DX_BLOCK_M, BLOCK_H=DX_BLOCK_H, **args,
+        )
+    n_slices = triton.cdiv(HID, DW_BLOCK_H)
+    n_runs, rows_per_run = _dw_runs(M, n_slices, x.device)
+    part = _empty((n_runs, 2 * HID * C + HID + C), torch.float32, x.device)
+    _mlp_bwd_dw_kernel[(n_slices, n_runs)](
+        x2, dy2, w1, b1, w2, part, M, C, HID, x2.stride(0), dy2.stride(0), part.stride(0), rows_per_run,
+        TANH=tanh, BLOCK_M=DW_BLOCK_M, BLOCK_H=DW_BLOCK_H, **args,
+    )
+    dw1, dw2, db1, db2 = reduce_partials(part, [(tuple(w1.shape), w1.dtype), (tuple(w2.shape), w2.dtype),
+                                                ((HID,), b1.dtype), ((C,), b2.dtype)])
+    return dx.reshape(x.shape), dw1, db1, dw2, db2
+
+
+_FWD_SCHEMA = ("(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? residual, bool tanh, "
+               "ScalarType dtype) -> Tensor")
+_BWD_SCHEMA = ("(Tensor dy, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool tanh, ScalarType dtype) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+mlp_fwd_op = torch.library.custom_op("mlla_fast::mlp_fwd", mlp_fwd, mutates_args=(), schema=_FWD_SCHEMA)
+mlp_bwd_op = torch.library.custom_op("mlla_fast::mlp_bwd", mlp_bwd, mutates_args=(), schema=_BWD_SCHEMA)
+
+
+@mlp_fwd_op.register_fake
+def _(x, w1, b1, w2, b2, residual, tanh, dtype):
+    return x.new_empty(x.shape, dtype=dtype if residual is None else torch.promote_types(dtype, residual.dtype))
+
+
+@mlp_bwd_op.register_fake
+def _(dy, x, w1, b1, w2, b2, tanh, dtype):
+    return x.new_empty(x.shape), w1.new_empty(w1.shape), b1.new_empty(b1.shape), w2.new_empty(w2.shape), \
+        b2.new_empty(b2.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, tanh, dtype = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2)
+    ctx.args = (tanh, dtype)
+    ctx.residual_dtype = None if residual is None else residual.dtype
+
+
+def _backward(ctx, dy):
+    x, w1, b1, w2, b2 = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = mlp_bwd_op(dy, x, w1, b1, w2, b2, *ctx.args)
+    dres = None if ctx.residual_dtype is None else dy.to(ctx.residual_dtype)
+    return dx, dw1, db1, dw2, db2, dres, None, None
+
+
+mlp_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def supported(x: Tensor, dtype: torch.dtype) -> str | None:
+    """None when the kernels compute the MLP of x in dtype; otherwise why not."""
+    reason = fused_supported(x)
+    if reason is not None:
+        return reason
+    if dtype not in ACTIVATION_DTYPES:
+        return f"the MLP kernels compute in {ACTIVATION_DTYPES}, got {dtype}"
+    if x.shape[-1] > MAX_CHANNELS:
+        return f"the MLP kernels take at most {MAX_CHANNELS} channels, got {x.shape[-1]}"
+    return None
+
+
+def _check_inputs(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, residual: Tensor | None,
+                  approximate: str, dtype: torch.dtype) -> None:
+    named = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "residual": residual}
+    for name, t in named.items():
+        if not isinstance(t, Tensor) and not (name == "residual" and t is None):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x: expected a tensor of shape (..., C), got a scalar")
+    C = x.shape[-1]
+    if w1.dim() != 2 or w1.shape[1] != C or w1.shape[0] < 1:
+        raise ValueError(f"w1: expected shape (hidden, {C}) for x of {C} channels, got {tuple(w1.shape)}")
+    HID = w1.shape[0]
+    expected = {"b1": (HID,), "w2": (C, HID), "b2": (C,)}
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(named[name].shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate: expected one of {APPROXIMATIONS}, got {approximate!r}")
+    reason = supported(x, dtype)
+    if reason is not None:
+        raise ValueError(f"x: {reason}")
+    for name, t in named.items():
+        if t is not None and t.dtype not in ACTIVATION_DTYPES:
+            raise ValueError(f"{name}: expected one of {ACTIVATION_DTYPES}, got {t.dtype}")
+        if name in ("w1", "w2") and not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous weight, got strides {t.stride()}")
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"expected all tensors on one device, got {devices}")
+
+
+def mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, approximate: str = "none",
+        residual: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """``residual + fc2(GELU(fc1(x)))`` with the hidden layer on chip (see the module docstring).
+
+    Args:
+        x: (..., C) tokens, C <= MAX_CHANNELS, channels contiguous (otherwise copied).
+        w1, b1: fc1's (HID, C) weight (contiguous) and (HID,) bias; w2, b2: fc2's (C, HID) and (C,).
+            float32 or the compute dtype; their gradients come back in their own dtypes.
+        approximate: GELU's "none" (erf) or "tanh", as ``nn.GELU``.
+        residual: None or a tensor of x's shape added to the output (its gradient is the output's).
+        dtype: the GEMMs' operand dtype (float32, bfloat16, float16); None: x's dtype.
+
+    Returns:
+        (..., C) in dtype (promoted with the residual's dtype when there is one). Differentiable in x, the
+        weights, the biases and the residual; a torch custom op (``mlla_fast::mlp_fwd`` and ``_bwd``).
+    """
+    dtype = x.dtype if dtype is None else dtype
+    _check_inputs(x, w1, b1, w2, b2, residual, approximate, dtype)
+    return mlp_fwd_op(x, w1, b1, w2, b2, residual, approximate == "tanh", dtype)
