@@ -36,9 +36,10 @@ MAX_CHANNELS = 128
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 APPROXIMATIONS = ("none", "tanh")
 
-# Launch constants (tokens per program, hidden slice width, warps) by kernel; not tuned on a GPU yet.
-FWD_BLOCK_M, FWD_BLOCK_H = 128, 64
-DX_BLOCK_M, DX_BLOCK_H = 64, 64
+# Launch constants (tokens per program, hidden slice width, warps) by kernel: the best of a sweep on an H200
+# at 2M tokens, C=64 (.gpu/mlp_sweep.py, session 5).
+FWD_BLOCK_M, FWD_BLOCK_H = 64, 32
+DX_BLOCK_M, DX_BLOCK_H = 64, 32
 DW_BLOCK_M, DW_BLOCK_H = 64, 64
 WARPS_BY_CHANNELS = {32: 4, 64: 4, 128: 8}
 # Weight-gradient programs per SM over all hidden slices; INTERPRETER_RUNS token runs off CUDA, so that the
@@ -238,6 +239,7 @@ def mlp_fwd(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, residual:
     C, HID = x.shape[-1], w1.shape[0]
     x2 = _rows(x)
     M = x2.shape[0]
+    w1, b1, w2, b2 = (t.to(dtype) for t in (w1, b1, w2, b2))  # the kernels' weight loads are then plain copies
     out_dtype = dtype if residual is None else torch.promote_types(dtype, residual.dtype)
     y = _empty((M, C), out_dtype, x.device)
     r2 = _rows(residual) if residual is not None else y
@@ -268,6 +270,8 @@ def mlp_bwd(dy: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tenso
     M = x2.shape[0]
     dx = _empty((M, C), x.dtype, x.device)
     args = _launch_args(C, dtype)
+    grad_dtypes = (w1.dtype, w2.dtype, b1.dtype, b2.dtype)
+    w1, b1, w2 = (t.to(dtype) for t in (w1, b1, w2))
     if M:
         _mlp_bwd_dx_kernel[(triton.cdiv(M, DX_BLOCK_M),)](
             x2, dy2, w1, b1, w2, dx, M, C, HID, x2.stride(0), dy2.stride(0), dx.stride(0),
@@ -280,8 +284,8 @@ def mlp_bwd(dy: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tenso
         x2, dy2, w1, b1, w2, part, M, C, HID, x2.stride(0), dy2.stride(0), part.stride(0), rows_per_run,
         TANH=tanh, BLOCK_M=DW_BLOCK_M, BLOCK_H=DW_BLOCK_H, **args,
     )
-    dw1, dw2, db1, db2 = reduce_partials(part, [(tuple(w1.shape), w1.dtype), (tuple(w2.shape), w2.dtype),
-                                                ((HID,), b1.dtype), ((C,), b2.dtype)])
+    shapes = (tuple(w1.shape), tuple(w2.shape), (HID,), (C,))
+    dw1, dw2, db1, db2 = reduce_partials(part, list(zip(shapes, grad_dtypes, strict=True)))
     return dx.reshape(x.shape), dw1, db1, dw2, db2
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE
 
 from mlla_fast.kernels import dwconv
 from mlla_fast.kernels import mlp as kmlp
@@ -156,23 +157,27 @@ def test_torch_compile_traces_around_the_op(device):
     assert all(torch.equal(a, b) for a, b in zip(eager[1], compiled[1], strict=True))
 
 
+def _randn(*shape):
+    return torch.randn(*shape, device=DEVICE)
+
+
 def _bad(**override):
-    args = dict(zip(NAMES[:5], _inputs(5, 32, 64, "cpu", residual=False)[:5], strict=True))
+    args = dict(zip(NAMES[:5], _inputs(5, 32, 64, DEVICE, residual=False)[:5], strict=True))
     args.update(override)
     return args
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    pytest.param(lambda: _bad(w1=torch.randn(64, 33)), r"w1: expected shape \(hidden, 32\)", id="w1-shape"),
-    pytest.param(lambda: _bad(b1=torch.randn(63)), r"b1: expected shape \(64,\)", id="b1-shape"),
-    pytest.param(lambda: _bad(w2=torch.randn(64, 32)), r"w2: expected shape \(32, 64\)", id="w2-shape"),
-    pytest.param(lambda: _bad(b2=torch.randn(31)), r"b2: expected shape \(32,\)", id="b2-shape"),
-    pytest.param(lambda: _bad(x=torch.randn(5, 256), w1=torch.randn(64, 256), w2=torch.randn(256, 64),
-                              b2=torch.randn(256)), "at most 128 channels", id="too-wide"),
-    pytest.param(lambda: _bad(x=torch.randn(5, 32).double()), "got torch.float64", id="float64"),
-    pytest.param(lambda: _bad(w1=torch.randn(32, 64).t()), "contiguous weight", id="strided-weight"),
+    pytest.param(lambda: _bad(w1=_randn(64, 33)), r"w1: expected shape \(hidden, 32\)", id="w1-shape"),
+    pytest.param(lambda: _bad(b1=_randn(63)), r"b1: expected shape \(64,\)", id="b1-shape"),
+    pytest.param(lambda: _bad(w2=_randn(64, 32)), r"w2: expected shape \(32, 64\)", id="w2-shape"),
+    pytest.param(lambda: _bad(b2=_randn(31)), r"b2: expected shape \(32,\)", id="b2-shape"),
+    pytest.param(lambda: _bad(x=_randn(5, 256), w1=_randn(64, 256), w2=_randn(256, 64), b2=_randn(256)),
+                 "at most 128 channels", id="too-wide"),
+    pytest.param(lambda: _bad(x=_randn(5, 32).double()), "got torch.float64", id="float64"),
+    pytest.param(lambda: _bad(w1=_randn(32, 64).t()), "contiguous weight", id="strided-weight"),
     pytest.param(lambda: _bad(b1="bias"), "b1: expected a torch.Tensor", id="not-a-tensor"),
-    pytest.param(lambda: {**_bad(), "residual": torch.randn(5, 31)}, r"residual: expected x's shape", id="residual"),
+    pytest.param(lambda: {**_bad(), "residual": _randn(5, 31)}, r"residual: expected x's shape", id="residual"),
     pytest.param(lambda: {**_bad(), "approximate": "erf"}, "approximate: expected one of", id="approximate"),
 ])
 def test_bad_input_raises(args, message):
@@ -182,8 +187,9 @@ def test_bad_input_raises(args, message):
 
 def test_cpu_tensors_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = {name: t.cpu() for name, t in _bad().items()}
     with pytest.raises(ValueError, match="need a CUDA tensor"):
-        mlp(**_bad())
+        mlp(**args)
 
 
 def test_block_dispatch(device):
