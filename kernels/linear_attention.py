@@ -56,15 +56,17 @@ class LinearAttentionConfig:
     the even and odd channels separately. ``trig``: "compute" evaluates cos/sin in the kernels from fp32
     angles, "table" gathers them from a cached (max(H, W), C/4, 2) table computed in float64 (the
     reference's own values) — slower on an H200 (fwd+bwd at 2x512²x64 bf16: 2.59 ms against 2.30 ms).
-    The defaults are the best of ``benchmarks/attention.py --tune`` on an H200 (see its results).
+    The defaults are the best of ``benchmarks/attention.py --tune`` on an H200 (see its results), except the
+    q-side backward's: 32 tokens and 2 warps took 1.75 ms against 2.18 ms for 64 tokens and 4 warps at 1024²
+    (B=2, C=64, bf16, H200, session 5's sweep), its registers being the limit.
     """
 
     fwd_reduce_block_n: int = 64
     fwd_reduce_warps: int = 4
     fwd_out_block_n: int = 64
     fwd_out_warps: int = 8
-    bwd_q_block_n: int = 64
-    bwd_q_warps: int = 4
+    bwd_q_block_n: int = 32
+    bwd_q_warps: int = 2
     bwd_kv_block_n: int = 64
     bwd_kv_warps: int = 8
     programs_per_sm: int = 4

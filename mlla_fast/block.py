@@ -69,7 +69,7 @@ class MLLABlock(ReferenceMLLABlock):
         )
         # The MLP's hidden activations (8C per token) are recomputed in the backward instead of saved; with the
         # LayerNorm inputs and the gate recomputed inside the kernels, the block keeps about 11C per token for
-        # its backward (the reference: 30C). The Triton MLP (C <= 128; bf16/fp16 on CUDA) never writes the
+        # its backward (the reference: 30C). The Triton MLP (narrow layers; bf16/fp16 on CUDA) never writes the
         # hidden layer to memory and adds the residual in its epilogue when no drop-path scales the MLP's
         # output; otherwise the cuBLAS MLP runs over token chunks, so that its 4C-wide transients never exist
         # for all tokens at once.

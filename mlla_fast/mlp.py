@@ -93,11 +93,17 @@ def chunked_mlp(mlp: nn.Module, h: Tensor) -> Tensor:
     return _ChunkedMLP.apply(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.act.approximate)
 
 
+# The widest layer the block sends to the Triton MLP. On an H200 (bf16, session 5) it beat the cuBLAS chunks
+# for C=64 at 512² and 1024² (one block, batch 2) but cost time in MLLA-UNet-T's 224² step, whose C=128
+# stages it also ran; the kernels themselves take up to kernels.mlp.MAX_CHANNELS.
+TRITON_MLP_MAX_CHANNELS = 64
+
+
 def triton_mlp_supported(mlp: nn.Module, h: Tensor) -> bool:
-    """Whether ``triton_mlp`` runs this MLP here: as for ``chunked_mlp``, plus C <= kernels.mlp.MAX_CHANNELS
+    """Whether ``triton_mlp`` runs this MLP here: as for ``chunked_mlp``, plus C <= TRITON_MLP_MAX_CHANNELS
     and, on CUDA, a bf16/fp16 compute dtype (Triton's exact fp32 products use no tensor cores: fp32 stays on
     cuBLAS there)."""
-    if not chunked_mlp_supported(mlp, h):
+    if not chunked_mlp_supported(mlp, h) or h.shape[-1] > TRITON_MLP_MAX_CHANNELS:
         return False
     dtype = compute_dtype(h)
     if h.is_cuda and dtype == torch.float32:

@@ -18,7 +18,7 @@ from conftest import DEVICE
 from mlla_fast.kernels import dwconv
 from mlla_fast.kernels import mlp as kmlp
 from mlla_fast.kernels.mlp import mlp
-from mlla_fast.mlp import triton_mlp_supported
+from mlla_fast.mlp import TRITON_MLP_MAX_CHANNELS, triton_mlp_supported
 from mlla_fast.reference.block import Mlp
 
 from tolerance import assert_matches
@@ -193,11 +193,12 @@ def test_cpu_tensors_without_the_interpreter(monkeypatch):
 
 
 def test_block_dispatch(device):
-    """The block takes the Triton MLP for C <= 128 with GELU and biases, and not for wider layers or fp32 on
-    CUDA (where cuBLAS runs it)."""
-    narrow, wide = Mlp(64, 256).to(device), Mlp(256, 1024).to(device)
-    h = torch.randn(3, 64, device=device)
+    """The block takes the Triton MLP for C <= TRITON_MLP_MAX_CHANNELS with GELU and biases, and not for wider
+    layers or fp32 on CUDA (where cuBLAS runs it)."""
+    narrow = Mlp(TRITON_MLP_MAX_CHANNELS, 4 * TRITON_MLP_MAX_CHANNELS).to(device)
+    wide = Mlp(2 * TRITON_MLP_MAX_CHANNELS, 8 * TRITON_MLP_MAX_CHANNELS).to(device)
+    h = torch.randn(3, TRITON_MLP_MAX_CHANNELS, device=device)
     assert triton_mlp_supported(narrow, h) == (device == "cpu")
-    assert not triton_mlp_supported(wide, torch.randn(3, 256, device=device))
+    assert not triton_mlp_supported(wide, torch.randn(3, 2 * TRITON_MLP_MAX_CHANNELS, device=device))
     with torch.autocast(device, dtype=torch.bfloat16):
         assert triton_mlp_supported(narrow, h)
