@@ -9,6 +9,9 @@ activations, takes their gradients, and accumulates the weight gradients in fp32
 weights). The hidden transients shrink to one chunk's; the price is one extra fc1 GEMM and GELU, as
 with activation checkpointing.
 
+For narrow layers (C <= TRITON_MLP_MAX_CHANNELS) in bf16/fp16 the block runs ``triton_mlp`` instead: the
+Triton kernels of ``kernels/mlp.py``, which never write the hidden layer to memory at all.
+
 Autocast is honoured explicitly: under autocast the GEMMs run in the autocast dtype with the weights
 cast once per call, as ``F.linear`` would; the backward uses the dtype the forward used.
 """
