@@ -123,15 +123,28 @@ def _w2_slice(w2, o_h, m_h, o_c, m_c, HID):
 
 
 @triton.jit
+def _token_block(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Token offsets and mask of this program's BLOCK_M tokens, channel offsets and mask."""
+    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_c = tl.arange(0, BLOCK_C)
+    return o_m, o_m < M, o_c, o_c < C
+
+
+@triton.jit
+def _store_tile(p, v, o_m, m_m, s_m, o_c, m_c):
+    """Store the [BLOCK_M, BLOCK_C] tile v at rows o_m of a token-major matrix (row stride s_m), rounded to
+    its dtype."""
+    tl.store(p + o_m.to(tl.int64)[:, None] * s_m + o_c[None, :], _cast(v, p.dtype.element_ty),
+             mask=m_m[:, None] & m_c[None, :])
+
+
+@triton.jit
 def _mlp_fwd_kernel(
     x, w1, b1, w2, b2, res, y, M, C, HID, s_x, s_res, s_y,
     HAS_RES: tl.constexpr, TANH: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < M
-    o_c = tl.arange(0, BLOCK_C)
-    m_c = o_c < C
+    o_m, m_m, o_c, m_c = _token_block(M, C, BLOCK_M, BLOCK_C)
     x_t = _tile(x, o_m, m_m, s_x, o_c, m_c, DT)
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for h0 in range(0, HID, BLOCK_H):
@@ -142,10 +155,9 @@ def _mlp_fwd_kernel(
         w2_t = tl.trans(_cast(_w2_slice(w2, o_h, m_h, o_c, m_c, HID), DT))
         acc = _mma(_cast(act, DT), w2_t, acc, PRECISION)
     acc += tl.load(b2 + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    mask = m_m[:, None] & m_c[None, :]
     if HAS_RES:
-        acc += tl.load(res + o_m.to(tl.int64)[:, None] * s_res + o_c[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(y + o_m.to(tl.int64)[:, None] * s_y + o_c[None, :], _cast(acc, y.dtype.element_ty), mask=mask)
+        acc += _tile(res, o_m, m_m, s_res, o_c, m_c, tl.float32)
+    _store_tile(y, acc, o_m, m_m, s_y, o_c, m_c)
 
 
 @triton.jit
@@ -154,10 +166,7 @@ def _mlp_bwd_dx_kernel(
     TANH: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < M
-    o_c = tl.arange(0, BLOCK_C)
-    m_c = o_c < C
+    o_m, m_m, o_c, m_c = _token_block(M, C, BLOCK_M, BLOCK_C)
     x_t = _tile(x, o_m, m_m, s_x, o_c, m_c, DT)
     dy_t = _tile(dy, o_m, m_m, s_dy, o_c, m_c, DT)
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
@@ -168,8 +177,7 @@ def _mlp_bwd_dx_kernel(
         _, gelu_grad = _gelu_and_grad(pre, TANH, True)
         dh = _mma(dy_t, _cast(_w2_slice(w2, o_h, m_h, o_c, m_c, HID), DT), None, PRECISION)
         acc = _mma(_cast(dh * gelu_grad, DT), tl.trans(w1_t), acc, PRECISION)
-    tl.store(dx + o_m.to(tl.int64)[:, None] * s_dx + o_c[None, :], _cast(acc, dx.dtype.element_ty),
-             mask=m_m[:, None] & m_c[None, :])
+    _store_tile(dx, acc, o_m, m_m, s_dx, o_c, m_c)
 
 
 @triton.jit
