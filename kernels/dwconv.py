@@ -599,7 +599,11 @@ def _row_walk_programs(n_rows: int, device: torch.device, per_sm: int, n_cblocks
 # ----------------------------------------------------------------------------------------------
 
 
+# reduce_partials' programs sum REDUCE_COLS columns each, REDUCE_ROWS rows per step. Under Triton's interpreter,
+# whose cost is per program, they take INTERPRETER_REDUCE_COLS columns: a state or weight gradient of tens of
+# thousands of columns would otherwise be a thousand programs, minutes of CPU time per training step.
 REDUCE_ROWS, REDUCE_COLS = 64, 32
+INTERPRETER_REDUCE_COLS = 1024
 
 
 def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dtype]],
@@ -616,9 +620,10 @@ def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dty
     ends = list(itertools.accumulate(sizes))
     args = tensors + [tensors[-1]] * (4 - len(tensors))
     ends = ends + [ends[-1]] * (4 - len(ends))
-    _reduce_partials_kernel[(triton.cdiv(part.shape[1], REDUCE_COLS),)](
+    block_cols = REDUCE_COLS if part.is_cuda else INTERPRETER_REDUCE_COLS
+    _reduce_partials_kernel[(triton.cdiv(part.shape[1], block_cols),)](
         part, part.shape[0], part.stride(0), *args, *ends, float(scale),
-        BLOCK_R=REDUCE_ROWS, BLOCK_COLS=REDUCE_COLS, num_warps=4,
+        BLOCK_R=REDUCE_ROWS, BLOCK_COLS=block_cols, num_warps=4,
     )
     return tensors
 
