@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backend import fused_supported, multiprocessors
-from .dwconv import reduce_partials
+from .dwconv import block_runs, reduce_partials
 
 # Elements of one program's [BLOCK_M, BLOCK_N] tile (one loop step) and its warps: 32 elements per thread,
 # 64 bytes of bf16 (four 16-byte loads) in flight per thread and step, 32 fp32 accumulators. BLOCK_N is at
@@ -84,12 +84,11 @@ def _launch_geometry(M: int, N: int, device: torch.device) -> tuple[int, int, in
     block_m = max(1, COLSUM_TILE_ELEMENTS // block_n)
     n_cblocks = triton.cdiv(N, block_n)
     if device.type == "cuda":
-        target = max(1, COLSUM_PROGRAMS_PER_SM * multiprocessors(device) // n_cblocks)
+        target = COLSUM_PROGRAMS_PER_SM * multiprocessors(device) // n_cblocks
     else:
         target = INTERPRETER_PROGRAMS
-    n_rblocks = max(1, triton.cdiv(M, block_m))
-    blocks_per_prog = triton.cdiv(n_rblocks, min(target, n_rblocks))
-    return block_m, block_n, triton.cdiv(n_rblocks, blocks_per_prog), blocks_per_prog * block_m
+    n_progs, blocks_per_prog = block_runs(triton.cdiv(M, block_m), target)
+    return block_m, block_n, n_progs, blocks_per_prog * block_m
 
 
 def column_sum_fwd(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -583,6 +583,15 @@ def _row_tiles(B: int, H: int, W: int, block_c: int) -> tuple[int, int, int]:
     return tw, n_tiles_w, B * n_tiles_w * H
 
 
+def block_runs(n_blocks: int, target: int) -> tuple[int, int]:
+    """Split n_blocks blocks (at least one) into contiguous runs of equal length for about target programs:
+    (runs, blocks per run), at least one run and no run empty. Fixed for a shape and device, so the partial
+    sums over the runs, and the results, are reproducible."""
+    n_blocks = max(1, n_blocks)
+    per_run = triton.cdiv(n_blocks, min(max(1, target), n_blocks))
+    return triton.cdiv(n_blocks, per_run), per_run
+
+
 def _row_walk_programs(n_rows: int, device: torch.device, per_sm: int, n_cblocks: int = 1) -> int:
     """Programs per channel block of a kernel whose programs walk runs of row tiles: per_sm per SM on a GPU,
     PARTIAL_PROGRAMS in the interpreter (so that the tests can make programs walk many rows), in all over the

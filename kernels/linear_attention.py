@@ -33,7 +33,7 @@ from triton.language.extra import libdevice
 
 from ..backend import interpreter_enabled, multiprocessors
 from ..reference.ops import NORMALISER_EPS, rope_frequencies
-from .dwconv import depthwise_param_grads, reduce_partials
+from .dwconv import block_runs, depthwise_param_grads, reduce_partials
 
 HEAD_DIM = 32
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -514,10 +514,7 @@ def _sum_state_partials(part: Tensor, bh: int, scale: float = 1.0) -> tuple[Tens
 def _splits(n_tokens: int, block_n: int, columns: int, device: torch.device) -> tuple[int, int]:
     """(number of splits, blocks per split) for kernels that loop over token blocks: about
     programs_per_sm * SMs programs in all, fixed for a shape and device (so results are reproducible)."""
-    n_blocks = triton.cdiv(n_tokens, block_n)
-    target = max(1, CONFIG.programs_per_sm * multiprocessors(device) // columns)
-    per_split = triton.cdiv(n_blocks, min(target, n_blocks))
-    return triton.cdiv(n_blocks, per_split), per_split
+    return block_runs(triton.cdiv(n_tokens, block_n), CONFIG.programs_per_sm * multiprocessors(device) // columns)
 
 
 def _token_major(x: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backend import fused_supported, interpreter_enabled, multiprocessors
-from .dwconv import reduce_partials
+from .dwconv import block_runs, reduce_partials
 
 # The widest layer the kernels take: x's tile (BLOCK_M x C) and the output accumulator stay in registers.
 MAX_CHANNELS = 128
@@ -263,11 +263,9 @@ def mlp_fwd(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, residual:
 def _dw_runs(M: int, n_slices: int, device: torch.device) -> tuple[int, int]:
     """(token runs P, rows per run): whole DW_BLOCK_M blocks, about DW_PROGRAMS_PER_SM programs per SM over
     all hidden slices (INTERPRETER_RUNS off CUDA), no run empty."""
-    target = max(1, DW_PROGRAMS_PER_SM * multiprocessors(device) // n_slices) if device.type == "cuda" \
-        else INTERPRETER_RUNS
-    blocks = max(1, triton.cdiv(M, DW_BLOCK_M))
-    per_run = triton.cdiv(blocks, min(target, blocks))
-    return triton.cdiv(blocks, per_run), per_run * DW_BLOCK_M
+    target = DW_PROGRAMS_PER_SM * multiprocessors(device) // n_slices if device.type == "cuda" else INTERPRETER_RUNS
+    n_runs, blocks_per_run = block_runs(triton.cdiv(M, DW_BLOCK_M), target)
+    return n_runs, blocks_per_run * DW_BLOCK_M
 
 
 def mlp_bwd(dy: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, tanh: bool,
