@@ -96,6 +96,8 @@ SMOKE_BATCH = (3, 4, 5, 64)
 
 # The launch-configuration search: each knob's values, tried one knob at a time.
 TUNE_KNOBS: list[dict[str, Any]] = [
+    {"lowp_dot_precision": v} for v in ("tf32", "lowp-operands")
+] + [
     {"pair_loads": v} for v in ("split", "strided")
 ] + [
     {"trig": v} for v in ("table", "compute")
@@ -461,7 +463,7 @@ def resource_usage(C: int, arch: int, all_configs: bool, log: Log) -> int:
             for knob in choices:
                 block_n, warps = knob[f"{prefix}_block_n"], knob[f"{prefix}_warps"]
                 consts = {"C": C, "NUM_HEADS": C // 32, "HAS_GATE": True, "BLOCK_N": block_n, "EPS": 1e-6,
-                          "DOT_PRECISION": "ieee" if dtype_name == "fp32" else la.CONFIG.lowp_dot_precision,
+                          **la._dot_args(torch.float32 if dtype_name == "fp32" else torch.bfloat16),
                           "SPLIT_PAIRS": la.CONFIG.pair_loads == "split", "TRIG_TABLE": la.CONFIG.trig == "table",
                           "GATE_GRAD": False, "GATE_SILU": False}
                 consts = {k: v for k, v in consts.items() if k in fn.arg_names}

@@ -17,12 +17,14 @@ kernels, hence ``blocks_per_split``) is taken as --sms.
 
     python benchmarks/kernel_registers.py                       # C=64, 2 x 1024^2, bf16 and fp32, gated
     python benchmarks/kernel_registers.py --dtype bf16 --hw 512 512 --no-gate
+    python benchmarks/kernel_registers.py --config lowp_dot_precision=lowp-operands   # a CONFIG override
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -94,8 +96,23 @@ def ptxas_usage(log: str) -> dict[str, int]:
             "spill_ld": field(r"(\d+) bytes spill loads"), "stack": field(r"(\d+) bytes stack frame")}
 
 
-def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bool, sms: int):
-    """The kernel launches of the attention's forward and backward at this shape (meta tensors)."""
+def config_override(overrides: list[str]):
+    """``linear_attention.CONFIG`` with the FIELD=VALUE overrides applied (values converted to the field's type)."""
+    from mlla_fast.kernels import linear_attention as la
+
+    types = {field.name: type(getattr(la.CONFIG, field.name)) for field in dataclasses.fields(la.CONFIG)}
+    changes = {}
+    for override in overrides:
+        name, sep, value = override.partition("=")
+        if not sep or name not in types:
+            raise SystemExit(f"--config: expected FIELD=VALUE with FIELD one of {sorted(types)}, got {override!r}")
+        changes[name] = types[name](value)
+    return dataclasses.replace(la.CONFIG, **changes)
+
+
+def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bool, sms: int, config=None):
+    """The kernel launches of the attention's forward and backward at this shape (meta tensors), under config
+    (default: ``linear_attention.CONFIG``)."""
     import torch
 
     from mlla_fast.kernels import dwconv
@@ -117,11 +134,14 @@ def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bo
         la._linear_attention_bwd(torch.empty_like(v), qk, v, g, weight, bias, kv, ksum, H, W, C // 32, False)
 
     patched = [(module, module.multiprocessors) for module in (la, dwconv)]
+    saved_config = la.CONFIG
     try:
         for module, _ in patched:
             module.multiprocessors = lambda device: sms
+        la.CONFIG = config or saved_config
         return record_launches(run, (la, dwconv))
     finally:
+        la.CONFIG = saved_config
         for module, original in patched:
             module.multiprocessors = original
 
@@ -136,20 +156,25 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     parser.add_argument("--sms", type=int, default=132, help="SM count assumed by the launchers' token splits")
     parser.add_argument("--all", action="store_true", help="also the dwconv kernels the attention launches")
+    parser.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="override fields of linear_attention.CONFIG, e.g. lowp_dot_precision=lowp-operands")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("kernel_registers.py compiles real kernels: unset TRITON_INTERPRET.")
         return 2
     import triton
 
+    config = config_override(args.config)
     print(f"Triton {triton.__version__}, sm_{args.arch}a, C={args.channels}, B={args.batch}, grid "
           f"{args.hw[0]}x{args.hw[1]}, {'no gate' if args.no_gate else 'gated'}, {args.sms} SMs "
           "(offline compilation; GPU builds with another Triton may differ)")
+    print(f"config: {', '.join(args.config) if args.config else 'default'}")
     print(f"{'dtype':5s} {'kernel':28s} {'variant':12s} {'block':>5s} {'warps':>5s} {'regs':>4s} "
           f"{'spill st/ld':>11s} {'stack':>5s} {'shared':>7s}")
     seen = set()
     for dtype_name in args.dtype:
-        launches = attention_launches(args.batch, *args.hw, args.channels, dtype_name, not args.no_gate, args.sms)
+        launches = attention_launches(args.batch, *args.hw, args.channels, dtype_name, not args.no_gate, args.sms,
+                                      config)
         for fn, call_args, kwargs in launches:
             name = fn.__name__
             if not (args.all or name.startswith("_la_")):

@@ -34,6 +34,7 @@ from triton.language.extra import libdevice
 from ..backend import interpreter_enabled, multiprocessors
 from ..reference.ops import NORMALISER_EPS, rope_frequencies
 from .dwconv import block_runs, depthwise_param_grads, reduce_partials
+from .lowp import cast, mma
 
 HEAD_DIM = 32
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -41,6 +42,8 @@ MAX_TOKENS = 2**31 - 1 - 4096  # token indices (and their stencil neighbours) ar
 # RoPE angles reach thousands of radians: compiled kernels call libdevice's cosf/sinf (full range reduction)
 # explicitly; the interpreter has no libdevice and evaluates tl.cos/tl.sin with numpy.
 _LIBDEVICE_TRIG = tl.constexpr(not interpreter_enabled())
+LOWP_DOT_PRECISIONS = ("tf32", "ieee", "lowp-operands")
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +53,10 @@ class LinearAttentionConfig:
     Block sizes must be powers of two >= 16 (tl.dot tiles). All kernels but the forward output pass
     loop over token blocks: each (batch, head) gets about
     ``programs_per_sm * SMs / (B * heads)`` programs, each summing a contiguous token range.
-    ``lowp_dot_precision`` is the tl.dot input precision for bf16/fp16 activations ("tf32" or
-    "ieee"); fp32 activations always use "ieee" so the fp32 path meets the 1e-5 rule. ``pair_loads``:
+    ``lowp_dot_precision`` is how bf16/fp16 activations' tl.dots are taken: on fp32 tiles at input precision
+    "tf32" or "ieee", or ("lowp-operands") on the tiles rounded to the activation dtype (bf16/fp16 tensor-core
+    products, fp32 accumulation; kernels/README.md lists the dots); fp32 activations always use "ieee" so the
+    fp32 path meets the 1e-5 rule. ``pair_loads``:
     "split" loads a head's 32 channels at once and splits the RoPE pairs in registers, "strided" loads
     the even and odd channels separately. ``trig``: "compute" evaluates cos/sin in the kernels from fp32
     angles, "table" gathers them from a cached (max(H, W), C/4, 2) table computed in float64 (the
@@ -79,8 +84,9 @@ class LinearAttentionConfig:
             value = getattr(self, field.name)
             if field.name.endswith("block_n") and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{field.name}: expected a power of two >= 16, got {value}")
-        if self.lowp_dot_precision not in ("tf32", "ieee"):
-            raise ValueError(f"lowp_dot_precision: expected 'tf32' or 'ieee', got {self.lowp_dot_precision!r}")
+        if self.lowp_dot_precision not in LOWP_DOT_PRECISIONS:
+            raise ValueError(f"lowp_dot_precision: expected one of {LOWP_DOT_PRECISIONS}, "
+                             f"got {self.lowp_dot_precision!r}")
         if self.pair_loads not in ("split", "strided"):
             raise ValueError(f"pair_loads: expected 'split' or 'strided', got {self.pair_loads!r}")
         if self.trig not in ("table", "compute"):
@@ -100,6 +106,15 @@ def _phi(x):
     """phi(x) = ELU(x) + 1 and its derivative (1 for x > 0, exp(x) = phi(x) otherwise)."""
     e = tl.exp(tl.minimum(x, 0.0))
     return tl.where(x > 0, x + 1.0, e), tl.where(x > 0, 1.0, e)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b (fp32 accumulation; acc may be None) of fp32 tiles: taken at DOT_PRECISION when DOT_DTYPE is
+    fp32, else on the tiles rounded (to nearest even) to DOT_DTYPE, bf16 or fp16."""
+    if DOT_DTYPE.is_fp32():
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return mma(cast(a, DOT_DTYPE), cast(b, DOT_DTYPE), acc, DOT_PRECISION)
 
 
 @triton.jit
@@ -187,8 +202,8 @@ def _la_fwd_reduce_kernel(
     p_qk, p_v, p_trig, p_kv_part, p_ksum_part,
     N, W, n_pos, blocks_per_split,
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_part,
-    C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
+    C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
 ):
     """Partial sums over one token range of kv = sum_m k~_m v_m^T and sum_m phi(k_m), per (batch, head).
 
@@ -224,8 +239,8 @@ def _la_fwd_reduce_kernel(
         b_kra = b_ka * b_cos - b_kb * b_sin  # [BN, 16]
         b_krb = b_ka * b_sin + b_kb * b_cos
         b_v = tl.load(p_vh + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
-        b_kv_a = tl.dot(tl.trans(b_kra), b_v, b_kv_a, input_precision=DOT_PRECISION)  # [16, 32]
-        b_kv_b = tl.dot(tl.trans(b_krb), b_v, b_kv_b, input_precision=DOT_PRECISION)
+        b_kv_a = _dot(tl.trans(b_kra), b_v, b_kv_a, DOT_DTYPE, DOT_PRECISION)  # [16, 32]
+        b_kv_b = _dot(tl.trans(b_krb), b_v, b_kv_b, DOT_DTYPE, DOT_PRECISION)
         b_ks_a += b_ka
         b_ks_b += b_kb
 
@@ -238,8 +253,8 @@ def _la_fwd_reduce_kernel(
 
 @triton.jit
 def _attention_numerator(p_qk, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
-                         C_QUARTER: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr):
+                         C_QUARTER: tl.constexpr, EPS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr):
     """Recompute q's features at tokens o_n: returns phi(q) halves, their ELU' halves, q~ halves,
     cos, sin [BN, 16], the numerator q~ . kv [BN, 32] and the normaliser z [BN]."""
     b_qa, b_qb = _load_pairs(p_qk, o_n.to(tl.int64) * s_qk_n, m_n, SPLIT_PAIRS)
@@ -249,8 +264,8 @@ def _attention_numerator(p_qk, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, 
     b_qra = b_qa * b_cos - b_qb * b_sin
     b_qrb = b_qa * b_sin + b_qb * b_cos
     b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
-    b_num = tl.dot(b_qra, b_kv_a, input_precision=DOT_PRECISION)
-    b_num = tl.dot(b_qrb, b_kv_b, b_num, input_precision=DOT_PRECISION)  # [BN, 32]
+    b_num = _dot(b_qra, b_kv_a, None, DOT_DTYPE, DOT_PRECISION)
+    b_num = _dot(b_qrb, b_kv_b, b_num, DOT_DTYPE, DOT_PRECISION)  # [BN, 32]
     o_p = tl.arange(0, 16)
     b_ks_a = tl.load(p_ksum + i_bh * 32 + o_p)
     b_ks_b = tl.load(p_ksum + i_bh * 32 + 16 + o_p)
@@ -273,8 +288,8 @@ def _la_fwd_out_kernel(
     N, H, W, n_pos,
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
-    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
-    GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr,
+    EPS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
+    TRIG_TABLE: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr,
 ):
     """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads).
 
@@ -295,7 +310,7 @@ def _la_fwd_out_kernel(
 
     _, _, _, _, _, _, _, _, b_num, b_z = _attention_numerator(
         p_qk + i_b * s_qk_b + i_h * 32, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
-        C // 4, EPS, DOT_PRECISION, SPLIT_PAIRS, TRIG_TABLE)
+        C // 4, EPS, DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG_TABLE)
     b_o = b_num * b_z[:, None] + tl.load(p_bias + o_c).to(tl.float32)[None, :]
     p_vh = p_v + i_b * s_v_b + i_h * 32
     for k in tl.static_range(9):
@@ -328,8 +343,8 @@ def _la_bwd_q_kernel(
     p_qk, p_do, p_trig, p_kv, p_ksum, p_dqk, p_dkv_part, p_dksum_part,
     N, W, n_pos, blocks_per_split,
     s_qk_b, s_qk_n, s_do_b, s_do_n, s_part,
-    C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
-    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
+    C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, EPS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
 ):
     """The q side of the backward, which needs only the forward's state and the gated output gradient do:
     per token dq (first half of dqk); per program partial sums over its token range of
@@ -360,7 +375,7 @@ def _la_bwd_q_kernel(
         o_n64 = o_n.to(tl.int64)
         b_qa, b_qb, _, _, b_qra, b_qrb, b_cos, b_sin, b_num, b_z = _attention_numerator(
             p_q, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, o_n // W, o_n % W, m_n, i_bh, i_h, C // 4, EPS,
-            DOT_PRECISION, SPLIT_PAIRS, TRIG_TABLE)
+            DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG_TABLE)
         b_do = tl.load(p_dob + o_n64[:, None] * s_do_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
 
         b_u = -b_z * b_z * tl.sum(b_num * b_do, axis=1)  # [BN]
@@ -370,13 +385,21 @@ def _la_bwd_q_kernel(
         # (exactly _phi's derivative, recomputed rather than kept live); dq comes before the dKV/ds updates so
         # that cos, sin and the ELU' factors die before the dKV dots' operands are loaded
         b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
-        b_dqra = tl.dot(b_zdo, tl.trans(b_kv_a), input_precision=DOT_PRECISION)  # [BN, 16]
-        b_dqrb = tl.dot(b_zdo, tl.trans(b_kv_b), input_precision=DOT_PRECISION)
+        if DOT_DTYPE.is_fp32():
+            b_dqra = tl.dot(b_zdo, tl.trans(b_kv_a), input_precision=DOT_PRECISION)  # [BN, 16]
+            b_dqrb = tl.dot(b_zdo, tl.trans(b_kv_b), input_precision=DOT_PRECISION)
+        else:  # low-precision operands: do (exact) and KV, z applied after (z do can pass fp16's range)
+            b_dqra = _dot(b_do, tl.trans(b_kv_a), None, DOT_DTYPE, DOT_PRECISION) * b_z[:, None]
+            b_dqrb = _dot(b_do, tl.trans(b_kv_b), None, DOT_DTYPE, DOT_PRECISION) * b_z[:, None]
         b_dqa = (b_dqra * b_cos + b_dqrb * b_sin + b_u[:, None] * b_ks_a[None, :]) * tl.minimum(b_qa, 1.0)
         b_dqb = (b_dqrb * b_cos - b_dqra * b_sin + b_u[:, None] * b_ks_b[None, :]) * tl.minimum(b_qb, 1.0)
         _store_pairs(p_dq, o_n64 * 2 * C, m_n, b_dqa, b_dqb, SPLIT_PAIRS)
-        b_dkv_a = tl.dot(tl.trans(b_qra), b_zdo, b_dkv_a, input_precision=DOT_PRECISION)
-        b_dkv_b = tl.dot(tl.trans(b_qrb), b_zdo, b_dkv_b, input_precision=DOT_PRECISION)
+        if DOT_DTYPE.is_fp32():
+            b_dkv_a = tl.dot(tl.trans(b_qra), b_zdo, b_dkv_a, input_precision=DOT_PRECISION)
+            b_dkv_b = tl.dot(tl.trans(b_qrb), b_zdo, b_dkv_b, input_precision=DOT_PRECISION)
+        else:  # (z q~)^T do, do exact
+            b_dkv_a = _dot(tl.trans(b_qra * b_z[:, None]), b_do, b_dkv_a, DOT_DTYPE, DOT_PRECISION)
+            b_dkv_b = _dot(tl.trans(b_qrb * b_z[:, None]), b_do, b_dkv_b, DOT_DTYPE, DOT_PRECISION)
         b_dks_a += b_u[:, None] * b_qa
         b_dks_b += b_u[:, None] * b_qb
 
@@ -392,7 +415,7 @@ def _la_bwd_kv_kernel(
     N, H, W, n_pos, inv_n,
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_do_b, s_do_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
 ):
     """The k/v side of the backward for one block of tokens and one (batch, head): dk (second half of dqk)
     through k~ and mean phi(k), and dv through kv plus the transposed LePE stencil of do (the gated output
@@ -421,8 +444,8 @@ def _la_bwd_kv_kernel(
     b_dkv_a, b_dkv_b = _load_state(p_dkv, i_bh)
 
     # dk = (R^T (dKV v) / N + dksum / N) * ELU'
-    b_dkra = tl.dot(b_v, tl.trans(b_dkv_a), input_precision=DOT_PRECISION) * inv_n  # [BN, 16]
-    b_dkrb = tl.dot(b_v, tl.trans(b_dkv_b), input_precision=DOT_PRECISION) * inv_n
+    b_dkra = _dot(b_v, tl.trans(b_dkv_a), None, DOT_DTYPE, DOT_PRECISION) * inv_n  # [BN, 16]
+    b_dkrb = _dot(b_v, tl.trans(b_dkv_b), None, DOT_DTYPE, DOT_PRECISION) * inv_n
     b_dks_a = tl.load(p_dksum + i_bh * 32 + o_p) * inv_n
     b_dks_b = tl.load(p_dksum + i_bh * 32 + 16 + o_p) * inv_n
     b_dka = (b_dkra * b_cos + b_dkrb * b_sin + b_dks_a[None, :]) * b_eka
@@ -432,8 +455,8 @@ def _la_bwd_kv_kernel(
     # dv = k~ dKV / N + sum_k w_k do_(n - off_k)
     b_kra = b_ka * b_cos - b_kb * b_sin
     b_krb = b_ka * b_sin + b_kb * b_cos
-    b_dv = tl.dot(b_kra, b_dkv_a, input_precision=DOT_PRECISION)
-    b_dv = tl.dot(b_krb, b_dkv_b, b_dv, input_precision=DOT_PRECISION) * inv_n  # [BN, 32]
+    b_dv = _dot(b_kra, b_dkv_a, None, DOT_DTYPE, DOT_PRECISION)
+    b_dv = _dot(b_krb, b_dkv_b, b_dv, DOT_DTYPE, DOT_PRECISION) * inv_n  # [BN, 32]
     for k in tl.static_range(9):
         o_src, m_src = _neighbour(o_n, b_row, b_col, m_n, H, W, 1 - k // 3, 1 - k % 3)
         b_do_src = tl.load(p_dob + o_src.to(tl.int64)[:, None] * s_do_n + o_d[None, :], mask=m_src[:, None],
@@ -522,8 +545,18 @@ def _token_major(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else CONFIG.lowp_dot_precision
+def _lowp_operands(dtype: torch.dtype) -> bool:
+    """Whether the kernels' tl.dots take their operands rounded to the activation dtype (bf16/fp16)."""
+    return dtype != torch.float32 and CONFIG.lowp_dot_precision == "lowp-operands"
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """The kernels' DOT_DTYPE (the dots' operand dtype) and DOT_PRECISION (tl.dot's input precision)."""
+    if dtype == torch.float32:
+        return {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee"}
+    if _lowp_operands(dtype):
+        return {"DOT_DTYPE": _TL_DTYPES[dtype], "DOT_PRECISION": "ieee"}
+    return {"DOT_DTYPE": tl.float32, "DOT_PRECISION": CONFIG.lowp_dot_precision}
 
 
 def _gate_args(g: Tensor | None, v: Tensor) -> tuple[Tensor, int, int]:
@@ -542,7 +575,7 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
     bh = B * num_heads
     device = v.device
     trig, n_pos, trig_table = _trig_args(H, W, C, device)
-    precision = _dot_precision(v.dtype)
+    dot_args = _dot_args(v.dtype)
     split_pairs = CONFIG.pair_loads == "split"
 
     block_n = CONFIG.fwd_reduce_block_n
@@ -551,8 +584,8 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
     _la_fwd_reduce_kernel[(n_split, bh)](
         qk, v, trig, kv_part, ksum_part, N, W, n_pos, per_split,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), part.stride(0),
-        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs,
-        TRIG_TABLE=trig_table, num_warps=CONFIG.fwd_reduce_warps,
+        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **dot_args, SPLIT_PAIRS=split_pairs, TRIG_TABLE=trig_table,
+        num_warps=CONFIG.fwd_reduce_warps,
     )
     kv, ksum = _sum_state_partials(part, bh, scale=1.0 / N)
 
@@ -575,7 +608,7 @@ def _launch_out_pass(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tenso
         out if dg is None else dg, N, H, W, n_pos, qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
         dy_arg.stride(0), dy_arg.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        DOT_PRECISION=_dot_precision(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG_TABLE=trig_table,
+        **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG_TABLE=trig_table,
         GATE_GRAD=dg is not None, GATE_SILU=gate_silu, num_warps=CONFIG.fwd_out_warps,
     )
 
@@ -591,7 +624,7 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     bh = B * num_heads
     device = v.device
     trig, n_pos, trig_table = _trig_args(H, W, C, device)
-    precision = _dot_precision(v.dtype)
+    dot_args = _dot_args(v.dtype)
     split_pairs = CONFIG.pair_loads == "split"
     weight = lepe_weight.reshape(C, 9).contiguous()
 
@@ -612,16 +645,23 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
         qk, do, trig, kv, ksum, dqk, dkv_part, dksum_part, N, W, n_pos, per_split,
         qk.stride(0), qk.stride(1), do.stride(0), do.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        DOT_PRECISION=precision, SPLIT_PAIRS=split_pairs, TRIG_TABLE=trig_table, num_warps=CONFIG.bwd_q_warps,
+        **dot_args, SPLIT_PAIRS=split_pairs, TRIG_TABLE=trig_table, num_warps=CONFIG.bwd_q_warps,
     )
-    dkv, dksum = _sum_state_partials(part, bh)
+    # the k/v kernel scales dKV and ds by 1/N; low-precision operands take them as means instead (dKV, a sum
+    # over N tokens, can pass fp16's range where its mean does not)
+    inv_n = 1.0 / N
+    if _lowp_operands(v.dtype):
+        dkv, dksum = _sum_state_partials(part, bh, scale=inv_n)
+        inv_n = 1.0
+    else:
+        dkv, dksum = _sum_state_partials(part, bh)
     dw, db = depthwise_param_grads(do, v, (H, W))  # the LePE's parameter gradients, reduced like the stencils'
 
     block_n = CONFIG.bwd_kv_block_n
     _la_bwd_kv_kernel[(triton.cdiv(N, block_n), bh)](
-        qk, do, weight, v, trig, dkv, dksum, dqk, dv, N, H, W, n_pos, 1.0 / N,
+        qk, do, weight, v, trig, dkv, dksum, dqk, dv, N, H, W, n_pos, inv_n,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, DOT_PRECISION=precision,
+        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **dot_args,
         SPLIT_PAIRS=split_pairs, TRIG_TABLE=trig_table, num_warps=CONFIG.bwd_kv_warps,
     )
     dw = dw.reshape(C, 1, 3, 3).to(lepe_weight.dtype)

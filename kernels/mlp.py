@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backend import fused_supported, interpreter_enabled, multiprocessors
+from ..backend import fused_supported, multiprocessors
 from .dwconv import block_runs, reduce_partials
+from .lowp import cast, mma
 
 # The widest layer the kernels take: x's tile (BLOCK_M x C) and the output accumulator stay in registers.
 MAX_CHANNELS = 128
@@ -48,29 +49,6 @@ DW_PROGRAMS_PER_SM = 4
 INTERPRETER_RUNS = 3
 
 __all__ = ["MAX_CHANNELS", "mlp", "mlp_bwd", "mlp_fwd", "supported"]
-
-# Triton's interpreter (3.9) multiplies bfloat16 tl.dot operands wrongly and converts fp32 to bfloat16 by
-# truncation. There every product is taken on the operands converted to fp32 (exact for bf16/fp16 values,
-# with fp32 accumulation as on a GPU) and conversions to bfloat16 round to nearest even first, as a GPU does.
-_INTERPRETER = tl.constexpr(interpreter_enabled())
-
-
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b (fp32 accumulation)."""
-    if _INTERPRETER:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _cast(v, dtype: tl.constexpr):
-    """v converted to dtype, rounding to nearest even."""
-    if _INTERPRETER and dtype == tl.bfloat16:
-        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
-    return v.to(dtype)
 
 
 @triton.jit
@@ -96,15 +74,15 @@ def _gelu_and_grad(pre, TANH: tl.constexpr, GRAD: tl.constexpr):
 def _tile(p, o_m, m_m, s_m, o_c, m_c, DT: tl.constexpr):
     """The [BLOCK_M, BLOCK_C] tile of rows o_m of a token-major matrix (row stride s_m), zero off the mask,
     in the compute dtype DT."""
-    return _cast(tl.load(p + o_m.to(tl.int64)[:, None] * s_m + o_c[None, :], mask=m_m[:, None] & m_c[None, :],
-                         other=0.0), DT)
+    return cast(tl.load(p + o_m.to(tl.int64)[:, None] * s_m + o_c[None, :], mask=m_m[:, None] & m_c[None, :],
+                        other=0.0), DT)
 
 
 @triton.jit
 def _w1_slice(w1, b1, o_h, m_h, o_c, m_c, C, DT: tl.constexpr):
     """W1's rows o_h transposed ([BLOCK_C, BLOCK_H], DT) and b1's (fp32)."""
-    w1_t = _cast(tl.load(w1 + o_h.to(tl.int64)[None, :] * C + o_c[:, None], mask=m_c[:, None] & m_h[None, :],
-                         other=0.0), DT)
+    w1_t = cast(tl.load(w1 + o_h.to(tl.int64)[None, :] * C + o_c[:, None], mask=m_c[:, None] & m_h[None, :],
+                        other=0.0), DT)
     return w1_t, tl.load(b1 + o_h, mask=m_h, other=0.0).to(tl.float32)
 
 
@@ -112,7 +90,7 @@ def _w1_slice(w1, b1, o_h, m_h, o_c, m_c, C, DT: tl.constexpr):
 def _hidden_slice(x_t, w1, b1, o_h, m_h, o_c, m_c, C, DT: tl.constexpr, PRECISION: tl.constexpr):
     """W1's slice transposed ([BLOCK_C, BLOCK_H], DT) and ``pre = x W1ᵀ + b1`` for the slice (fp32)."""
     w1_t, b1_h = _w1_slice(w1, b1, o_h, m_h, o_c, m_c, C, DT)
-    return w1_t, _mma(x_t, w1_t, None, PRECISION) + b1_h[None, :]
+    return w1_t, mma(x_t, w1_t, None, PRECISION) + b1_h[None, :]
 
 
 @triton.jit
@@ -134,7 +112,7 @@ def _token_block(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
 def _store_tile(p, v, o_m, m_m, s_m, o_c, m_c):
     """Store the [BLOCK_M, BLOCK_C] tile v at rows o_m of a token-major matrix (row stride s_m), rounded to
     its dtype."""
-    tl.store(p + o_m.to(tl.int64)[:, None] * s_m + o_c[None, :], _cast(v, p.dtype.element_ty),
+    tl.store(p + o_m.to(tl.int64)[:, None] * s_m + o_c[None, :], cast(v, p.dtype.element_ty),
              mask=m_m[:, None] & m_c[None, :])
 
 
@@ -152,8 +130,8 @@ def _mlp_fwd_kernel(
         m_h = o_h < HID
         _, pre = _hidden_slice(x_t, w1, b1, o_h, m_h, o_c, m_c, C, DT, PRECISION)
         act, _ = _gelu_and_grad(pre, TANH, False)
-        w2_t = tl.trans(_cast(_w2_slice(w2, o_h, m_h, o_c, m_c, HID), DT))
-        acc = _mma(_cast(act, DT), w2_t, acc, PRECISION)
+        w2_t = tl.trans(cast(_w2_slice(w2, o_h, m_h, o_c, m_c, HID), DT))
+        acc = mma(cast(act, DT), w2_t, acc, PRECISION)
     acc += tl.load(b2 + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
         acc += _tile(res, o_m, m_m, s_res, o_c, m_c, tl.float32)
@@ -175,8 +153,8 @@ def _mlp_bwd_dx_kernel(
         m_h = o_h < HID
         w1_t, pre = _hidden_slice(x_t, w1, b1, o_h, m_h, o_c, m_c, C, DT, PRECISION)
         _, gelu_grad = _gelu_and_grad(pre, TANH, True)
-        dh = _mma(dy_t, _cast(_w2_slice(w2, o_h, m_h, o_c, m_c, HID), DT), None, PRECISION)
-        acc = _mma(_cast(dh * gelu_grad, DT), tl.trans(w1_t), acc, PRECISION)
+        dh = mma(dy_t, cast(_w2_slice(w2, o_h, m_h, o_c, m_c, HID), DT), None, PRECISION)
+        acc = mma(cast(dh * gelu_grad, DT), tl.trans(w1_t), acc, PRECISION)
     _store_tile(dx, acc, o_m, m_m, s_dx, o_c, m_c)
 
 
@@ -194,7 +172,7 @@ def _mlp_bwd_dw_kernel(
     o_c = tl.arange(0, BLOCK_C)
     m_c = o_c < C
     w1_t, b1_h = _w1_slice(w1, b1, o_h, m_h, o_c, m_c, C, DT)
-    w2_s = _cast(_w2_slice(w2, o_h, m_h, o_c, m_c, HID), DT)
+    w2_s = cast(_w2_slice(w2, o_h, m_h, o_c, m_c, HID), DT)
     acc_w1 = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
     acc_w2 = tl.zeros([BLOCK_C, BLOCK_H], dtype=tl.float32)
     acc_b1 = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -206,11 +184,11 @@ def _mlp_bwd_dw_kernel(
         m_m = o_m < row_end
         x_t = _tile(x, o_m, m_m, s_x, o_c, m_c, DT)
         dy_t = _tile(dy, o_m, m_m, s_dy, o_c, m_c, DT)  # zero rows off the run: they add nothing below
-        pre = _mma(x_t, w1_t, None, PRECISION) + b1_h[None, :]
+        pre = mma(x_t, w1_t, None, PRECISION) + b1_h[None, :]
         act, gelu_grad = _gelu_and_grad(pre, TANH, True)
-        acc_w2 = _mma(tl.trans(dy_t), _cast(act, DT), acc_w2, PRECISION)
-        dpre = _mma(dy_t, w2_s, None, PRECISION) * gelu_grad
-        acc_w1 = _mma(tl.trans(_cast(dpre, DT)), x_t, acc_w1, PRECISION)
+        acc_w2 = mma(tl.trans(dy_t), cast(act, DT), acc_w2, PRECISION)
+        dpre = mma(dy_t, w2_s, None, PRECISION) * gelu_grad
+        acc_w1 = mma(tl.trans(cast(dpre, DT)), x_t, acc_w1, PRECISION)
         acc_b1 += tl.sum(dpre, 0)
         acc_b2 += tl.sum(dy_t.to(tl.float32), 0)
     row = part + i_p.to(tl.int64) * s_part
