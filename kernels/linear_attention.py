@@ -63,7 +63,9 @@ class LinearAttentionConfig:
     reference's own values) — slower on an H200 (fwd+bwd at 2x512²x64 bf16: 2.59 ms against 2.30 ms).
     The defaults are the best of ``benchmarks/attention.py --tune`` on an H200 (see its results), except the
     q-side backward's: 32 tokens and 2 warps took 1.75 ms against 2.18 ms for 64 tokens and 4 warps at 1024²
-    (B=2, C=64, bf16, H200, session 5's sweep), its registers being the limit.
+    (B=2, C=64, bf16, H200, session 5's sweep), its registers being the limit; and the dots' precision:
+    "lowp-operands" took 6.44 ms against 6.79 ms for "tf32" at 1024² (1.67 against 1.76 ms at 512², each
+    kernel faster; H200, session 6, ``benchmarks/results/nvidia-h200/2026-11-27-session6``).
     """
 
     fwd_reduce_block_n: int = 64
@@ -75,7 +77,7 @@ class LinearAttentionConfig:
     bwd_kv_block_n: int = 64
     bwd_kv_warps: int = 8
     programs_per_sm: int = 4
-    lowp_dot_precision: str = "tf32"
+    lowp_dot_precision: str = "lowp-operands"
     pair_loads: str = "split"
     trig: str = "compute"
 

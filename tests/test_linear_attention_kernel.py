@@ -36,9 +36,10 @@ MANY_SPLITS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=16, fwd_out_block_
                                   bwd_kv_block_n=16, programs_per_sm=64, pair_loads="strided", trig="compute")
 COMPUTED_TRIG = dataclasses.replace(DEFAULT, trig="compute")
 TRIG_TABLE = dataclasses.replace(DEFAULT, trig="table")
-# bf16/fp16 dot operands (lowp_dot_precision="lowp-operands") with large blocks and with many splits
-LOWP_LARGE = dataclasses.replace(LARGE_BLOCKS, lowp_dot_precision="lowp-operands")
-LOWP_MANY_SPLITS = dataclasses.replace(MANY_SPLITS, lowp_dot_precision="lowp-operands")
+# the default's bf16/fp16 dot operands (lowp_dot_precision="lowp-operands") against fp32 tiles at tf32 precision
+assert DEFAULT.lowp_dot_precision == "lowp-operands"
+TF32_LARGE = dataclasses.replace(LARGE_BLOCKS, lowp_dot_precision="tf32")
+TF32_MANY_SPLITS = dataclasses.replace(MANY_SPLITS, lowp_dot_precision="tf32")
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +125,7 @@ def test_fp32_matches_float64_reference(B, H, W, C, scale, gate, config, device)
     check(inputs, (H, W), C // 32)
 
 
-@pytest.mark.parametrize("config", [DEFAULT, MANY_SPLITS, LOWP_MANY_SPLITS], indirect=True)
+@pytest.mark.parametrize("config", [DEFAULT, MANY_SPLITS, TF32_MANY_SPLITS], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_gate_matches_reference(dtype, config, device):
     """gate_silu=True: g is the pre-activation and SiLU(g) gates; g is scaled so that SiLU's negative side
@@ -135,7 +136,7 @@ def test_silu_gate_matches_reference(dtype, config, device):
     check(inputs, (H, W), C // 32, gate_silu=True)
 
 
-@pytest.mark.parametrize("config", [LARGE_BLOCKS, LOWP_LARGE], indirect=True)
+@pytest.mark.parametrize("config", [LARGE_BLOCKS, TF32_LARGE], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("param_dtype", ["fp32", "same"])
 def test_low_precision_matches_reference_rule(dtype, param_dtype, config, device):
@@ -147,10 +148,10 @@ def test_low_precision_matches_reference_rule(dtype, param_dtype, config, device
 # (B, H, W, C, qk scale, gate, config) for bf16/fp16 dot operands: the many-splits partial sums, |qk| ~ 30
 # (phi's exp branch, small normalisers), no gate, a grid wider than one block
 LOWP_CASES = [
-    pytest.param(2, 5, 9, 64, 3.0, True, LOWP_MANY_SPLITS, id="B2-5x9-C64-many-splits"),
-    pytest.param(1, 14, 14, 128, 30.0, True, LOWP_LARGE, id="14x14-C128-scale30"),
-    pytest.param(1, 1, 33, 64, 1.0, False, LOWP_MANY_SPLITS, id="1x33-C64-nogate"),
-    pytest.param(1, 32, 32, 64, 30.0, True, LOWP_LARGE, id="32x32-C64-scale30"),
+    pytest.param(2, 5, 9, 64, 3.0, True, MANY_SPLITS, id="B2-5x9-C64-many-splits"),
+    pytest.param(1, 14, 14, 128, 30.0, True, LARGE_BLOCKS, id="14x14-C128-scale30"),
+    pytest.param(1, 1, 33, 64, 1.0, False, MANY_SPLITS, id="1x33-C64-nogate"),
+    pytest.param(1, 32, 32, 64, 30.0, True, LARGE_BLOCKS, id="32x32-C64-scale30"),
 ]
 
 
@@ -161,17 +162,17 @@ def test_lowp_operands_match_reference_rule(dtype, B, H, W, C, scale, gate, conf
     check(inputs, (H, W), C // 32)
 
 
-@pytest.mark.parametrize("config", [LOWP_MANY_SPLITS], indirect=True)
+@pytest.mark.parametrize("config", [MANY_SPLITS], indirect=True)
 def test_lowp_operands_leave_fp32_unchanged(config, device, monkeypatch):
-    """lowp_dot_precision applies to bf16/fp16 activations only: fp32 results are bitwise those of the default."""
+    """lowp_dot_precision applies to bf16/fp16 activations only: fp32 results are bitwise those of "tf32"."""
     inputs = make_inputs(2, 5, 7, 64, device, scale=3.0)
     dy = torch.randn(2, 35, 64, device=device)
     y1, g1 = run(la.linear_attention, inputs, (5, 7), 2, dy)
-    monkeypatch.setattr(la, "CONFIG", MANY_SPLITS)
+    monkeypatch.setattr(la, "CONFIG", TF32_MANY_SPLITS)
     y2, g2 = run(la.linear_attention, inputs, (5, 7), 2, dy)
     assert torch.equal(y1, y2)
     for name in g1:
-        assert torch.equal(g1[name], g2[name]), f"d{name} differs from the default configuration's"
+        assert torch.equal(g1[name], g2[name]), f"d{name} differs from the tf32 configuration's"
 
 
 @pytest.mark.parametrize("config", [LARGE_BLOCKS], indirect=True)
