@@ -7,12 +7,10 @@ Two ops, each mirroring its reference in ``reference/ops.py`` argument for argum
   C channels, so the LayerNorm is a row reduction in registers.
 * ``dwconv_silu(x, weight, bias, hw)`` returns ``SiLU(dwconv3x3(x))``.
 
-Layout: tokens ``(B, N, C)`` with ``N = H * W`` row-major over the grid. Every kernel walks row tiles:
-a tile is TW tokens of one grid row (all C channels, or for the channel-independent kernels a block of
-channels), and a program walks down a contiguous run of them keeping the 3x3 neighbourhood of the
-current row in registers (rows y - 1, y and y + 1, each also shifted a column either way), so a step
-loads only row y + 1 and each input is read from memory about once. Inputs may be views whose token and
-batch strides are arbitrary as long as channels are contiguous.
+Layout: tokens ``(B, N, C)`` with ``N = H * W`` row-major over the grid; a program owns a ``TH x TW``
+tile of grid positions (and, for the channel-independent kernels, a block of channels), so the
+3x3 neighbourhood of a tile is mostly its own tokens and the rest sits in L2. Inputs may be views
+whose token and batch strides are arbitrary as long as channels are contiguous.
 
 Backward (``g`` is the gradient with respect to the convolution's output, ``w`` the 3x3 taps):
 
@@ -25,8 +23,10 @@ Backward (``g`` is the gradient with respect to the convolution's output, ``w`` 
 
 A first kernel computes ``g`` per tile (stored in the activation dtype, as PyTorch's own
 backward does) together with per-program fp32 partials of the parameter gradients; a second
-kernel applies the transposed stencil to ``g``. In the first, the nine window tiles give both the
-recomputed ``r`` (or SiLU's pre-activation) and the weight gradient's products. The partials are summed
+kernel applies the transposed stencil to ``g``. The cpe one walks down the grid one row of TW
+tokens at a time and keeps x's 3x3 neighbourhood of the current row in registers (rows y - 1, y
+and y + 1, each also shifted a column either way): a step loads only row y + 1, and the same nine
+tiles give both the recomputed ``r`` and the weight gradient's products. The partials are summed
 over programs by one small kernel per backward (``reduce_partials``) in a fixed order, so the
 results are deterministic (no atomics). Accumulation is fp32 throughout.
 """
@@ -44,16 +44,10 @@ from ..reference.ops import check_tokens
 
 CHANNEL_MULTIPLE = 32
 MAX_NORM_CHANNELS = 4096
-# The forward stencils (cpe + norm, depthwise conv + SiLU, and the backward's transposed stencils) walk rows like
-# the backward kernels: STENCIL_FWD_TILE_ELEMENTS (tokens x channels) per row tile, STENCIL_FWD_PROGRAMS_PER_SM
-# programs per SM over all channel blocks (PARTIAL_PROGRAMS in the interpreter).
-STENCIL_FWD_TILE_ELEMENTS = 1024
-STENCIL_FWD_PROGRAMS_PER_SM = 8
-# Elements (tokens x channels) of one program's tile of the backward kernels. Measured on an H200 (the
-# stencil kernels' GPU time in a MLLA-UNet-T training step, 224², batch 48, bf16): 512 -> 8.8 ms, 2048 -> 27 ms
-# (then with square tiles, the forward kernels included). Smaller tiles mean fewer warps per program (the
-# backward kernels hold ~4 elements per thread), so a program's LayerNorm row sums and barriers span fewer
-# warps and more programs fit on an SM at once.
+# Elements (tokens x channels) of one program's tile. Measured on an H200 (the stencil kernels' GPU time in
+# a MLLA-UNet-T training step, 224², batch 48, bf16): 512 -> 8.8 ms, 2048 -> 27 ms. Smaller tiles mean
+# fewer warps per program (the backward kernels hold ~4 elements per thread), so a program's LayerNorm
+# row sums and barriers span fewer warps and more programs fit on an SM at once.
 TILE_ELEMENTS = 512
 PARTIAL_PROGRAMS = 1024
 # The cpe backward's programs each walk a run of grid rows: CPE_BWD_PROGRAMS_PER_SM programs per SM on a GPU
@@ -86,6 +80,42 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_tokens(tile, n_tiles_w, H, W, TH: tl.constexpr, TW: tl.constexpr):
+    """Grid rows, columns and in-grid mask of the tokens of tile number ``tile`` (row-major)."""
+    o_t = tl.arange(0, TH * TW)
+    row = (tile // n_tiles_w) * TH + o_t // TW
+    col = (tile % n_tiles_w) * TW + o_t % TW
+    return row, col, (row < H) & (col < W)
+
+
+@triton.jit
+def _stencil3x3(p_src, stride_n, p_w, row, col, m_t, o_c, m_c, H, W,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, TRANSPOSE: tl.constexpr, RESIDUAL: tl.constexpr):
+    """sum over the 3x3 taps of w[c, tap] * src[neighbour, c] in fp32, zero padding. [BLOCK_T, BLOCK_C]
+
+    TRANSPOSE takes the neighbour at ``-tap`` (the adjoint of the forward stencil); RESIDUAL adds
+    ``src`` itself (the centre tap's weight plus one).
+    """
+    b_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for di in tl.static_range(3):
+        for dj in tl.static_range(3):
+            if TRANSPOSE:
+                r = row + (1 - di)
+                c = col + (1 - dj)
+            else:
+                r = row + (di - 1)
+                c = col + (dj - 1)
+            m_n = m_t & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+            b_w = tl.load(p_w + o_c * 9 + (di * 3 + dj), mask=m_c, other=0.0).to(tl.float32)  # [BLOCK_C]
+            if di * 3 + dj == 4:
+                b_w += 1.0 * RESIDUAL
+            o_n = (r * W + c).to(tl.int64) * stride_n
+            b_s = tl.load(p_src + o_n[:, None] + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
+            b_acc += b_s.to(tl.float32) * b_w[None, :]
+    return b_acc
 
 
 @triton.jit
@@ -124,6 +154,32 @@ def _masked_load(p, m, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _cpe_residual_norm_fwd_kernel(
+    x, cpe_w, cpe_b, norm_w, norm_b, r, h,
+    H, W, C, n_tiles_w, sx_b, sx_n, so_b, so_n, eps,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    i_t, i_b = tl.program_id(0), tl.program_id(1)
+    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    m = m_t[:, None] & m_c[None, :]
+
+    b_r = _stencil3x3(x + i_b.to(tl.int64) * sx_b, sx_n, cpe_w, row, col, m_t, o_c, m_c, H, W,
+                      TH * TW, BLOCK_C, False, True)
+    b_r += tl.load(cpe_b + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    # h is the LayerNorm of r as stored, which is also what the backward recomputes it from.
+    b_r = b_r.to(r.dtype.element_ty)
+    o_out = i_b.to(tl.int64) * so_b + (row * W + col).to(tl.int64)[:, None] * so_n + o_c[None, :]
+    tl.store(r + o_out, b_r, mask=m)
+
+    b_xhat, _ = _normalize(b_r.to(tl.float32), m_c, 1.0 / C, eps)
+    b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_beta = tl.load(norm_b + o_c, mask=m_c, other=0.0).to(tl.float32)
+    tl.store(h + o_out, (b_xhat * b_gamma[None, :] + b_beta[None, :]).to(h.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _reduce_partials_kernel(
     part, n_rows, s_row, out0, out1, out2, out3, end0, end1, end2, end3, scale,
     BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr,
@@ -149,7 +205,7 @@ def _reduce_partials_kernel(
 @triton.jit
 def _tap_weights(p_w, o_c, m_c, RESIDUAL: tl.constexpr):
     """The nine 3x3 taps of the depthwise weight (C, 9), each [BLOCK_C] in fp32 (tap k = 3 * di + dj);
-    RESIDUAL adds one to the centre tap (the stencil then includes x itself)."""
+    RESIDUAL adds one to the centre tap, as ``_stencil3x3`` does."""
     w0 = tl.load(p_w + o_c * 9 + 0, mask=m_c, other=0.0).to(tl.float32)
     w1 = tl.load(p_w + o_c * 9 + 1, mask=m_c, other=0.0).to(tl.float32)
     w2 = tl.load(p_w + o_c * 9 + 2, mask=m_c, other=0.0).to(tl.float32)
@@ -204,8 +260,8 @@ def _walk_refill(x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW: tl.conste
 
 @triton.jit
 def _window_stencil(x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2, w0, w1, w2, w3, w4, w5, w6, w7, w8):
-    """sum over the 3x3 taps of w[tap] * x[p + tap] from the window's nine tiles, taps in order 0..8 (the
-    forward's and the backward's recomputation's order, so both round alike). [TW, BLOCK_C]"""
+    """sum over the 3x3 taps of w[tap] * x[p + tap] from the window's nine tiles, in the forward's tap order
+    (``_stencil3x3``'s, so the recomputation rounds like the forward). [TW, BLOCK_C]"""
     b = tl.zeros_like(x_v1)
     b += x_u0 * w0[None, :]
     b += x_u1 * w1[None, :]
@@ -233,78 +289,6 @@ def _window_taps(a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g,
     a7 += b_g * x_d1
     a8 += b_g * x_d2
     return a0, a1, a2, a3, a4, a5, a6, a7, a8
-
-
-@triton.jit
-def _stencil_walk_kernel(
-    x, w, bias, norm_w, norm_b, y, h,
-    H, W, C, n_tiles_w, n_rows, sx_b, sx_n, so_b, so_n, eps,
-    TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
-    TRANSPOSE: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    NORM: tl.constexpr,
-):
-    """y = the depthwise 3x3 stencil of x over channel block program_id(1), then in this order: plus x
-    (RESIDUAL), plus the bias (HAS_BIAS), SiLU (SILU); with NORM (all C channels in one block) also
-    h = LayerNorm(y as stored). TRANSPOSE takes the adjoint stencil (x[p - tap] instead of x[p + tap]).
-
-    The tiles walk like ``_cpe_residual_norm_bwd_kernel``'s: a tile is TW tokens of one grid row, numbered
-    strip by strip, each program walks a contiguous run of them with x's 3x3 neighbourhood in registers
-    and loads only row y + 1's three column shifts at each step, so x is read from memory about once
-    (a 2-D tile would gather its nine taps from L1 for every output).
-    """
-    i_p, i_c, n_p = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
-    start, end = _run_bounds(i_p, n_p, n_rows)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_c = (tl.arange(0, BLOCK_C) < BLOCK_C) if EVEN_C else (o_c < C)  # all true at compile time when EVEN_C
-    MASKED: tl.constexpr = not (EVEN_C and EVEN_W)  # some tiles reach past the grid's last column or C
-    w0, w1, w2, w3, w4, w5, w6, w7, w8 = _tap_weights(w, o_c, m_c, RESIDUAL)
-    if HAS_BIAS:
-        b_bias = tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)
-    if NORM:
-        b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
-        b_beta = tl.load(norm_b + o_c, mask=m_c, other=0.0).to(tl.float32)
-    zero = tl.zeros([TW, BLOCK_C], dtype=tl.float32)
-    x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = zero, zero, zero, zero, zero, zero  # rows y - 1 and y
-    i_s = start // H  # strip
-    yy = start - i_s * H
-    i_b = i_s * 0
-    col = tl.arange(0, TW)
-    for i in range(start, end):
-        if (i == start) | (yy == H):  # a run's first tile, or the first of a new strip: refill the window
-            i_s, yy, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
-                x, sx_b, sx_n, i_s, yy, n_tiles_w, o_c, m_c, H, W, TW)
-        i_b64 = i_b.to(tl.int64)
-        x_d0, x_d1, x_d2 = _row_neighbours(x + i_b64 * sx_b, sx_n, yy + 1, col, o_c, m_c, H, W)
-        if TRANSPOSE:  # tap k reads x[p - tap k]: the window's tiles in reverse
-            b_y = _window_stencil(x_d2, x_d1, x_d0, x_v2, x_v1, x_v0, x_u2, x_u1, x_u0,
-                                  w0, w1, w2, w3, w4, w5, w6, w7, w8)
-        else:
-            b_y = _window_stencil(x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2,
-                                  w0, w1, w2, w3, w4, w5, w6, w7, w8)
-        if HAS_BIAS:
-            b_y += b_bias[None, :]
-        if SILU:
-            b_y = b_y * tl.sigmoid(b_y)
-        b_y = b_y.to(y.dtype.element_ty)
-        m = (col < W)[:, None] & m_c[None, :]
-        o_out = i_b64 * so_b + (yy * W).to(tl.int64) * so_n + (col * so_n)[:, None] + o_c[None, :]
-        if MASKED:
-            tl.store(y + o_out, b_y, mask=m)
-        else:
-            tl.store(y + o_out, b_y)
-        if NORM:  # h is the LayerNorm of y as stored, which is also what the backward recomputes it from
-            b_r = b_y.to(tl.float32)
-            if MASKED:
-                b_r = tl.where(m, b_r, 0.0)
-            b_xhat, _ = _normalize(b_r, m_c, 1.0 / C, eps)
-            b_h = (b_xhat * b_gamma[None, :] + b_beta[None, :]).to(h.dtype.element_ty)
-            if MASKED:
-                tl.store(h + o_out, b_h, mask=m)
-            else:
-                tl.store(h + o_out, b_h)
-        x_u0, x_u1, x_u2 = x_v0, x_v1, x_v2
-        x_v0, x_v1, x_v2 = x_d0, x_d1, x_d2
-        yy += 1
 
 
 @triton.jit
@@ -395,6 +379,25 @@ def _cpe_residual_norm_bwd_kernel(
 
 
 @triton.jit
+def _dwconv_silu_fwd_kernel(
+    x, w, bias, y,
+    H, W, C, n_tiles_w, sx_b, sx_n, sy_b, sy_n,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+
+    b_pre = _stencil3x3(x + i_b.to(tl.int64) * sx_b, sx_n, w, row, col, m_t, o_c, m_c, H, W,
+                        TH * TW, BLOCK_C, False, False)
+    b_pre += tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    b_y = b_pre * tl.sigmoid(b_pre)
+    o_y = i_b.to(tl.int64) * sy_b + (row * W + col).to(tl.int64)[:, None] * sy_n + o_c[None, :]
+    tl.store(y + o_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+
+
+@triton.jit
 def _dwconv_param_grad_kernel(
     x, w, bias, dy, g, dw_part, db_part,
     H, W, C, n_tiles_w, n_rows,
@@ -466,6 +469,23 @@ def _dwconv_param_grad_kernel(
     tl.store(db_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_db, 0), mask=m_c)
 
 
+@triton.jit
+def _dwconv_transpose_kernel(
+    g, w, dx,
+    H, W, C, n_tiles_w, sg_b, sg_n, sdx_b, sdx_n,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, RESIDUAL: tl.constexpr,
+):
+    """dx = transposed 3x3 stencil of g (plus g itself when RESIDUAL)."""
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_dx = _stencil3x3(g + i_b.to(tl.int64) * sg_b, sg_n, w, row, col, m_t, o_c, m_c, H, W,
+                       TH * TW, BLOCK_C, True, RESIDUAL)
+    o_dx = i_b.to(tl.int64) * sdx_b + (row * W + col).to(tl.int64)[:, None] * sdx_n + o_c[None, :]
+    tl.store(dx + o_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch geometry, checks and allocation
 # ----------------------------------------------------------------------------------------------
@@ -474,6 +494,15 @@ def _dwconv_param_grad_kernel(
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Every output and work buffer of this module is allocated here (the tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tile_shape(H: int, W: int, tokens: int) -> tuple[int, int]:
+    """A TH x TW tile of about ``tokens`` grid positions (powers of two), near square, not wider than the grid."""
+    tw = 1 << math.ceil(math.log2(tokens) / 2)
+    tw = min(tw, triton.next_power_of_2(W))
+    th = min(tokens // tw, triton.next_power_of_2(H))
+    tw = min(tokens // th, triton.next_power_of_2(W))
+    return th, tw
 
 
 def _channel_block(C: int) -> int:
@@ -547,10 +576,9 @@ def _check_like(name: str, t: Tensor | None, like: Tensor) -> None:
         )
 
 
-def _row_tiles(B: int, H: int, W: int, block_c: int, elements: int = TILE_ELEMENTS) -> tuple[int, int, int]:
-    """Row tiles of the row-walking kernels, about ``elements`` (tokens x block_c channels) each: (TW tokens
-    per tile, tiles per grid row, row tiles in all)."""
-    tw = min(max(1, elements // block_c), triton.next_power_of_2(W))
+def _row_tiles(B: int, H: int, W: int, block_c: int) -> tuple[int, int, int]:
+    """Row tiles of the row-walking kernels: (TW tokens per tile, tiles per grid row, row tiles in all)."""
+    tw = min(max(1, TILE_ELEMENTS // block_c), triton.next_power_of_2(W))
     n_tiles_w = triton.cdiv(W, tw)
     return tw, n_tiles_w, B * n_tiles_w * H
 
@@ -609,43 +637,41 @@ def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dty
     return tensors
 
 
-def _stencil_fwd(x: Tensor, weight: Tensor, hw: tuple[int, int], *, bias: Tensor | None = None,
-                 norm: tuple[Tensor, Tensor, float] | None = None, transpose: bool = False, residual: bool = False,
-                 silu: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Launch ``_stencil_walk_kernel`` on token-major x (B, N, C) with contiguous (C, 9) weight taps:
-    returns (y, h) (B, N, C) contiguous in x's dtype, h = LayerNorm(y) with norm = (weight, bias, eps), else
-    None."""
-    H, W = hw
-    B, N, C = x.shape
-    y = _empty((B, N, C), x.dtype, x.device)
-    h = _empty((B, N, C), x.dtype, x.device) if norm is not None else y
-    block_c = triton.next_power_of_2(C) if norm is not None else _channel_block(C)
-    n_cblocks = triton.cdiv(C, block_c)
-    tw, n_tiles_w, n_rows = _row_tiles(B, H, W, block_c, STENCIL_FWD_TILE_ELEMENTS)
-    n_progs = _row_walk_programs(n_rows, x.device, STENCIL_FWD_PROGRAMS_PER_SM, n_cblocks)
-    norm_w, norm_b, eps = norm if norm is not None else (weight, weight, 0.0)
-    _stencil_walk_kernel[(n_progs, n_cblocks)](
-        x, weight, weight if bias is None else bias, norm_w, norm_b, y, h,
-        H, W, C, n_tiles_w, n_rows, x.stride(0), x.stride(1), N * C, C, eps,
-        TW=tw, BLOCK_C=block_c, EVEN_C=C % block_c == 0, EVEN_W=W % tw == 0, TRANSPOSE=transpose,
-        RESIDUAL=residual, HAS_BIAS=bias is not None, SILU=silu, NORM=norm is not None,
-        num_warps=_num_warps(tw * block_c),
-    )
-    return y, (h if norm is not None else None)
-
-
 def cpe_residual_norm_fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
                           hw: tuple[int, int], eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """Launch the forward of ``cpe_residual_norm``: x (B, N, C) -> r, h, both (B, N, C) contiguous in x's dtype."""
     H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
                                                      "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
-    return _stencil_fwd(_tokens_major(x), cpe_weight.contiguous(), (H, W), bias=cpe_bias.contiguous(),
-                        norm=(norm_weight.contiguous(), norm_bias.contiguous(), eps), residual=True)
+    x = _tokens_major(x)
+    B, N, C = x.shape
+    r = _empty((B, N, C), x.dtype, x.device)
+    h = _empty((B, N, C), x.dtype, x.device)
+    block_c = triton.next_power_of_2(C)
+    th, tw = _tile_shape(H, W, max(1, TILE_ELEMENTS // block_c))
+    n_tiles_w = triton.cdiv(W, tw)
+    grid = (triton.cdiv(H, th) * n_tiles_w, B)
+    _cpe_residual_norm_fwd_kernel[grid](
+        x, cpe_weight.contiguous(), cpe_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), r, h,
+        H, W, C, n_tiles_w, x.stride(0), x.stride(1), N * C, C, eps,
+        TH=th, TW=tw, BLOCK_C=block_c, num_warps=_num_warps(th * tw * block_c),
+    )
+    return r, h
 
 
 def _dwconv_transpose(g: Tensor, weight: Tensor, hw: tuple[int, int], residual: bool) -> Tensor:
     """dx (B, N, C) = transposed depthwise stencil of the contiguous g (B, N, C), plus g when residual."""
-    return _stencil_fwd(g, weight, hw, transpose=True, residual=residual)[0]
+    H, W = hw
+    B, N, C = g.shape
+    dx = _empty((B, N, C), g.dtype, g.device)
+    block_c = _channel_block(C)
+    th, tw = _tile_shape(H, W, TILE_ELEMENTS // block_c)
+    n_tiles_w = triton.cdiv(W, tw)
+    grid = (triton.cdiv(H, th) * n_tiles_w, C // block_c, B)
+    _dwconv_transpose_kernel[grid](
+        g, weight, dx, H, W, C, n_tiles_w, N * C, C, N * C, C,
+        TH=th, TW=tw, BLOCK_C=block_c, RESIDUAL=residual, num_warps=_num_warps(th * tw * block_c),
+    )
+    return dx
 
 
 def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_weight: Tensor,
@@ -692,7 +718,18 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_w
 def dwconv_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int]) -> Tensor:
     """Launch the forward of ``dwconv_silu``: x (B, N, C) -> (B, N, C) contiguous in x's dtype."""
     H, W = _check_stencil_inputs(x, hw, weight, {"bias": bias})
-    return _stencil_fwd(_tokens_major(x), weight.contiguous(), (H, W), bias=bias.contiguous(), silu=True)[0]
+    x = _tokens_major(x)
+    B, N, C = x.shape
+    y = _empty((B, N, C), x.dtype, x.device)
+    block_c = _channel_block(C)
+    th, tw = _tile_shape(H, W, TILE_ELEMENTS // block_c)
+    n_tiles_w = triton.cdiv(W, tw)
+    grid = (triton.cdiv(H, th) * n_tiles_w, C // block_c, B)
+    _dwconv_silu_fwd_kernel[grid](
+        x, weight.contiguous(), bias.contiguous(), y, H, W, C, n_tiles_w, x.stride(0), x.stride(1), N * C, C,
+        TH=th, TW=tw, BLOCK_C=block_c, num_warps=_num_warps(th * tw * block_c),
+    )
+    return y
 
 
 def _param_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int],

@@ -112,7 +112,6 @@ def test_strided_views(op, device):
 def test_many_tiles_per_program(op, device, monkeypatch):
     """Small tiles and few partial programs: each program loops over several tiles, some past the end."""
     monkeypatch.setattr(dwconv, "TILE_ELEMENTS", 512)
-    monkeypatch.setattr(dwconv, "STENCIL_FWD_TILE_ELEMENTS", 256)
     monkeypatch.setattr(dwconv, "PARTIAL_PROGRAMS", 3)
     B, H, W, C = 2, 11, 10, 64
     inputs = leaves(make_inputs(op, B, H, W, C, device))
@@ -123,9 +122,9 @@ def test_many_tiles_per_program(op, device, monkeypatch):
                          ids=lambda s: "B{}_{}x{}_C{}".format(*s))
 @pytest.mark.parametrize("used", ["both", "r", "h"])
 def test_cpe_residual_norm_backward_walks_rows(used, shape, device, monkeypatch):
-    """Few programs (forward and backward), so each walks many grid rows, carrying x's neighbourhood from row
-    to row and refilling it where its run starts mid-strip and where it enters the next strip (column block
-    or sample); channels short of a power of two or not, grids a multiple of the tile width or not."""
+    """Few backward programs, so each walks many grid rows, carrying x's neighbourhood from row to row and
+    refilling it where its run starts mid-strip and where it enters the next strip (column block or
+    sample); channels short of a power of two or not, grids a multiple of the tile width or not."""
     monkeypatch.setattr(dwconv, "PARTIAL_PROGRAMS", 5)
     B, H, W, C = shape
     inputs = leaves(make_inputs("cpe_residual_norm", B, H, W, C, device))
