@@ -706,9 +706,12 @@ def _setup_context(ctx, inputs, output):
     _, kv, ksum = output
     ctx.save_for_backward(qk, v, g, lepe_weight, lepe_bias, kv, ksum)
     ctx.grid = (H, W, num_heads, gate_silu)
+    ctx.set_materialize_grads(False)  # kv and ksum take no gradient: no zero-filled tensors for them
 
 
 def _backward(ctx, dy, _dkv, _dksum):
+    if dy is None:  # the output took no gradient
+        return None, None, None, None, None, None, None, None, None
     qk, v, g, lepe_weight, lepe_bias, kv, ksum = ctx.saved_tensors
     dqk, dv, dg, dw, db = linear_attention_bwd_op(dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, *ctx.grid)
     return dqk, dv, (dg if g is not None else None), dw, db, None, None, None, None

@@ -28,7 +28,7 @@ largest activation of each op is read once and never rewritten.
 
 Each Triton op is a pair of ``torch.library`` custom ops (forward and backward, with fake
 implementations, so ``torch.compile`` traces around them) called from a ``torch.autograd.Function``.
-The 1x1 convolutions are GEMMs on tokens (``F.linear`` with the (out, in) view of the weight) and
+The 1x1 convolutions are GEMMs on tokens (``mlla_fast.linear`` on the (out, in) view of the weight) and
 BatchNorm is ``F.batch_norm`` on the (B*N, C) token matrix, neither with a permute.
 """
 
@@ -43,6 +43,7 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from ..backend import fused_supported, multiprocessors
+from ..linear import linear
 from ..reference.ops import check_tokens
 from ..reference.sampling import TokenSampler
 
@@ -865,9 +866,9 @@ def patch_merging(
     _check_param(reduce_weight, (C_out, E, 1, 1), "reduce_weight", x)
     _check_param(reduce_bias, (C_out,), "reduce_bias", x)
     _check_batch_norm(bn, C_out)
-    h = F.linear(x, expand_weight.view(E, C), expand_bias)
+    h = linear(x, expand_weight.view(E, C), expand_bias)
     h = DWConvStride2ReLUFunction.apply(h, dw_weight, dw_bias, H, W, True)
-    h = F.linear(h, reduce_weight.view(C_out, E), reduce_bias)
+    h = linear(h, reduce_weight.view(C_out, E), reduce_bias)
     return _batch_norm_tokens(h, bn)
 
 
@@ -914,9 +915,9 @@ def patch_expand(
     _check_param(norm_weight, (C_out,), "norm_weight", x)
     _check_param(norm_bias, (C_out,), "norm_bias", x)
     _check_batch_norm(bn, C_out)
-    h = F.linear(x, expand_weight.view(E, C), expand_bias)
+    h = linear(x, expand_weight.view(E, C), expand_bias)
     h = DWConvTranspose2xFunction.apply(h, dwt_weight, H, W, True)
-    h = _batch_norm_tokens(F.linear(h, reduce_weight.view(C_out, E), reduce_bias), bn)
+    h = _batch_norm_tokens(linear(h, reduce_weight.view(C_out, E), reduce_bias), bn)
     return F.layer_norm(h, (C_out,), norm_weight, norm_bias, eps)
 
 
@@ -938,7 +939,7 @@ def final_expand(x: Tensor, hw: tuple[int, int], expand_weight: Tensor, norm_wei
     _check_param(expand_weight, (16 * C, C), "expand_weight", x)
     _check_param(norm_weight, (C,), "norm_weight", x)
     _check_param(norm_bias, (C,), "norm_bias", x)
-    return PixelShuffle4LayerNormFunction.apply(F.linear(x, expand_weight), norm_weight, norm_bias, H, W, float(eps))
+    return PixelShuffle4LayerNormFunction.apply(linear(x, expand_weight), norm_weight, norm_bias, H, W, float(eps))
 
 
 def _shape(t) -> str:

@@ -11,7 +11,6 @@ from .linear import linear
 from .mlp import chunked_mlp, chunked_mlp_supported, mlp_is_random, triton_mlp, triton_mlp_supported
 from .reference.block import MLLABlock as ReferenceMLLABlock
 from .reference.block import resolve_grid
-from .reference.ops import drop_path
 
 
 class MLLABlock(ReferenceMLLABlock):
@@ -57,13 +56,15 @@ class MLLABlock(ReferenceMLLABlock):
         )
         gate_value_weight = torch.cat([self.act_proj.weight, self.in_proj.weight])
         gv = linear(h, gate_value_weight, torch.cat([self.act_proj.bias, self.in_proj.bias]))
-        v = dwconv_silu(gv[..., C:], self.dwc.weight, self.dwc.bias, hw)
+        # one split (its backward is one concatenation of the two gradients; two slices would cost two zero
+        # fills, two copies and an add of (B, N, 2C) tensors)
+        g, u = gv.split(C, dim=-1)
+        v = dwconv_silu(u, self.dwc.weight, self.dwc.bias, hw)
         qk = linear(v, self.attn.qk.weight, self.attn.qk.bias)
         a = linear_attention(  # the gate's SiLU is applied (and differentiated) inside the attention kernels
-            qk, v, gv[..., :C], self.attn.lepe.weight, self.attn.lepe.bias, hw, self.num_heads,
-            gate_silu=True,
+            qk, v, g, self.attn.lepe.weight, self.attn.lepe.bias, hw, self.num_heads, gate_silu=True,
         )
-        x = r + drop_path(linear(a, self.out_proj.weight, self.out_proj.bias), self.drop_path_prob, self.training)
+        x = add_drop_path(r, linear(a, self.out_proj.weight, self.out_proj.bias), self.drop_path_prob, self.training)
         r, h = cpe_residual_norm(
             x, self.cpe2.weight, self.cpe2.bias, self.norm2.weight, self.norm2.bias, hw, self.norm2.eps
         )
@@ -86,4 +87,13 @@ class MLLABlock(ReferenceMLLABlock):
             mlp_out = checkpoint(self.mlp, h, use_reentrant=False, preserve_rng_state=mlp_is_random(self.mlp))
         else:
             mlp_out = self.mlp(h)
-        return r + drop_path(mlp_out, self.drop_path_prob, self.training)
+        return add_drop_path(r, mlp_out, self.drop_path_prob, self.training)
+
+
+def add_drop_path(r: Tensor, y: Tensor, p: float, training: bool) -> Tensor:
+    """``r + drop_path(y, p, training)`` with the reference's random draw (the same mask for the same RNG
+    state) and one multiply-add kernel, ``r + y * keep / (1 - p)`` rounded once, instead of three."""
+    if p == 0.0 or not training:
+        return r + y
+    keep = y.new_empty((y.shape[0],) + (1,) * (y.dim() - 1)).bernoulli_(1.0 - p)
+    return torch.addcmul(r, y, keep, value=1.0 / (1.0 - p))

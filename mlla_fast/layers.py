@@ -7,10 +7,10 @@ token-major Triton kernel of ``mlla_fast.kernels.sampling`` named ``kernel`` whe
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import check_backend, use_fused
+from .linear import linear
 from .reference import sampling as ref
 from .reference.unet import ConcatLinear as ReferenceConcatLinear
 
@@ -73,4 +73,4 @@ class ConcatLinear(ReferenceConcatLinear):
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         C = x.shape[-1]
-        return F.linear(x, self.weight[:, :C], self.bias) + F.linear(skip, self.weight[:, C:])
+        return linear(x, self.weight[:, :C], self.bias) + linear(skip, self.weight[:, C:])

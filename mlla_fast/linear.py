@@ -48,10 +48,19 @@ class _Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = (dy2 @ wc).to(ctx.x_dtype).reshape(*dy.shape[:-1], wc.shape[1])
         if ctx.needs_input_grad[1]:
-            dw = (dy2.t() @ xc.reshape(-1, xc.shape[-1])).to(ctx.weight_dtype)
+            dw = matmul_to(dy2.t(), xc.reshape(-1, xc.shape[-1]), ctx.weight_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             db = bias_grad(dy2, ctx.bias_dtype)
         return dx, dw, db
+
+
+def matmul_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(a @ b).to(dtype)`` for 2-D a, b: where cuBLAS can write fp32 straight from bf16/fp16 operands (CUDA,
+    ``out_dtype``), a weight gradient's fp32 result comes out of the GEMM itself, without the rounding to
+    a's dtype and the cast kernel after it."""
+    if dtype == torch.float32 and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).to(dtype)
 
 
 def bias_grad(dy: Tensor, dtype: torch.dtype) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import bias_grad, compute_dtype
+from .linear import bias_grad, compute_dtype, matmul_to
 
 # Hidden elements per chunk: 128 MiB in bf16. With chunks of 2^24, a 512² block's fwd+bwd (batch 2, bf16)
 # took 11.4 ms on an H200 against 9.75 ms with one unchunked recompute; larger chunks mean fewer, larger
@@ -46,36 +46,44 @@ class _ChunkedMLP(torch.autograd.Function):
             for s, e in _chunks(x.shape[0], w1.shape[0]):
                 hidden = F.gelu(F.linear(x[s:e].to(dtype), w1c, b1c), approximate=approximate)
                 torch.addmm(b2c, hidden, w2c.t(), out=out[s:e])
-        ctx.save_for_backward(h, w1, b1, w2)
+        # the weights as the GEMMs took them (for fp32 weights under autocast: bf16/fp16 copies, a few KB)
+        ctx.save_for_backward(h, w1c, b1c, w2c)
         ctx.dtype, ctx.approximate = dtype, approximate
+        ctx.param_dtypes = (w1.dtype, b1.dtype, w2.dtype, b2.dtype)
         return out.reshape(*h.shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        h, w1, b1, w2 = ctx.saved_tensors
+        h, w1c, b1c, w2c = ctx.saved_tensors
         dtype, approximate = ctx.dtype, ctx.approximate
-        w1c, b1c, w2c = (t.to(dtype) for t in (w1, b1, w2))
+        w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.param_dtypes
         x = h.reshape(-1, h.shape[-1])
         dy = dout.reshape(-1, dout.shape[-1])
         dx = torch.empty_like(x)
-        acc = torch.promote_types(w1.dtype, torch.float32)  # weight gradients summed over chunks in fp32 (or fp64)
-        dw1 = torch.zeros(w1.shape, dtype=acc, device=h.device)
-        dw2 = torch.zeros(w2.shape, dtype=acc, device=h.device)
-        db2 = bias_grad(dy, w2.dtype)  # over all tokens at once: fc2's output gradient is dy itself
-        db1 = None
-        for s, e in _chunks(x.shape[0], w1.shape[0]):
+        acc = torch.promote_types(w1_dtype, torch.float32)  # weight gradients summed over chunks in fp32 (or fp64)
+        dw1 = dw2 = db1 = None
+        db2 = bias_grad(dy, b2_dtype)  # over all tokens at once: fc2's output gradient is dy itself
+        for s, e in _chunks(x.shape[0], w1c.shape[0]):
             xc, dyc = x[s:e].to(dtype), dy[s:e].to(dtype)
             pre = F.linear(xc, w1c, b1c)
-            dw2 += (dyc.t() @ F.gelu(pre, approximate=approximate)).to(acc)
+            dw2_chunk = matmul_to(dyc.t(), F.gelu(pre, approximate=approximate), acc)
             dpre = torch.ops.aten.gelu_backward(dyc @ w2c, pre, approximate=approximate)
             del pre
-            dw1 += (dpre.t() @ xc).to(acc)
+            dw1_chunk = matmul_to(dpre.t(), xc, acc)
             db1_chunk = bias_grad(dpre, acc)
-            db1 = db1_chunk if db1 is None else db1 + db1_chunk
-            dx[s:e] = dpre @ w1c
-        if db1 is None:
-            db1 = torch.zeros(b1.shape, dtype=acc, device=h.device)
-        return dx.reshape(h.shape), dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2, None
+            if dw1 is None:
+                dw1, dw2, db1 = dw1_chunk, dw2_chunk, db1_chunk
+            else:
+                dw1, dw2, db1 = dw1 + dw1_chunk, dw2 + dw2_chunk, db1 + db1_chunk
+            if dx.dtype == dpre.dtype:
+                torch.mm(dpre, w1c, out=dx[s:e])
+            else:
+                dx[s:e] = dpre @ w1c
+        if dw1 is None:  # no tokens
+            dw1 = torch.zeros(w1c.shape, dtype=acc, device=h.device)
+            dw2 = torch.zeros(w2c.shape, dtype=acc, device=h.device)
+            db1 = torch.zeros(b1c.shape, dtype=acc, device=h.device)
+        return dx.reshape(h.shape), dw1.to(w1_dtype), db1.to(b1_dtype), dw2.to(w2_dtype), db2, None
 
 
 def mlp_is_random(mlp: nn.Module) -> bool:
