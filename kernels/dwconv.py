@@ -48,6 +48,10 @@ MAX_NORM_CHANNELS = 4096
 # a MLLA-UNet-T training step, 224², batch 48, bf16): 512 -> 8.8 ms, 2048 -> 27 ms. Smaller tiles mean
 # fewer warps per program (the backward kernels hold ~4 elements per thread), so a program's LayerNorm
 # row sums and barriers span fewer warps and more programs fit on an SM at once.
+# The forward tiles are bound by L1 (Nsight Compute at 2x1024², C=64, H200: 84-92% L1 throughput, 27-35% DRAM;
+# nine gathered taps per output). Row walks like the backward kernels' (commit 8919a4e, reverted) cut that
+# traffic but were no faster: the forward stencils' GPU time at 2x1024² 2.45-2.89 ms over nine launch settings
+# against 2.33 ms (benchmarks/results/nvidia-h200/2026-11-27-session6).
 TILE_ELEMENTS = 512
 PARTIAL_PROGRAMS = 1024
 # The cpe backward's programs each walk a run of grid rows: CPE_BWD_PROGRAMS_PER_SM programs per SM on a GPU
