@@ -526,8 +526,11 @@ def _bwd_num_warps(elements: int) -> int:
 
 
 def _tokens_major(t: Tensor) -> Tensor:
-    """t itself when its channels are contiguous (any token and batch strides), else a contiguous copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """t itself when its channels are contiguous and its token offsets fit in int32 (any batch stride), else a
+    contiguous copy: the row-walking kernels form a token's column offset col * token_stride in int32."""
+    if t.stride(-1) == 1 and t.shape[1] * t.stride(1) < 2**31:
+        return t
+    return t.contiguous()
 
 
 def _check_grid(hw: tuple[int, int]) -> tuple[int, int]:

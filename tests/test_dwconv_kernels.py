@@ -108,6 +108,17 @@ def test_strided_views(op, device):
     check_fp32(op, inputs, (H, W), grad_outs)
 
 
+def test_huge_token_strides_are_copied():
+    """A view whose token offsets pass int32 (the row-walking kernels' column offsets are int32) is made
+    contiguous; ordinary strided views are read in place."""
+    huge = torch.empty_strided((2, 16, 8), (16 * 2**28, 2**28, 1), device="meta")
+    assert dwconv._tokens_major(huge).stride() == (128, 8, 1)
+    wide = torch.empty_strided((2, 16, 8), (16 * 24, 24, 1), device="meta")
+    assert dwconv._tokens_major(wide) is wide
+    channels_strided = torch.empty_strided((2, 16, 8), (128, 1, 16), device="meta")
+    assert dwconv._tokens_major(channels_strided).stride() == (128, 8, 1)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_many_tiles_per_program(op, device, monkeypatch):
     """Small tiles and few partial programs: each program loops over several tiles, some past the end."""
