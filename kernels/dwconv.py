@@ -525,10 +525,11 @@ def _bwd_num_warps(elements: int) -> int:
     return max(1, min(16, elements // 128))
 
 
-def _tokens_major(t: Tensor) -> Tensor:
-    """t itself when its channels are contiguous and its token offsets fit in int32 (any batch stride), else a
-    contiguous copy: the row-walking kernels form a token's column offset col * token_stride in int32."""
-    if t.stride(-1) == 1 and t.shape[1] * t.stride(1) < 2**31:
+def _tokens_major(t: Tensor, walk_width: int | None = None) -> Tensor:
+    """t itself when its channels are contiguous (any token and batch strides), else a contiguous copy. For
+    the row-walking kernels, which form a token's column offset col * token_stride in int32, pass the grid
+    width: a view whose offsets within a grid row pass int32 is copied too."""
+    if t.stride(-1) == 1 and (walk_width is None or walk_width * t.stride(1) < 2**31):
         return t
     return t.contiguous()
 
@@ -694,9 +695,9 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_w
                                                      "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
     for name, t in (("dr", dr), ("dh", dh)):
         _check_like(name, t, x)
-    x = _tokens_major(x)
-    dr = None if dr is None else _tokens_major(dr)
-    dh = None if dh is None else _tokens_major(dh)
+    x = _tokens_major(x, W)
+    dr = None if dr is None else _tokens_major(dr, W)
+    dh = None if dh is None else _tokens_major(dh, W)
     B, N, C = x.shape
     weight = cpe_weight.contiguous()
 
@@ -772,7 +773,7 @@ def dwconv_silu_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
     """
     H, W = _check_stencil_inputs(x, hw, weight, {"bias": bias})
     _check_like("dy", dy, x)
-    x, dy = _tokens_major(x), _tokens_major(dy)
+    x, dy = _tokens_major(x, W), _tokens_major(dy, W)
     C = x.shape[-1]
     weight_c = weight.contiguous()
     g, dw, db = _param_grads(dy, x, weight_c, bias.contiguous(), (H, W), silu=True)
@@ -784,9 +785,9 @@ def depthwise_param_grads(g: Tensor, x: Tensor, hw: tuple[int, int]) -> tuple[Te
     """Weight and bias gradients (C, 9) and (C,), fp32, of a depthwise 3x3 convolution (zero padding 1) of
     the tokens x (B, N, C) whose output gradient is g (B, N, C): ``dw[c, tap] = sum_p g[p, c] x[p + tap, c]``,
     ``db[c] = sum_p g[p, c]``. Channels of x and g must be contiguous (token and batch strides free)."""
-    C = x.shape[-1]
-    x = _tokens_major(x)
-    _, dw, db = _param_grads(_tokens_major(g), x, x, x, hw, silu=False)  # weight, bias: unused without SiLU
+    C, W = x.shape[-1], hw[1]
+    x = _tokens_major(x, W)
+    _, dw, db = _param_grads(_tokens_major(g, W), x, x, x, hw, silu=False)  # weight, bias: unused without SiLU
     return dw.view(C, TAPS), db
 
 

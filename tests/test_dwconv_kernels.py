@@ -109,12 +109,15 @@ def test_strided_views(op, device):
 
 
 def test_huge_token_strides_are_copied():
-    """A view whose token offsets pass int32 (the row-walking kernels' column offsets are int32) is made
-    contiguous; ordinary strided views are read in place."""
+    """For the row-walking kernels (int32 column offsets), a view whose offsets within a grid row pass int32
+    is made contiguous; other strided views are read in place, and the forward kernels (int64 offsets) read
+    any channel-contiguous view in place."""
     huge = torch.empty_strided((2, 16, 8), (16 * 2**28, 2**28, 1), device="meta")
-    assert dwconv._tokens_major(huge).stride() == (128, 8, 1)
+    assert dwconv._tokens_major(huge, 8).stride() == (128, 8, 1)
+    assert dwconv._tokens_major(huge, 4) is huge  # 4 columns of 2^28: offsets within a row fit in int32
+    assert dwconv._tokens_major(huge) is huge
     wide = torch.empty_strided((2, 16, 8), (16 * 24, 24, 1), device="meta")
-    assert dwconv._tokens_major(wide) is wide
+    assert dwconv._tokens_major(wide, 16) is wide
     channels_strided = torch.empty_strided((2, 16, 8), (128, 1, 16), device="meta")
     assert dwconv._tokens_major(channels_strided).stride() == (128, 8, 1)
 
