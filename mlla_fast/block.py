@@ -11,6 +11,7 @@ from .linear import linear
 from .mlp import chunked_mlp, chunked_mlp_supported, mlp_is_random, triton_mlp, triton_mlp_supported
 from .reference.block import MLLABlock as ReferenceMLLABlock
 from .reference.block import resolve_grid
+from .reference.ops import drop_path_mask
 
 
 class MLLABlock(ReferenceMLLABlock):
@@ -91,9 +92,8 @@ class MLLABlock(ReferenceMLLABlock):
 
 
 def add_drop_path(r: Tensor, y: Tensor, p: float, training: bool) -> Tensor:
-    """``r + drop_path(y, p, training)`` with the reference's random draw (the same mask for the same RNG
-    state) and one multiply-add kernel, ``r + y * keep / (1 - p)`` rounded once, instead of three."""
+    """``r + drop_path(y, p, training)`` with the reference's mask (``drop_path_mask``: the same mask for the
+    same RNG state) and one multiply-add kernel, ``r + y * keep / (1 - p)`` rounded once, instead of three."""
     if p == 0.0 or not training:
         return r + y
-    keep = y.new_empty((y.shape[0],) + (1,) * (y.dim() - 1)).bernoulli_(1.0 - p)
-    return torch.addcmul(r, y, keep, value=1.0 / (1.0 - p))
+    return torch.addcmul(r, y, drop_path_mask(y, p), value=1.0 / (1.0 - p))

@@ -253,12 +253,17 @@ def final_expand_ref(
     return pixel_shuffle4_layernorm_ref(F.linear(x, expand_weight), hw, norm_weight, norm_bias, eps)
 
 
+def drop_path_mask(x: Tensor, p: float) -> Tensor:
+    """Stochastic depth's per-sample keep mask (B, 1, ..., 1) of x: 1 with probability 1 - p, else 0, in x's
+    dtype and on its device (one bernoulli_ draw, so its RNG use is the same wherever it is called)."""
+    return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+
+
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole samples with probability p and rescale the rest by 1/(1-p)."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
+    return x * drop_path_mask(x, p) / (1.0 - p)
 
 
 def trunc_normal_init(module: torch.nn.Module) -> None:
