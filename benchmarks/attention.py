@@ -146,6 +146,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-checks", action="store_true", help="skip the check-only cases, which run after the "
                                                                   "timed cases (those are always checked)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="override fields of the kernels' CONFIG for this run, e.g. trig=reduced")
     parser.add_argument("--seed", type=int, default=0)
     add_output_argument(parser)
     return parser.parse_args(argv)
@@ -464,7 +466,7 @@ def resource_usage(C: int, arch: int, all_configs: bool, log: Log) -> int:
                 block_n, warps = knob[f"{prefix}_block_n"], knob[f"{prefix}_warps"]
                 consts = {"C": C, "NUM_HEADS": C // 32, "HAS_GATE": True, "BLOCK_N": block_n, "EPS": 1e-6,
                           **la._dot_args(torch.float32 if dtype_name == "fp32" else torch.bfloat16),
-                          "SPLIT_PAIRS": la.CONFIG.pair_loads == "split", "TRIG_TABLE": la.CONFIG.trig == "table",
+                          "SPLIT_PAIRS": la.CONFIG.pair_loads == "split", "TRIG": la.CONFIG.trig,
                           "GATE_GRAD": False, "GATE_SILU": False}
                 consts = {k: v for k, v in consts.items() if k in fn.arg_names}
                 signature, attrs = {}, {}
@@ -572,6 +574,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("No CUDA device: run this on a GPU, or pass --cpu-smoke for a tiny interpreter run.")
         return 2
     la = kernels()
+    try:
+        la.CONFIG = la.CONFIG.with_overrides(args.config)
+    except ValueError as exc:
+        print(f"--config: {exc}")
+        return 2
     smoke = args.cpu_smoke
     timed = args.cases or (SMOKE_TIMED if smoke else GPU_TIMED)
     compile_backend = "aot_eager" if smoke else "inductor"

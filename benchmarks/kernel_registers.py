@@ -18,13 +18,13 @@ kernels, hence ``blocks_per_split``) is taken as --sms.
     python benchmarks/kernel_registers.py                       # C=64, 2 x 1024^2, bf16 and fp32, gated
     python benchmarks/kernel_registers.py --dtype bf16 --hw 512 512 --no-gate
     python benchmarks/kernel_registers.py --config lowp_dot_precision=lowp-operands   # a CONFIG override
+    python benchmarks/kernel_registers.py --sass      # plus static SASS instruction counts per opcode group
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import os
 import re
@@ -96,18 +96,37 @@ def ptxas_usage(log: str) -> dict[str, int]:
             "spill_ld": field(r"(\d+) bytes spill loads"), "stack": field(r"(\d+) bytes stack frame")}
 
 
-def config_override(overrides: list[str]):
-    """``linear_attention.CONFIG`` with the FIELD=VALUE overrides applied (values converted to the field's type)."""
-    from mlla_fast.kernels import linear_attention as la
+# SASS opcode groups counted by --sass (prefix match on the opcode)
+SASS_GROUPS = {
+    "int": ("IMAD", "IADD3", "LEA", "ISETP", "SEL", "LOP3", "SHF", "IABS", "PRMT"),
+    "fp": ("FADD", "FMUL", "FFMA", "FSETP", "FSEL", "FMNMX", "MUFU", "F2F", "F2FP", "HFMA2", "HADD2", "HMUL2"),
+    "mma": ("HMMA", "HGMMA", "IMMA"),
+    "ldg": ("LDG",),
+    "stg": ("STG",),
+    "shared": ("LDS", "STS", "LDSM", "STSM"),
+    "bar": ("BAR",),
+}
 
-    types = {field.name: type(getattr(la.CONFIG, field.name)) for field in dataclasses.fields(la.CONFIG)}
-    changes = {}
-    for override in overrides:
-        name, sep, value = override.partition("=")
-        if not sep or name not in types:
-            raise SystemExit(f"--config: expected FIELD=VALUE with FIELD one of {sorted(types)}, got {override!r}")
-        changes[name] = types[name](value)
-    return dataclasses.replace(la.CONFIG, **changes)
+
+def sass_counts(cubin: bytes) -> dict[str, int]:
+    """Static SASS instruction counts of a cubin (Triton's bundled cuobjdump): the total and per SASS_GROUPS.
+    Static counts, not executed ones: a loop body counts once."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    opcodes = [op for op in opcodes if op != "NOP"]
+    counts = {"sass": len(opcodes)}
+    for group, prefixes in SASS_GROUPS.items():
+        counts[group] = sum(1 for op in opcodes if op.startswith(prefixes))
+    return counts
 
 
 def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bool, sms: int, config=None):
@@ -156,6 +175,8 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     parser.add_argument("--sms", type=int, default=132, help="SM count assumed by the launchers' token splits")
     parser.add_argument("--all", action="store_true", help="also the dwconv kernels the attention launches")
+    parser.add_argument("--sass", action="store_true",
+                        help="also count SASS instructions (static, per opcode group) with the bundled cuobjdump")
     parser.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="override fields of linear_attention.CONFIG, e.g. lowp_dot_precision=lowp-operands")
     args = parser.parse_args()
@@ -164,13 +185,19 @@ def main() -> int:
         return 2
     import triton
 
-    config = config_override(args.config)
+    from mlla_fast.kernels import linear_attention as la
+
+    try:
+        config = la.CONFIG.with_overrides(args.config)
+    except ValueError as exc:
+        raise SystemExit(f"--config: {exc}") from exc
     print(f"Triton {triton.__version__}, sm_{args.arch}a, C={args.channels}, B={args.batch}, grid "
           f"{args.hw[0]}x{args.hw[1]}, {'no gate' if args.no_gate else 'gated'}, {args.sms} SMs "
           "(offline compilation; GPU builds with another Triton may differ)")
     print(f"config: {', '.join(args.config) if args.config else 'default'}")
     print(f"{'dtype':5s} {'kernel':28s} {'variant':12s} {'block':>5s} {'warps':>5s} {'regs':>4s} "
-          f"{'spill st/ld':>11s} {'stack':>5s} {'shared':>7s}")
+          f"{'spill st/ld':>11s} {'stack':>5s} {'shared':>7s}"
+          + ("".join(f" {k:>6s}" for k in ("sass", *SASS_GROUPS)) if args.sass else ""))
     seen = set()
     for dtype_name in args.dtype:
         launches = attention_launches(args.batch, *args.hw, args.channels, dtype_name, not args.no_gate, args.sms,
@@ -189,7 +216,8 @@ def main() -> int:
             block = kwargs.get("BLOCK_N", "")
             print(f"{dtype_name:5s} {name:28s} {variant:12s} {block!s:>5s} {compiled.metadata.num_warps:5d} "
                   f"{usage['regs']:4d} {usage['spill_st']:5d}/{usage['spill_ld']:<5d} {usage['stack']:5d} "
-                  f"{compiled.metadata.shared:7d}")
+                  f"{compiled.metadata.shared:7d}"
+                  + ("".join(f" {n:6d}" for n in sass_counts(compiled.asm["cubin"]).values()) if args.sass else ""))
     return 0
 
 

@@ -24,6 +24,7 @@ recomputed. The derivation is in ``kernels/README.md``.
 
 import dataclasses
 import functools
+import math
 
 import torch
 import triton
@@ -42,7 +43,14 @@ MAX_TOKENS = 2**31 - 1 - 4096  # token indices (and their stencil neighbours) ar
 # RoPE angles reach thousands of radians: compiled kernels call libdevice's cosf/sinf (full range reduction)
 # explicitly; the interpreter has no libdevice and evaluates tl.cos/tl.sin with numpy.
 _LIBDEVICE_TRIG = tl.constexpr(not interpreter_enabled())
+INV_TWO_PI = tl.constexpr(0.15915494309189535)
+# 2 pi = TWO_PI_1 + TWO_PI_2 + TWO_PI_3, the first two with 8 significant bits: turns * each is exact below 2^16
+TWO_PI_1 = tl.constexpr(201 / 32)
+TWO_PI_2 = tl.constexpr(507 / 2**18)
+TWO_PI_3 = tl.constexpr(2 * math.pi - 201 / 32 - 507 / 2**18)
+REDUCED_TRIG_MAX_POSITION = 400_000  # trig="reduced" up to this grid side (2^16 turns = 411,774 rad); "compute" past it
 LOWP_DOT_PRECISIONS = ("tf32", "ieee", "lowp-operands")
+TRIG_MODES = ("compute", "reduced", "table")
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -59,8 +67,11 @@ class LinearAttentionConfig:
     fp32 path meets the 1e-5 rule. ``pair_loads``:
     "split" loads a head's 32 channels at once and splits the RoPE pairs in registers, "strided" loads
     the even and odd channels separately. ``trig``: "compute" evaluates cos/sin in the kernels from fp32
-    angles, "table" gathers them from a cached (max(H, W), C/4, 2) table computed in float64 (the
-    reference's own values) — slower on an H200 (fwd+bwd at 2x512²x64 bf16: 2.59 ms against 2.30 ms).
+    angles with libdevice's cosf/sinf, "reduced" (the default) reduces the fp32 angles to [-pi, pi] and
+    takes the hardware's approximate cos/sin there (absolute error about 5e-7; about a third of the
+    kernels' SASS instructions: libdevice's range reduction dominated them), "table" gathers them from a
+    cached (max(H, W), C/4, 2) table computed in float64 (the reference's own values) — slower on an H200
+    (fwd+bwd at 2x512²x64 bf16: 2.59 ms against 2.30 ms for "compute").
     The defaults are the best of ``benchmarks/attention.py --tune`` on an H200 (see its results), except the
     q-side backward's: 32 tokens and 2 warps took 1.75 ms against 2.18 ms for 64 tokens and 4 warps at 1024²
     (B=2, C=64, bf16, H200, session 5's sweep), its registers being the limit; and the dots' precision:
@@ -79,7 +90,7 @@ class LinearAttentionConfig:
     programs_per_sm: int = 4
     lowp_dot_precision: str = "lowp-operands"
     pair_loads: str = "split"
-    trig: str = "compute"
+    trig: str = "reduced"
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -91,8 +102,19 @@ class LinearAttentionConfig:
                              f"got {self.lowp_dot_precision!r}")
         if self.pair_loads not in ("split", "strided"):
             raise ValueError(f"pair_loads: expected 'split' or 'strided', got {self.pair_loads!r}")
-        if self.trig not in ("table", "compute"):
-            raise ValueError(f"trig: expected 'table' or 'compute', got {self.trig!r}")
+        if self.trig not in TRIG_MODES:
+            raise ValueError(f"trig: expected one of {TRIG_MODES}, got {self.trig!r}")
+
+    def with_overrides(self, overrides: list[str]) -> "LinearAttentionConfig":
+        """This configuration with FIELD=VALUE strings applied (values converted to the field's type)."""
+        types = {field.name: type(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        changes = {}
+        for override in overrides:
+            name, sep, value = override.partition("=")
+            if not sep or name not in types:
+                raise ValueError(f"expected FIELD=VALUE with FIELD one of {sorted(types)}, got {override!r}")
+            changes[name] = types[name](value)
+        return dataclasses.replace(self, **changes)
 
 
 CONFIG = LinearAttentionConfig()
@@ -120,17 +142,20 @@ def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C_QUARTER: tl.constexpr, TRIG_TABLE: tl.constexpr):
+def _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C_QUARTER: tl.constexpr, TRIG: tl.constexpr):
     """cos and sin [BN, 16] of the RoPE angles of head i_h's 16 pairs at grid rows/columns [BN] (int32).
 
     Global pair j < C/4 turns by row * theta_j, pair j >= C/4 by col * theta_(j - C/4).
-    TRIG_TABLE: p_trig is the (max(H, W), C/4, 2) fp32 table of cos/sin(pos * theta_j) (a few hundred KB,
+    TRIG "table": p_trig is the (max(H, W), C/4, 2) fp32 table of cos/sin(pos * theta_j) (a few hundred KB,
     L2-resident), gathered (positions clamped to n_pos - 1: padding tokens past the grid read a valid
-    row); otherwise p_trig holds theta_j (C/2,) and the angle is one fp32 product.
+    row). Otherwise p_trig holds theta_j (C/2,) and the angle is one fp32 product, whose cos/sin are
+    "compute": libdevice's cosf/sinf (full range reduction, a few ulps); "reduced": the angle reduced to
+    [-pi, pi] by a three-constant Cody-Waite step (for angles below 2^16 turns) and the hardware's
+    approximate sin/cos there (absolute error about 5e-7), one reduction for both and no slow path.
     """
     o_j = i_h * 16 + tl.arange(0, 16)
     m_row = (o_j < C_QUARTER)[None, :]
-    if TRIG_TABLE:
+    if TRIG == "table":
         o_jj = tl.where(o_j < C_QUARTER, o_j, o_j - C_QUARTER)
         b_pos = tl.minimum(tl.where(m_row, b_row[:, None], b_col[:, None]), n_pos - 1)
         p = p_trig + (b_pos * C_QUARTER + o_jj[None, :]) * 2
@@ -140,7 +165,18 @@ def _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C_QUARTER: tl.constexpr, TRI
         b_theta = tl.load(p_trig + o_j)
         b_pos = tl.where(m_row, b_row.to(tl.float32)[:, None], b_col.to(tl.float32)[:, None])
         b_angle = b_pos * b_theta[None, :]
-        if _LIBDEVICE_TRIG:
+        if TRIG == "reduced":
+            b_turns = tl.floor(b_angle * INV_TWO_PI + 0.5)
+            b_angle = b_angle - b_turns * TWO_PI_1  # exact, as is the next step
+            b_angle = b_angle - b_turns * TWO_PI_2
+            b_angle = b_angle - b_turns * TWO_PI_3
+            if _LIBDEVICE_TRIG:
+                b_cos = libdevice.fast_cosf(b_angle)
+                b_sin = libdevice.fast_sinf(b_angle)
+            else:
+                b_cos = tl.cos(b_angle)
+                b_sin = tl.sin(b_angle)
+        elif _LIBDEVICE_TRIG:
             b_cos = libdevice.cos(b_angle)
             b_sin = libdevice.sin(b_angle)
         else:
@@ -205,7 +241,7 @@ def _la_fwd_reduce_kernel(
     N, W, n_pos, blocks_per_split,
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_part,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
 ):
     """Partial sums over one token range of kv = sum_m k~_m v_m^T and sum_m phi(k_m), per (batch, head).
 
@@ -237,7 +273,7 @@ def _la_fwd_reduce_kernel(
         # phi(0) = 1: padding tokens must not count in sum phi(k)
         b_ka = tl.where(m_n[:, None], b_ka, 0.0)
         b_kb = tl.where(m_n[:, None], b_kb, 0.0)
-        b_cos, b_sin = _rope_cos_sin(o_n // W, o_n % W, p_trig, n_pos, i_h, C // 4, TRIG_TABLE)
+        b_cos, b_sin = _rope_cos_sin(o_n // W, o_n % W, p_trig, n_pos, i_h, C // 4, TRIG)
         b_kra = b_ka * b_cos - b_kb * b_sin  # [BN, 16]
         b_krb = b_ka * b_sin + b_kb * b_cos
         b_v = tl.load(p_vh + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
@@ -256,13 +292,13 @@ def _la_fwd_reduce_kernel(
 @triton.jit
 def _attention_numerator(p_qk, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
                          C_QUARTER: tl.constexpr, EPS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr):
     """Recompute q's features at tokens o_n: returns phi(q) halves, their ELU' halves, q~ halves,
     cos, sin [BN, 16], the numerator q~ . kv [BN, 32] and the normaliser z [BN]."""
     b_qa, b_qb = _load_pairs(p_qk, o_n.to(tl.int64) * s_qk_n, m_n, SPLIT_PAIRS)
     b_qa, b_dqa = _phi(b_qa)
     b_qb, b_dqb = _phi(b_qb)
-    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C_QUARTER, TRIG_TABLE)
+    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C_QUARTER, TRIG)
     b_qra = b_qa * b_cos - b_qb * b_sin
     b_qrb = b_qa * b_sin + b_qb * b_cos
     b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
@@ -277,11 +313,30 @@ def _attention_numerator(p_qk, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, 
 
 
 @triton.jit
-def _neighbour(o_n, b_row, b_col, m_n, H, W, DI: tl.constexpr, DJ: tl.constexpr):
-    """Token index [BN] of the grid neighbour (row + DI, col + DJ) of tokens o_n at (b_row, b_col), and
-    whether it exists (zero padding outside the grid)."""
-    m = m_n & (b_row >= -DI) & (b_row < H - DI) & (b_col >= -DJ) & (b_col < W - DJ)
-    return o_n + DI * W + DJ, m
+def _stencil_masks(b_row, b_col, m_n, H, W):
+    """Per token [BN] at (b_row, b_col): whether the grid row above / below and the column left / right exist
+    (zero padding outside the grid), the row masks including m_n. A tap's mask is one row mask & one column
+    mask (_stencil_tap)."""
+    return m_n & (b_row >= 1), m_n & (b_row < H - 1), b_col >= 1, b_col < W - 1
+
+
+@triton.jit
+def _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_n, s_row, DI: tl.constexpr, DJ: tl.constexpr):
+    """The grid neighbour (row + DI, col + DJ) of every token of a block: its mask [BN] (the precomputed row and
+    column masks combined) and the scalar element offset (DI * W + DJ) * s_n of its rows from the tokens' own
+    rows (s_row = W * s_n, int64), to add to the block's pointer tile: the neighbour of token n is n + DI * W + DJ
+    wherever it exists. Where it does not, the lane is masked and its pointer (possibly outside the tensor) is
+    never dereferenced."""
+    m = m_n
+    if DI < 0:
+        m = m_up
+    if DI > 0:
+        m = m_down
+    if DJ < 0:
+        m = m & m_left
+    if DJ > 0:
+        m = m & m_right
+    return m, DI * s_row + DJ * s_n
 
 
 @triton.jit
@@ -291,7 +346,7 @@ def _la_fwd_out_kernel(
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
-    TRIG_TABLE: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr,
+    TRIG: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr,
 ):
     """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads).
 
@@ -312,14 +367,20 @@ def _la_fwd_out_kernel(
 
     _, _, _, _, _, _, _, _, b_num, b_z = _attention_numerator(
         p_qk + i_b * s_qk_b + i_h * 32, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
-        C // 4, EPS, DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG_TABLE)
-    b_o = b_num * b_z[:, None] + tl.load(p_bias + o_c).to(tl.float32)[None, :]
-    p_vh = p_v + i_b * s_v_b + i_h * 32
-    for k in tl.static_range(9):
-        o_nb, m_nb = _neighbour(o_n, b_row, b_col, m_n, H, W, k // 3 - 1, k % 3 - 1)
-        b_vn = tl.load(p_vh + o_nb.to(tl.int64)[:, None] * s_v_n + o_d[None, :], mask=m_nb[:, None], other=0.0)
-        b_o += b_vn.to(tl.float32) * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
+        C // 4, EPS, DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG)
+    # the LePE sums its taps in the loads' layout and meets the dot's output once (adding each tap to the dot's
+    # accumulator would convert every tap's product to the MMA layout through shared memory)
+    # one pointer tile of the tokens' own rows; each tap adds a scalar offset and combines precomputed masks
     o_n64 = o_n.to(tl.int64)
+    p_vt = p_v + i_b * s_v_b + i_h * 32 + o_n64[:, None] * s_v_n + o_d[None, :]
+    s_v_row = tl.cast(W, tl.int64) * s_v_n
+    m_up, m_down, m_left, m_right = _stencil_masks(b_row, b_col, m_n, H, W)
+    b_lepe = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
+    for k in tl.static_range(9):
+        m_nb, o_nb = _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_v_n, s_v_row, k // 3 - 1, k % 3 - 1)
+        b_vn = tl.load(p_vt + o_nb, mask=m_nb[:, None], other=0.0)
+        b_lepe += b_vn.to(tl.float32) * tl.load(p_w + k * C + o_c).to(tl.float32)[None, :]
+    b_o = b_num * b_z[:, None] + (b_lepe + tl.load(p_bias + o_c).to(tl.float32)[None, :])
     p_yt = p_y + i_b * N * C + o_n64[:, None] * C + o_c[None, :]
     if HAS_GATE:
         p_gt = p_g + i_b * s_g_b + o_n64[:, None] * s_g_n + o_c[None, :]
@@ -346,7 +407,7 @@ def _la_bwd_q_kernel(
     N, W, n_pos, blocks_per_split,
     s_qk_b, s_qk_n, s_do_b, s_do_n, s_part,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, EPS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
 ):
     """The q side of the backward, which needs only the forward's state and the gated output gradient do:
     per token dq (first half of dqk); per program partial sums over its token range of
@@ -377,7 +438,7 @@ def _la_bwd_q_kernel(
         o_n64 = o_n.to(tl.int64)
         b_qa, b_qb, _, _, b_qra, b_qrb, b_cos, b_sin, b_num, b_z = _attention_numerator(
             p_q, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, o_n // W, o_n % W, m_n, i_bh, i_h, C // 4, EPS,
-            DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG_TABLE)
+            DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG)
         b_do = tl.load(p_dob + o_n64[:, None] * s_do_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
 
         b_u = -b_z * b_z * tl.sum(b_num * b_do, axis=1)  # [BN]
@@ -417,7 +478,7 @@ def _la_bwd_kv_kernel(
     N, H, W, n_pos, inv_n,
     s_qk_b, s_qk_n, s_v_b, s_v_n, s_do_b, s_do_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG_TABLE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
 ):
     """The k/v side of the backward for one block of tokens and one (batch, head): dk (second half of dqk)
     through k~ and mean phi(k), and dv through kv plus the transposed LePE stencil of do (the gated output
@@ -440,7 +501,7 @@ def _la_bwd_kv_kernel(
     b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n, SPLIT_PAIRS)
     b_ka, b_eka = _phi(b_ka)
     b_kb, b_ekb = _phi(b_kb)
-    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C // 4, TRIG_TABLE)
+    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C // 4, TRIG)
     b_v = tl.load(p_v + i_b * s_v_b + i_h * 32 + o_n64[:, None] * s_v_n + o_d[None, :], mask=m_n[:, None],
                   other=0.0).to(tl.float32)
     b_dkv_a, b_dkv_b = _load_state(p_dkv, i_bh)
@@ -459,23 +520,27 @@ def _la_bwd_kv_kernel(
     b_krb = b_ka * b_sin + b_kb * b_cos
     b_dv = _dot(b_kra, b_dkv_a, None, DOT_DTYPE, DOT_PRECISION)
     b_dv = _dot(b_krb, b_dkv_b, b_dv, DOT_DTYPE, DOT_PRECISION) * inv_n  # [BN, 32]
+    p_dot = p_dob + o_n64[:, None] * s_do_n + o_d[None, :]
+    s_do_row = tl.cast(W, tl.int64) * s_do_n
+    m_up, m_down, m_left, m_right = _stencil_masks(b_row, b_col, m_n, H, W)
+    b_lepe = tl.zeros([BLOCK_N, 32], dtype=tl.float32)  # in the loads' layout, as in the forward
     for k in tl.static_range(9):
-        o_src, m_src = _neighbour(o_n, b_row, b_col, m_n, H, W, 1 - k // 3, 1 - k % 3)
-        b_do_src = tl.load(p_dob + o_src.to(tl.int64)[:, None] * s_do_n + o_d[None, :], mask=m_src[:, None],
-                           other=0.0)
-        b_dv += b_do_src.to(tl.float32) * tl.load(p_w + o_c * 9 + k).to(tl.float32)[None, :]
+        m_src, o_src = _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_do_n, s_do_row, 1 - k // 3, 1 - k % 3)
+        b_do_src = tl.load(p_dot + o_src, mask=m_src[:, None], other=0.0)
+        b_lepe += b_do_src.to(tl.float32) * tl.load(p_w + k * C + o_c).to(tl.float32)[None, :]
+    b_dv += b_lepe
     tl.store(p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :], b_dv.to(p_dv.dtype.element_ty),
              mask=m_n[:, None])
 
 
 @triton.jit
 def _rope_table_kernel(p_trig, p_out, N, W, n_pos, C: tl.constexpr, BLOCK_N: tl.constexpr,
-                       TRIG_TABLE: tl.constexpr):
+                       TRIG: tl.constexpr):
     """The cos/sin the kernels use, written as a (N, C/2, 2) table. Grid (blocks, heads)."""
     i_h = tl.program_id(1)
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
-    b_cos, b_sin = _rope_cos_sin(o_n // W, o_n % W, p_trig, n_pos, i_h, C // 4, TRIG_TABLE)
+    b_cos, b_sin = _rope_cos_sin(o_n // W, o_n % W, p_trig, n_pos, i_h, C // 4, TRIG)
     o_j = i_h * 16 + tl.arange(0, 16)
     p = p_out + o_n.to(tl.int64)[:, None] * C + 2 * o_j[None, :]
     tl.store(p, b_cos, mask=m_n[:, None])
@@ -515,12 +580,14 @@ def _trig_table(n_pos: int, C: int, device: torch.device) -> Tensor:
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float().to(device)
 
 
-def _trig_args(H: int, W: int, C: int, device: torch.device) -> tuple[Tensor, int, bool]:
-    """(pointer tensor, table length, TRIG_TABLE) for the kernels' ``_rope_cos_sin``."""
+def _trig_args(H: int, W: int, C: int, device: torch.device) -> tuple[Tensor, int, str]:
+    """(pointer tensor, table length, TRIG) for the kernels' ``_rope_cos_sin``."""
     if CONFIG.trig == "table":
         n_pos = max(H, W)
-        return _trig_table(n_pos, C, device), n_pos, True
-    return _pair_frequencies(C, device), 1, False
+        return _trig_table(n_pos, C, device), n_pos, CONFIG.trig
+    # "reduced" is exact only below 2^16 turns (angles up to max(H, W) - 1 rad, theta_0 being 1)
+    mode = "compute" if CONFIG.trig == "reduced" and max(H, W) > REDUCED_TRIG_MAX_POSITION else CONFIG.trig
+    return _pair_frequencies(C, device), 1, mode
 
 
 def _state_partials(n_split: int, bh: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -540,6 +607,11 @@ def _splits(n_tokens: int, block_n: int, columns: int, device: torch.device) -> 
     """(number of splits, blocks per split) for kernels that loop over token blocks: about
     programs_per_sm * SMs programs in all, fixed for a shape and device (so results are reproducible)."""
     return block_runs(triton.cdiv(n_tokens, block_n), CONFIG.programs_per_sm * multiprocessors(device) // columns)
+
+
+def _taps_major(lepe_weight: Tensor) -> Tensor:
+    """The (C, 1, 3, 3) LePE weight as a contiguous (9, C): each tap's C weights are one vector load."""
+    return lepe_weight.reshape(lepe_weight.shape[0], 9).t().contiguous()
 
 
 def _token_major(x: Tensor) -> Tensor:
@@ -576,7 +648,7 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
     B, N, C = v.shape
     bh = B * num_heads
     device = v.device
-    trig, n_pos, trig_table = _trig_args(H, W, C, device)
+    trig, n_pos, trig_mode = _trig_args(H, W, C, device)
     dot_args = _dot_args(v.dtype)
     split_pairs = CONFIG.pair_loads == "split"
 
@@ -586,7 +658,7 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
     _la_fwd_reduce_kernel[(n_split, bh)](
         qk, v, trig, kv_part, ksum_part, N, W, n_pos, per_split,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), part.stride(0),
-        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **dot_args, SPLIT_PAIRS=split_pairs, TRIG_TABLE=trig_table,
+        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **dot_args, SPLIT_PAIRS=split_pairs, TRIG=trig_mode,
         num_warps=CONFIG.fwd_reduce_warps,
     )
     kv, ksum = _sum_state_partials(part, bh, scale=1.0 / N)
@@ -601,16 +673,16 @@ def _launch_out_pass(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tenso
                      dy: Tensor | None = None, dg: Tensor | None = None) -> None:
     """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out."""
     B, N, C = v.shape
-    trig, n_pos, trig_table = _trig_args(H, W, C, v.device)
+    trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     g_arg, s_g_b, s_g_n = _gate_args(g, v)
     dy_arg = v if dy is None else dy
     block_n = CONFIG.fwd_out_block_n
     _la_fwd_out_kernel[(triton.cdiv(N, block_n), B * num_heads)](
-        qk, v, g_arg, lepe_weight.reshape(C, 9).contiguous(), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
+        qk, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
         out if dg is None else dg, N, H, W, n_pos, qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
         dy_arg.stride(0), dy_arg.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG_TABLE=trig_table,
+        **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
         GATE_GRAD=dg is not None, GATE_SILU=gate_silu, num_warps=CONFIG.fwd_out_warps,
     )
 
@@ -625,10 +697,10 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     B, N, C = v.shape
     bh = B * num_heads
     device = v.device
-    trig, n_pos, trig_table = _trig_args(H, W, C, device)
+    trig, n_pos, trig_mode = _trig_args(H, W, C, device)
     dot_args = _dot_args(v.dtype)
     split_pairs = CONFIG.pair_loads == "split"
-    weight = lepe_weight.reshape(C, 9).contiguous()
+    weight = _taps_major(lepe_weight)
 
     dqk = _empty((B, N, 2 * C), qk.dtype, device)
     dv = _empty((B, N, C), v.dtype, device)
@@ -647,7 +719,7 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
         qk, do, trig, kv, ksum, dqk, dkv_part, dksum_part, N, W, n_pos, per_split,
         qk.stride(0), qk.stride(1), do.stride(0), do.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        **dot_args, SPLIT_PAIRS=split_pairs, TRIG_TABLE=trig_table, num_warps=CONFIG.bwd_q_warps,
+        **dot_args, SPLIT_PAIRS=split_pairs, TRIG=trig_mode, num_warps=CONFIG.bwd_q_warps,
     )
     # the k/v kernel scales dKV and ds by 1/N; low-precision operands take them as means instead (dKV, a sum
     # over N tokens, can pass fp16's range where its mean does not)
@@ -664,7 +736,7 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
         qk, do, weight, v, trig, dkv, dksum, dqk, dv, N, H, W, n_pos, inv_n,
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **dot_args,
-        SPLIT_PAIRS=split_pairs, TRIG_TABLE=trig_table, num_warps=CONFIG.bwd_kv_warps,
+        SPLIT_PAIRS=split_pairs, TRIG=trig_mode, num_warps=CONFIG.bwd_kv_warps,
     )
     dw = dw.reshape(C, 1, 3, 3).to(lepe_weight.dtype)
     db = db.to(lepe_bias.dtype)
@@ -811,9 +883,9 @@ def rope_cos_sin(H: int, W: int, C: int, device: torch.device | str) -> Tensor:
     device = torch.device(device)
     out = _empty((H * W, C // 2, 2), torch.float32, device)
     block_n = 64
-    trig, n_pos, trig_table = _trig_args(H, W, C, device)
+    trig, n_pos, trig_mode = _trig_args(H, W, C, device)
     _rope_table_kernel[(triton.cdiv(H * W, block_n), C // HEAD_DIM)](
-        trig, out, H * W, W, n_pos, C=C, BLOCK_N=block_n, TRIG_TABLE=trig_table)
+        trig, out, H * W, W, n_pos, C=C, BLOCK_N=block_n, TRIG=trig_mode)
     return out.reshape(H, W, C // 2, 2)
 
 

@@ -35,6 +35,7 @@ LARGE_BLOCKS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=_LARGE, fwd_out_b
 MANY_SPLITS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=16, fwd_out_block_n=16, bwd_q_block_n=16,
                                   bwd_kv_block_n=16, programs_per_sm=64, pair_loads="strided", trig="compute")
 COMPUTED_TRIG = dataclasses.replace(DEFAULT, trig="compute")
+assert DEFAULT.trig == "reduced"
 TRIG_TABLE = dataclasses.replace(DEFAULT, trig="table")
 # the default's bf16/fp16 dot operands (lowp_dot_precision="lowp-operands") against fp32 tiles at tf32 precision
 assert DEFAULT.lowp_dot_precision == "lowp-operands"
@@ -113,6 +114,7 @@ FP32_CASES = [
     pytest.param(3, 7, 7, 32, 1.0, True, DEFAULT, id="B3-7x7-C32"),
     pytest.param(2, 13, 17, 96, 1.0, True, LARGE_BLOCKS, id="B2-13x17-C96"),
     pytest.param(2, 9, 7, 64, 3.0, True, TRIG_TABLE, id="B2-9x7-C64-trig-table"),
+    pytest.param(2, 9, 7, 64, 3.0, True, COMPUTED_TRIG, id="B2-9x7-C64-trig-compute"),
     pytest.param(1, 14, 14, 128, 30.0, True, LARGE_BLOCKS, id="14x14-C128-scale30"),
     pytest.param(1, 32, 32, 64, 30.0, True, LARGE_BLOCKS, id="32x32-C64-scale30"),
     pytest.param(2, 5, 9, 64, 3.0, True, MANY_SPLITS, id="B2-5x9-C64-many-splits"),
@@ -256,6 +258,32 @@ def test_rope_angles_accurate_at_large_grids(config, device):
         err = (out - exact).abs().max().item()
         assert err <= 3e-7, f"{H}x{W} C={C}: cos/sin error {err:.2e}"
         assert (out - rope_table(H, W, C, device=device).double()).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("config", [DEFAULT], indirect=True)
+def test_reduced_rope_angles_accurate_at_large_grids(config, device):
+    """trig="reduced" (the default): cos/sin of the float32 angles reduced to [-pi, pi], against float64 cos/sin
+    of the same angles: within the hardware approximation's 5e-7 (on a GPU; the interpreter evaluates the
+    reduced angle with numpy, so there this checks the reduction), up to angles of 300,000 rad."""
+    theta = rope_frequencies(64).float()
+    for H, W in ((2050, 3), (2, 2047), (1, 300_000)):
+        first = max(0, W - 5)  # the last five columns (the largest angles)
+        out = la.rope_cos_sin(H, W, 64, device)[:, first:].double()
+        rows, cols = torch.meshgrid(torch.arange(H), torch.arange(first, W), indexing="ij")
+        angles = torch.cat([rows[..., None] * theta, cols[..., None] * theta], dim=-1).double().to(device)
+        exact = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+        err = (out - exact).abs().max().item()
+        assert err <= 1e-6, f"{H}x{W}: cos/sin error {err:.2e}"
+
+
+@pytest.mark.parametrize("config", [DEFAULT], indirect=True)
+def test_reduced_rope_falls_back_past_its_range(config, device, monkeypatch):
+    """Past REDUCED_TRIG_MAX_POSITION the launchers take trig="compute" (the reduction is exact below 2^16
+    turns only)."""
+    monkeypatch.setattr(la, "REDUCED_TRIG_MAX_POSITION", 100)
+    assert la._trig_args(3, 100, 64, device)[2] == "reduced"
+    assert la._trig_args(3, 101, 64, device)[2] == "compute"
+    assert la._trig_args(101, 3, 64, device)[2] == "compute"
 
 
 @pytest.mark.parametrize("config", [LARGE_BLOCKS], indirect=True)
