@@ -100,15 +100,16 @@ TUNE_KNOBS: list[dict[str, Any]] = [
 ] + [
     {"pair_loads": v} for v in ("split", "strided")
 ] + [
-    {"trig": v} for v in ("table", "compute")
+    {"trig": v} for v in ("table", "compute", "reduced")
 ] + [
     {"fwd_reduce_block_n": n, "fwd_reduce_warps": w} for n, w in ((64, 4), (128, 4), (128, 8), (256, 8))
 ] + [
-    {"fwd_out_block_n": n, "fwd_out_warps": w} for n, w in ((64, 4), (64, 8), (128, 8), (128, 16))
+    {"fwd_out_block_n": n, "fwd_out_warps": w}
+    for n, w in ((32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8), (128, 16))
 ] + [
-    {"bwd_q_block_n": n, "bwd_q_warps": w} for n, w in ((32, 4), (64, 4), (64, 8), (64, 16), (128, 8))
+    {"bwd_q_block_n": n, "bwd_q_warps": w} for n, w in ((32, 2), (32, 4), (64, 4), (64, 8), (64, 16), (128, 8))
 ] + [
-    {"bwd_kv_block_n": n, "bwd_kv_warps": w} for n, w in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
+    {"bwd_kv_block_n": n, "bwd_kv_warps": w} for n, w in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
 ] + [
     {"programs_per_sm": v} for v in (2, 4, 8, 16)
 ]
