@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from ..backend import fused_supported, multiprocessors
-from ..linear import linear
+from ..linear import compute_dtype, linear, matmul_to
 from ..reference.ops import check_tokens
 from ..reference.sampling import TokenSampler
 
@@ -51,6 +51,7 @@ __all__ = [
     "dwconv_stride2_relu",
     "dwconv_transpose2x",
     "final_expand",
+    "final_head",
     "module_args",
     "patch_expand",
     "patch_merging",
@@ -692,6 +693,83 @@ class PixelShuffle4LayerNormFunction(torch.autograd.Function):
         return grad_y, grad_w.to(weight.dtype), grad_b.to(bias.dtype), None, None, None
 
 
+# Elements of the expand output (16C per input token) per chunk of images of the fused head: 64 MiB in bf16.
+HEAD_CHUNK = 1 << 25
+
+
+def _head_chunks(batch: int, per_image: int) -> list[tuple[int, int]]:
+    per = max(1, HEAD_CHUNK // max(1, per_image))
+    return [(s, min(s + per, batch)) for s in range(0, batch, per)]
+
+
+def _head_features(x: Tensor, expand_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor, H: int, W: int,
+                   eps: float) -> tuple[Tensor, Tensor]:
+    """(expand output y (b, H*W, 16C), the shuffled, normalised z (b, 16*H*W, C)), both in x's dtype."""
+    y = F.linear(x, expand_weight)
+    return y, torch.ops.mlla_fast.pixel_shuffle4_layernorm_fwd(y, norm_weight, norm_bias, H, W, eps, False)
+
+
+class FinalHeadFunction(torch.autograd.Function):
+    """The output head (final x4 expand, LayerNorm, 1x1 convolution) over chunks of images, keeping only its input.
+
+    At 224², batch 48 (MLLA-UNet-T, bf16) the unfused head held, at the end of the forward, the 16C-wide expand
+    output (308 MiB), the LayerNorm output in fp32 (autocast's LayerNorm dtype, 616 MiB) and its bf16 copy for
+    the convolution (308 MiB): about a quarter of the step's peak memory. Here each chunk of about HEAD_CHUNK
+    expand-output elements is expanded, normalised (rounded once to the compute dtype: autocast's fp32 LayerNorm
+    output cast for the convolution) and projected to the logits, and the backward recomputes the chunk's
+    expand output and normalised features instead of keeping them: one more (C -> 16C) GEMM and shuffle +
+    LayerNorm pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, expand_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor, head_weight: Tensor,
+                H: int, W: int, eps: float) -> Tensor:
+        dtype = compute_dtype(x)
+        B, N, C = x.shape
+        K = head_weight.shape[0]
+        with torch.autocast(x.device.type, enabled=False):
+            we, wh = expand_weight.to(dtype), head_weight.reshape(K, C).to(dtype)
+            out = torch.empty((B, K, 16 * N), dtype=dtype, device=x.device)
+            for s, e in _head_chunks(B, 16 * N * C):
+                _, z = _head_features(x[s:e].to(dtype), we, norm_weight, norm_bias, H, W, eps)
+                out[s:e] = (z.reshape(-1, C) @ wh.t()).view(e - s, 16 * N, K).transpose(1, 2)
+        ctx.save_for_backward(x, we, wh, norm_weight, norm_bias)
+        ctx.grid = (H, W, eps)
+        ctx.param_dtypes = (expand_weight.dtype, norm_weight.dtype, norm_bias.dtype, head_weight.dtype)
+        return out.view(B, K, 4 * H, 4 * W)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, we, wh, norm_weight, norm_bias = ctx.saved_tensors
+        H, W, eps = ctx.grid
+        B, N, C = x.shape
+        K = wh.shape[0]
+        dtype = we.dtype
+        acc = torch.promote_types(ctx.param_dtypes[0], torch.float32)
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dwe = dwh = dnw = dnb = None
+        for s, e in _head_chunks(B, 16 * N * C):
+            xc = x[s:e].to(dtype)
+            y, z = _head_features(xc, we, norm_weight, norm_bias, H, W, eps)
+            g = grad_out[s:e].reshape(e - s, K, 16 * N).transpose(1, 2).to(dtype).reshape(-1, K)
+            dwh_c = matmul_to(g.t(), z.reshape(-1, C), acc)
+            del z
+            dz = (g @ wh).view(e - s, 16 * N, C)
+            dy, dnw_c, dnb_c = torch.ops.mlla_fast.pixel_shuffle4_layernorm_bwd(dz, y, norm_weight, H, W, eps)
+            del dz, y
+            dy = dy.reshape(-1, 16 * C)
+            dwe_c = matmul_to(dy.t(), xc.reshape(-1, C), acc)
+            if dx is not None:
+                dx[s:e] = (dy @ we).view(e - s, N, C)
+            if dwe is None:
+                dwe, dwh, dnw, dnb = dwe_c, dwh_c, dnw_c, dnb_c
+            else:
+                dwe, dwh, dnw, dnb = dwe + dwe_c, dwh + dwh_c, dnw + dnw_c, dnb + dnb_c
+        we_dtype, nw_dtype, nb_dtype, wh_dtype = ctx.param_dtypes
+        return (dx, dwe.to(we_dtype), dnw.to(nw_dtype), dnb.to(nb_dtype), dwh.view(K, C, 1, 1).to(wh_dtype),
+                None, None, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------------------------
@@ -940,6 +1018,31 @@ def final_expand(x: Tensor, hw: tuple[int, int], expand_weight: Tensor, norm_wei
     _check_param(norm_weight, (C,), "norm_weight", x)
     _check_param(norm_bias, (C,), "norm_bias", x)
     return PixelShuffle4LayerNormFunction.apply(linear(x, expand_weight), norm_weight, norm_bias, H, W, float(eps))
+
+
+def final_head(x: Tensor, hw: tuple[int, int], expand_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+               head_weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """The U-Net's output head on tokens: ``final_expand`` and the 1x1 convolution without bias, fused over
+    chunks of images that are recomputed in the backward (``FinalHeadFunction``). Mirrors
+    ``reference.ops.final_head_ref``.
+
+    Args:
+        x: (B, H*W, C) tokens on the grid hw = (H, W).
+        expand_weight: (16C, C). norm_weight, norm_bias: (C,). head_weight: (K, C, 1, 1) convolution weight.
+        eps: the LayerNorm epsilon.
+
+    Returns:
+        (B, K, 4H, 4W) logits, in the compute dtype (autocast's, else x's).
+    """
+    H, W = _check_input(x, hw, "x")
+    C = x.shape[2]
+    _check_param(expand_weight, (16 * C, C), "expand_weight", x)
+    _check_param(norm_weight, (C,), "norm_weight", x)
+    _check_param(norm_bias, (C,), "norm_bias", x)
+    if not isinstance(head_weight, Tensor) or head_weight.dim() != 4 or head_weight.shape[0] < 1:
+        raise ValueError(f"head_weight: expected a (K, {C}, 1, 1) convolution weight, got {_shape(head_weight)}")
+    _check_param(head_weight, (head_weight.shape[0], C, 1, 1), "head_weight", x)
+    return FinalHeadFunction.apply(x, expand_weight, norm_weight, norm_bias, head_weight, H, W, float(eps))
 
 
 def _shape(t) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 
-from .backend import check_backend
+from torch import Tensor
+
+from .backend import check_backend, use_fused
 from .block import MLLABlock
 from .layers import ConcatLinear, FinalPatchExpand_X4, PatchExpand, PatchMerging, Stem
 from .reference.unet import MODEL_CONFIGS
@@ -26,6 +28,18 @@ class MLLAUNet(ReferenceMLLAUNet):
         kwargs.update({k: functools.partial(cls, backend=self.backend) for k, cls in parts.items()})
         kwargs["concat_cls"] = ConcatLinear
         super().__init__(*args, **kwargs)
+
+    def head(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """The output head; on the fused path one op over chunks of images (``kernels.sampling.final_head``)
+        that never holds the full-resolution features for the backward."""
+        if not (use_fused(self.backend, x) and self.output.bias is None and self.output.kernel_size == (1, 1)
+                and type(self.up) is FinalPatchExpand_X4):
+            return super().head(x, hw)
+        from .kernels.sampling import final_head
+
+        up = self.up
+        return final_head(self.norm_up(x), hw, up.expand.weight, up.norm.weight, up.norm.bias, self.output.weight,
+                          up.norm.eps)
 
 
 def create_model(name: str = "mlla_unet_tiny", num_classes: int = 9, in_chans: int = 3, img_size: int = 224,

@@ -253,6 +253,17 @@ def final_expand_ref(
     return pixel_shuffle4_layernorm_ref(F.linear(x, expand_weight), hw, norm_weight, norm_bias, eps)
 
 
+def final_head_ref(
+    x: Tensor, hw: tuple[int, int], expand_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+    head_weight: Tensor, eps: float = 1e-5,
+) -> Tensor:
+    """The U-Net's output head: ``final_expand_ref`` then the 1x1 convolution without bias (head_weight
+    (K, C, 1, 1)) on the (4H, 4W) grid. x (B, H*W, C) -> (B, K, 4H, 4W) logits."""
+    B, C = x.shape[0], x.shape[2]
+    y = final_expand_ref(x, hw, expand_weight, norm_weight, norm_bias, eps)
+    return F.conv2d(y.transpose(1, 2).reshape(B, C, 4 * hw[0], 4 * hw[1]), head_weight)
+
+
 def drop_path_mask(x: Tensor, p: float) -> Tensor:
     """Stochastic depth's per-sample keep mask (B, 1, ..., 1) of x: 1 with probability 1 - p, else 0, in x's
     dtype and on its device (one bernoulli_ draw, so its RNG use is the same wherever it is called)."""

@@ -165,8 +165,7 @@ class MLLAUNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        B, _, H, W = x.shape
-        grids = self.stage_grids((H, W))
+        grids = self.stage_grids(tuple(x.shape[-2:]))
         x = self.pos_drop(self.patch_embed(x))
         skips = []
         for i, layer in enumerate(self.layers):
@@ -180,8 +179,13 @@ class MLLAUNet(nn.Module):
                 x = layer_up(x, grids[s])
             else:
                 x = layer_up(self.concat_back_dim[i](x, skips[s]), grids[s])
-        x = self.up(self.norm_up(x), grids[0])
-        x = x.transpose(1, 2).reshape(B, self.embed_dim, H, W)
+        return self.head(x, grids[0])
+
+    def head(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """norm_up, the final x4 expand and the 1x1 output convolution: (B, h*w, C) tokens on the grid hw ->
+        (B, num_classes, 4h, 4w) logits."""
+        x = self.up(self.norm_up(x), hw)
+        x = x.transpose(1, 2).reshape(x.shape[0], self.embed_dim, 4 * hw[0], 4 * hw[1])
         return self.output(x)
 
 

@@ -20,6 +20,7 @@ from mlla_fast.kernels.sampling import (
     dwconv_stride2_relu,
     dwconv_transpose2x,
     final_expand,
+    final_head,
     module_args,
     patch_expand,
     patch_merging,
@@ -29,6 +30,7 @@ from mlla_fast.reference.ops import (
     dwconv_stride2_relu_ref,
     dwconv_transpose2x_ref,
     final_expand_ref,
+    final_head_ref,
     patch_expand_ref,
     patch_merging_ref,
     pixel_shuffle4_layernorm_ref,
@@ -386,6 +388,101 @@ def test_compiles_without_graph_breaks(name, device):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
     for a, e in zip(compiled_module.buffers(), module.buffers(), strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused output head (final expand + LayerNorm + 1x1 convolution, chunked over images)
+# ----------------------------------------------------------------------------------------------
+
+
+def head_inputs(B: int, H: int, W: int, C: int, K: int, device: str) -> list[torch.Tensor]:
+    """x (B, H*W, C), expand weight (16C, C), LayerNorm weight and bias (C,), head weight (K, C, 1, 1)."""
+    return [torch.randn(B, H * W, C, device=device), 0.2 * torch.randn(16 * C, C, device=device),
+            1.0 + 0.3 * torch.randn(C, device=device), 0.3 * torch.randn(C, device=device),
+            0.3 * torch.randn(K, C, 1, 1, device=device)]
+
+
+def run_head(fn, inputs: list[torch.Tensor], hw: tuple[int, int], grad: torch.Tensor) -> list[torch.Tensor]:
+    """[logits, d x, d every weight] of fn (final_head or final_head_ref) on leaves of the inputs."""
+    out = fn(inputs[0], hw, *inputs[1:])
+    return [out.detach(), *torch.autograd.grad(out, inputs, grad.to(out.dtype))]
+
+
+HEAD_NAMES = ["logits", "dx", "d expand_weight", "d norm_weight", "d norm_bias", "d head_weight"]
+
+
+@pytest.mark.parametrize("one_image_chunks", [False, True])
+@pytest.mark.parametrize("shape", [(3, 3, 5, 32, 9), (1, 7, 7, 64, 2), (2, 1, 4, 96, 14)],
+                         ids=lambda s: "B{}_{}x{}_C{}_K{}".format(*s))
+def test_final_head_fp32_matches_float64_reference(shape, one_image_chunks, device, monkeypatch):
+    """Logits and every gradient by the fp32 rule, in one chunk and in one chunk per image (the chunks'
+    parameter gradients summed)."""
+    B, H, W, C, K = shape
+    if one_image_chunks:
+        monkeypatch.setattr(sampling, "HEAD_CHUNK", 16 * H * W * C)
+        assert len(sampling._head_chunks(B, 16 * H * W * C)) == B
+    inputs = head_inputs(B, H, W, C, K, device)
+    grad = torch.randn(B, K, 4 * H, 4 * W, device=device)
+    got = run_head(final_head, leaves(inputs), (H, W), grad)
+    ref = run_head(final_head_ref, leaves(inputs, torch.float64), (H, W), grad)
+    for n, g, r in zip(HEAD_NAMES, got, ref, strict=True):
+        assert g.dtype == torch.float32, f"{n}: dtype {g.dtype}"
+        assert_matches(n, g, r)
+
+
+def test_final_head_autocast_bf16(device, monkeypatch):
+    """Under autocast (fp32 parameters and input, bf16 GEMMs): logits in bf16 as the reference's convolution
+    gives them, every result within twice the error of the reference under the same autocast plus a floor,
+    fp32 gradients."""
+    monkeypatch.setattr(sampling, "HEAD_CHUNK", 2 * 16 * 35 * 64)  # two images per chunk: chunks of 2, 2, 1
+    B, H, W, C, K = 5, 5, 7, 64, 9
+    inputs = head_inputs(B, H, W, C, K, device)
+    grad = torch.randn(B, K, 4 * H, 4 * W, device=device)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        got = run_head(final_head, leaves(inputs), (H, W), grad)
+        lowp = run_head(final_head_ref, leaves(inputs), (H, W), grad)
+    ref = run_head(final_head_ref, leaves(inputs, torch.float64), (H, W), grad)
+    assert got[0].dtype == lowp[0].dtype == torch.bfloat16
+    for n, g, r, lp in zip(HEAD_NAMES, got, ref, lowp, strict=True):
+        if n != "logits":
+            assert g.dtype == torch.float32, f"{n}: dtype {g.dtype}"
+        assert_matches(n, g, r, lp, dtype=torch.bfloat16)
+
+
+def test_final_head_keeps_only_its_input(device):
+    """Saved for the backward: the input and the (cast) weights, nothing at 16C channels or 16x the tokens."""
+    B, H, W, C, K = 2, 3, 4, 32, 5
+    inputs = leaves(head_inputs(B, H, W, C, K, device))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        final_head(inputs[0], (H, W), *inputs[1:])
+    expected = {t.shape for t in inputs} | {torch.Size((K, C))}  # the head weight is kept as a (K, C) matrix
+    assert saved and set(saved) <= expected, f"saved {saved}, expected only shapes among {expected}"
+
+
+def test_final_head_compiles_without_graph_breaks(device, monkeypatch):
+    """final_head inside torch.compile(fullgraph=True), over two chunks, forward and backward, equals eager."""
+    monkeypatch.setattr(sampling, "HEAD_CHUNK", 16 * 12 * 32)
+    B, H, W, C, K = 2, 3, 4, 32, 5
+    inputs = head_inputs(B, H, W, C, K, device)
+    grad = torch.randn(B, K, 4 * H, 4 * W, device=device)
+    eager = run_head(final_head, leaves(inputs), (H, W), grad)
+    compiled = torch.compile(lambda x, *w: final_head(x, (H, W), *w), backend="aot_eager", fullgraph=True)
+    got = run_head(lambda x, hw, *w: compiled(x, *w), leaves(inputs), (H, W), grad)
+    for n, a, e in zip(HEAD_NAMES, got, eager, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=n)
+
+
+def test_final_head_bad_input_raises_value_error(device):
+    x, we, nw, nb, wh = head_inputs(1, 3, 4, 32, 5, device)
+    with pytest.raises(ValueError, match="head_weight"):
+        final_head(x, (3, 4), we, nw, nb, wh.view(5, 32))
+    with pytest.raises(ValueError, match="head_weight"):
+        final_head(x, (3, 4), we, nw, nb, wh[:, :16])
+    with pytest.raises(ValueError, match="expand_weight"):
+        final_head(x, (3, 4), we[:8], nw, nb, wh)
+    with pytest.raises(ValueError, match="x"):
+        final_head(x, (4, 4), we, nw, nb, wh)
 
 
 @pytest.mark.parametrize("name, cls, filename", [
