@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import qk_linear_attention
 from .backend import check_backend, use_fused
 from .linear import linear
 from .mlp import chunked_mlp, chunked_mlp_supported, mlp_is_random, triton_mlp, triton_mlp_supported
@@ -48,7 +49,6 @@ class MLLABlock(ReferenceMLLABlock):
         (narrow layers) or cuBLAS, recomputed in the backward; the Linear layers' bias gradients are Triton
         column sums."""
         from .kernels.dwconv import cpe_residual_norm, dwconv_silu
-        from .kernels.linear_attention import linear_attention
 
         hw = resolve_grid(x, hw, self.input_resolution, self.dim)
         C = self.dim
@@ -61,20 +61,20 @@ class MLLABlock(ReferenceMLLABlock):
         # fills, two copies and an add of (B, N, 2C) tensors)
         g, u = gv.split(C, dim=-1)
         v = dwconv_silu(u, self.dwc.weight, self.dwc.bias, hw)
-        qk = linear(v, self.attn.qk.weight, self.attn.qk.bias)
-        a = linear_attention(  # the gate's SiLU is applied (and differentiated) inside the attention kernels
-            qk, v, g, self.attn.lepe.weight, self.attn.lepe.bias, hw, self.num_heads, gate_silu=True,
-        )
+        # qk = v W_qk + b_qk is recomputed in the backward instead of kept (mlla_fast/attention.py); the gate's
+        # SiLU is applied (and differentiated) inside the attention kernels
+        a = qk_linear_attention(v, g, self.attn.qk.weight, self.attn.qk.bias, self.attn.lepe.weight,
+                                self.attn.lepe.bias, hw, self.num_heads, gate_silu=True)
         x = add_drop_path(r, linear(a, self.out_proj.weight, self.out_proj.bias), self.drop_path_prob, self.training)
         r, h = cpe_residual_norm(
             x, self.cpe2.weight, self.cpe2.bias, self.norm2.weight, self.norm2.bias, hw, self.norm2.eps
         )
         # The MLP's hidden activations (8C per token) are recomputed in the backward instead of saved; with the
-        # LayerNorm inputs and the gate recomputed inside the kernels, the block keeps about 11C per token for
-        # its backward (the reference: 30C). The Triton MLP (narrow layers; bf16/fp16 on CUDA) never writes the
-        # hidden layer to memory and adds the residual in its epilogue when no drop-path scales the MLP's
-        # output; otherwise the cuBLAS MLP runs over token chunks, so that its 4C-wide transients never exist
-        # for all tokens at once.
+        # LayerNorm inputs and the gate recomputed inside the kernels and qk in the attention's backward, the
+        # block keeps about 8.4C per token for its backward (the reference: 29C). The Triton MLP (narrow layers;
+        # bf16/fp16 on CUDA) never writes the hidden layer to memory and adds the residual in its epilogue when
+        # no drop-path scales the MLP's output; otherwise the cuBLAS MLP runs over token chunks, so that its
+        # 4C-wide transients never exist for all tokens at once.
         if triton_mlp_supported(self.mlp, h):
             if self.drop_path_prob == 0.0 or not self.training:
                 return triton_mlp(self.mlp, h, residual=r)

@@ -1,0 +1,105 @@
+"""The block's qk projection and fused linear attention as one autograd Function that recomputes qk.
+
+``linear(v, W_qk, b_qk)`` followed by ``kernels.linear_attention.linear_attention`` keeps the (B, N, 2C)
+projection qk from the forward until the attention's backward, as the attention's input: in a GPU memory
+snapshot of an MLLA-UNet-T training step (224², batch 48, bf16) these qk tensors were about 20 of the 245
+units live at the peak (the end of the forward). ``qk_linear_attention`` keeps v, g, the cast qk weight and
+bias and the attention's O(B h d²) state instead, and its backward redoes the qk GEMM (the same GEMM on the
+same operands: in eager mode the forward's qk bitwise) before the attention's backward, 2C² of the block's
+13C² forward multiply-adds per token. One fp32 block (C=64, 16x16 grid, batch 2) saves 8.4x its input for
+the backward instead of 10.4x. The projection's gradients follow the attention's: dv += dqk @ W in place
+into the attention's dv (no second (B, N, C) gradient to sum; under bf16/fp16 the sum is rounded once
+instead of twice), dW in the weight's dtype (fp32 out of the GEMM) as in ``mlla_fast.linear``, and the bias
+gradient by the Triton column sum.
+
+Autocast is honoured as in ``mlla_fast.linear``: the GEMM runs in the autocast dtype (else v's) with the
+weight and bias cast once per call; v and g must already be in that dtype (the attention's activation
+dtype). Gradients come back in the dtypes of the inputs and parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .linear import bias_grad, compute_dtype, matmul_to
+
+
+class _QKLinearAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None, lepe_weight: Tensor,
+                lepe_bias: Tensor, H: int, W: int, num_heads: int, gate_silu: bool) -> Tensor:
+        with torch.autocast(v.device.type, enabled=False):
+            wc = qk_weight.to(v.dtype)
+            bc = None if qk_bias is None else qk_bias.to(v.dtype)
+            qk = F.linear(v, wc, bc)
+            y, kv, ksum = torch.ops.mlla_fast.linear_attention_fwd(
+                qk, v, g, lepe_weight, lepe_bias, H, W, num_heads, gate_silu)
+        ctx.save_for_backward(v, g, wc, bc, lepe_weight, lepe_bias, kv, ksum)
+        ctx.grid = (H, W, num_heads, gate_silu)
+        ctx.param_dtypes = (qk_weight.dtype, None if qk_bias is None else qk_bias.dtype)
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None):
+        if dy is None:  # the output took no gradient
+            return (None,) * 10
+        v, g, wc, bc, lepe_weight, lepe_bias, kv, ksum = ctx.saved_tensors
+        with torch.autocast(v.device.type, enabled=False):
+            qk = F.linear(v, wc, bc)
+            dqk, dv, dg, dlepe_w, dlepe_b = torch.ops.mlla_fast.linear_attention_bwd(
+                dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, *ctx.grid)
+            del qk
+            dqk = dqk.view(-1, dqk.shape[-1])
+            need = ctx.needs_input_grad
+            weight_dtype, bias_dtype = ctx.param_dtypes
+            dweight = matmul_to(dqk.t(), v.reshape(-1, v.shape[-1]), weight_dtype) if need[2] else None
+            dbias = bias_grad(dqk, bias_dtype) if bias_dtype is not None and need[3] else None
+            if need[0]:
+                dv.view(-1, dv.shape[-1]).addmm_(dqk, wc)
+        return (dv if need[0] else None, dg if g is not None and need[1] else None, dweight, dbias,
+                dlepe_w if need[4] else None, dlepe_b if need[5] else None, None, None, None, None)
+
+
+def qk_linear_attention(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None, lepe_weight: Tensor,
+                        lepe_bias: Tensor, hw: tuple[int, int], num_heads: int, gate_silu: bool = False) -> Tensor:
+    """``linear_attention(linear(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, hw, num_heads, gate_silu)``
+    (``kernels.linear_attention``, ``mlla_fast.linear``) with qk recomputed in the backward instead of saved.
+
+    Args:
+        v: (B, N, C) the attention input, in the compute dtype (autocast's, else its own: float32, bfloat16
+            or float16); token and batch strides are free.
+        g: (B, N, C) gate like v, or None.
+        qk_weight, qk_bias: (2C, C) and (2C,) or None, the qk projection (any float dtype; cast to v's).
+        lepe_weight, lepe_bias, hw, num_heads, gate_silu: as for ``linear_attention``.
+
+    Returns:
+        (B, N, C) in v's dtype.
+    """
+    from .kernels.linear_attention import _check_inputs
+
+    if not isinstance(v, Tensor) or v.dim() != 3:
+        raise ValueError(f"v: expected a 3-D (B, N, C) token tensor, got {_describe(v)}")
+    B, N, C = v.shape
+    dtype = compute_dtype(v)
+    if v.dtype != dtype:
+        raise ValueError(f"v: expected the compute dtype {dtype} (autocast's), got {v.dtype}")
+    for name, t, shape in (("qk_weight", qk_weight, (2 * C, C)), ("qk_bias", qk_bias, (2 * C,))):
+        if t is None and name == "qk_bias":
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape} for v's {C} channels, got {_describe(t)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        if t.device != v.device:
+            raise ValueError(f"{name}: expected v's device {v.device}, got {t.device}")
+    # the attention's own checks, with qk (computed from v in v's dtype) stood in for by a (B, N, 2C) view of v
+    H, W = _check_inputs(v[..., :1].expand(B, N, 2 * C), v, g, lepe_weight, lepe_bias, hw, num_heads)
+    return _QKLinearAttention.apply(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, H, W, num_heads,
+                                    bool(gate_silu))
+
+
+def _describe(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__

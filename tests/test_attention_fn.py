@@ -1,0 +1,151 @@
+"""qk_linear_attention (mlla_fast/attention.py) against the two calls it replaces, linear + linear_attention.
+
+Output and every gradient on a small odd grid in fp32 (bitwise) and under bf16/fp16 autocast (bitwise but dv,
+whose dqk @ W is added to the attention's dv in one GEMM, rounded once instead of twice); that no (B, N, 2C)
+tensor is saved for the backward; partial requires_grad, torch.compile and the input checks.
+"""
+
+import math
+
+import pytest
+import torch
+
+from mlla_fast.attention import qk_linear_attention
+from mlla_fast.kernels import dwconv
+from mlla_fast.kernels import linear_attention as la
+from mlla_fast.linear import linear
+
+from tolerance import rel_err
+
+B, H, W, C, HEADS = 2, 5, 7, 64, 2
+N = H * W
+NAMES = ("v", "g", "qk_weight", "qk_bias", "lepe_weight", "lepe_bias")
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(poison_outputs):
+    poison_outputs(la, dwconv)
+
+
+def make_leaves(device, bias=True):
+    """fp32 leaves: v, g (B, N, C), the qk projection (2C, C), (2C,) and the LePE's (C, 1, 3, 3), (C,)."""
+    t = {
+        "v": torch.randn(B, N, C, device=device),
+        "g": torch.randn(B, N, C, device=device),
+        "qk_weight": torch.randn(2 * C, C, device=device) / 8,
+        "qk_bias": torch.randn(2 * C, device=device) / 4 if bias else None,
+        "lepe_weight": torch.randn(C, 1, 3, 3, device=device) / 3,
+        "lepe_bias": torch.randn(C, device=device),
+    }
+    return {k: (x.requires_grad_() if x is not None else None) for k, x in t.items()}
+
+
+def two_calls(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias):
+    qk = linear(v, qk_weight, qk_bias)
+    return la.linear_attention(qk, v, g, lepe_weight, lepe_bias, (H, W), HEADS, gate_silu=True)
+
+
+def one_function(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias):
+    return qk_linear_attention(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, (H, W), HEADS, gate_silu=True)
+
+
+def run(fn, leaves, dy, dtype=None, frozen=()):
+    """fn's output and the gradients of fresh copies of the leaves (those in frozen take none), under autocast
+    to dtype (v and g cast to it first, as the block's activations are) when dtype is given."""
+    fresh = {k: (x.detach().clone().requires_grad_(k not in frozen) if x is not None else None)
+             for k, x in leaves.items()}
+    device = dy.device.type
+    with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        args = dict(fresh)
+        if dtype is not None:
+            args["v"], args["g"] = fresh["v"].to(dtype), fresh["g"].to(dtype)
+        y = fn(*(args[k] for k in NAMES))
+    y.backward(dy.to(y.dtype))
+    return y.detach(), {k: x.grad for k, x in fresh.items() if x is not None and x.requires_grad}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_linear_then_attention(dtype, bias, device):
+    leaves = make_leaves(device, bias)
+    dy = torch.randn(B, N, C, device=device)
+    y_ref, grads_ref = run(two_calls, leaves, dy, dtype)
+    y, grads = run(one_function, leaves, dy, dtype)
+    assert y.dtype == y_ref.dtype == (dtype or torch.float32)
+    assert torch.equal(y, y_ref)
+    assert grads.keys() == grads_ref.keys() == {k for k in NAMES if leaves[k] is not None}
+    for name, grad in grads.items():
+        assert grad.dtype == grads_ref[name].dtype == torch.float32, name
+        if name == "v" and dtype is not None:
+            # one rounding of dv + dqk @ W to bf16/fp16 instead of two
+            assert rel_err(grad, grads_ref[name]) <= (2e-3 if dtype == torch.bfloat16 else 3e-4), name
+        else:
+            assert torch.equal(grad, grads_ref[name]), f"d{name}: one function != linear + linear_attention"
+
+
+@pytest.mark.parametrize("frozen", [("v",), ("qk_weight", "qk_bias"), ("v", "g", "lepe_weight", "lepe_bias")])
+def test_partial_gradients(frozen, device):
+    """Inputs that take no gradient get none; the others' gradients are unchanged."""
+    leaves = make_leaves(device)
+    dy = torch.randn(B, N, C, device=device)
+    _, grads_ref = run(two_calls, leaves, dy, frozen=frozen)
+    _, grads = run(one_function, leaves, dy, frozen=frozen)
+    assert grads.keys() == grads_ref.keys() == set(NAMES) - set(frozen)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_ref[name]), name
+
+
+def _saved_shapes(fn, leaves, dtype=None) -> list[tuple[int, ...]]:
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu" if leaves["v"].device.type == "cpu" else "cuda", dtype=dtype or torch.bfloat16,
+                           enabled=dtype is not None):
+        v, g = (leaves["v"].to(dtype), leaves["g"].to(dtype)) if dtype is not None else (leaves["v"], leaves["g"])
+        fn(v, g, *(leaves[k] for k in NAMES[2:]))
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_qk_is_not_saved(dtype, device):
+    """No (B, N, 2C) tensor is kept for the backward (the two calls keep qk)."""
+    leaves = make_leaves(device)
+    assert (B, N, 2 * C) in _saved_shapes(two_calls, leaves, dtype)
+    shapes = _saved_shapes(one_function, leaves, dtype)
+    assert (B, N, C) in shapes
+    assert not [s for s in shapes if s[-1] == 2 * C and math.prod(s) >= N * 2 * C], shapes
+
+
+def test_torch_compile_fullgraph(device):
+    """torch.compile(fullgraph=True) traces the Function (forward, recompute, the custom ops) without breaks."""
+    leaves = make_leaves(device)
+    dy = torch.randn(B, N, C, device=device)
+    y_c, grads_c = run(torch.compile(one_function, fullgraph=True, backend="aot_eager"), leaves, dy)
+    y_e, grads_e = run(one_function, leaves, dy)
+    assert torch.equal(y_c, y_e)
+    for name, grad in grads_e.items():
+        assert torch.equal(grads_c[name], grad), f"d{name}: compiled != eager"
+
+
+def test_bad_inputs(device):
+    t = {k: x.detach() for k, x in make_leaves(device).items()}
+    with pytest.raises(ValueError, match=r"qk_weight: expected shape \(128, 64\)"):
+        one_function(t["v"], t["g"], t["qk_weight"][:64], t["qk_bias"], t["lepe_weight"], t["lepe_bias"])
+    with pytest.raises(ValueError, match=r"qk_bias: expected shape \(128,\)"):
+        one_function(t["v"], t["g"], t["qk_weight"], t["qk_bias"][:64], t["lepe_weight"], t["lepe_bias"])
+    with pytest.raises(ValueError, match="qk_weight: expected a floating-point tensor"):
+        one_function(t["v"], t["g"], t["qk_weight"].long(), t["qk_bias"], t["lepe_weight"], t["lepe_bias"])
+    with pytest.raises(ValueError, match="v: expected a 3-D"):
+        one_function(t["v"][0], t["g"], t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"])
+    with pytest.raises(ValueError, match=r"v: expected the compute dtype torch\.bfloat16"), \
+            torch.autocast(device, dtype=torch.bfloat16):
+        one_function(t["v"], t["g"], t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"])
+    with pytest.raises(ValueError, match="g: expected the activation dtype of v"):
+        one_function(t["v"], t["g"].bfloat16(), t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"])
+    with pytest.raises(ValueError, match="token count 35 does not match the grid 5x6"):
+        qk_linear_attention(t["v"], t["g"], t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], (5, 6),
+                            HEADS)
