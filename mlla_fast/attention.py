@@ -4,13 +4,18 @@
 projection qk from the forward until the attention's backward, as the attention's input: in a GPU memory
 snapshot of an MLLA-UNet-T training step (224², batch 48, bf16) these qk tensors were about 20 of the 245
 units live at the peak (the end of the forward). ``qk_linear_attention`` keeps v, g, the cast qk weight and
-bias and the attention's O(B h d²) state instead, and its backward redoes the qk GEMM (the same GEMM on the
-same operands: in eager mode the forward's qk bitwise) before the attention's backward, 2C² of the block's
-13C² forward multiply-adds per token. One fp32 block (C=64, 16x16 grid, batch 2) saves 8.4x its input for
-the backward instead of 10.4x. The projection's gradients follow the attention's: dv += dqk @ W in place
-into the attention's dv (no second (B, N, C) gradient to sum; under bf16/fp16 the sum is rounded once
-instead of twice), dW in the weight's dtype (fp32 out of the GEMM) as in ``mlla_fast.linear``, and the bias
-gradient by the Triton column sum.
+bias and the attention's O(B h d²) state instead, and its backward redoes the qk GEMM (the same call on the
+same operands: the forward's qk bitwise) before the attention's backward, 2C² of the block's 13C² forward
+multiply-adds per token. One fp32 block (C=64, 16x16 grid, batch 2) saves 8.4x its input for the backward
+instead of 10.4x. The projection's gradients follow the attention's: dv += dqk @ W in place into the
+attention's dv (no second (B, N, C) gradient to sum; under bf16/fp16 the sum is rounded once instead of
+twice), dW in the weight's dtype (fp32 out of the GEMM) as in ``mlla_fast.linear``, and the bias gradient by
+the Triton column sum.
+
+The GEMM and its recompute run inside two custom ops (``mlla_fast::qk_linear_attention_fwd``/``_bwd``),
+opaque to torch.compile: with the GEMM as graph nodes, AOTAutograd's partitioner merges the backward's
+recompute with the forward's GEMM (common-subexpression elimination) or moves it into the forward (it
+never recomputes matmuls), and saves qk again.
 
 Autocast is honoured as in ``mlla_fast.linear``: the GEMM runs in the autocast dtype (else v's) with the
 weight and bias cast once per call; v and g must already be in that dtype (the attention's activation
@@ -23,19 +28,68 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels.linear_attention import HEAD_DIM, _check_inputs, _linear_attention_bwd, _linear_attention_fwd
 from .linear import bias_grad, compute_dtype, matmul_to
+
+
+def _qk(v: Tensor, qk_weight: Tensor, qk_bias: Tensor | None) -> Tensor:
+    """F.linear(v, qk_weight, qk_bias) on the operands as given (in v's dtype), autocast or not: the forward's
+    GEMM and the backward's recompute are one call, bitwise equal."""
+    with torch.autocast(v.device.type, enabled=False):
+        return F.linear(v, qk_weight, qk_bias)
+
+
+def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
+                             lepe_weight: Tensor, lepe_bias: Tensor, H: int, W: int, num_heads: int,
+                             gate_silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention's forward (y, kv, ksum) on qk = F.linear(v, qk_weight, qk_bias), weights in v's dtype."""
+    qk = _qk(v, qk_weight, qk_bias)
+    return _linear_attention_fwd(qk, v, g, lepe_weight, lepe_bias, H, W, num_heads, gate_silu)
+
+
+def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
+                             lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int,
+                             num_heads: int, gate_silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The attention's backward (dqk, dv, dg, d lepe_weight, d lepe_bias) on the forward's qk, recomputed."""
+    qk = _qk(v, qk_weight, qk_bias)
+    return _linear_attention_bwd(dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+
+
+_FWD_SCHEMA = "(Tensor v, Tensor? g, Tensor qk_weight, Tensor? qk_bias, Tensor lepe_weight, Tensor lepe_bias, " \
+    "SymInt H, SymInt W, int num_heads, bool gate_silu) -> (Tensor, Tensor, Tensor)"
+_BWD_SCHEMA = "(Tensor dy, Tensor v, Tensor? g, Tensor qk_weight, Tensor? qk_bias, Tensor lepe_weight, " \
+    "Tensor lepe_bias, Tensor kv, Tensor ksum, SymInt H, SymInt W, int num_heads, bool gate_silu) " \
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+qk_linear_attention_fwd_op = torch.library.custom_op(
+    "mlla_fast::qk_linear_attention_fwd", _qk_linear_attention_fwd, mutates_args=(), schema=_FWD_SCHEMA)
+qk_linear_attention_bwd_op = torch.library.custom_op(
+    "mlla_fast::qk_linear_attention_bwd", _qk_linear_attention_bwd, mutates_args=(), schema=_BWD_SCHEMA)
+
+
+@qk_linear_attention_fwd_op.register_fake
+def _(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, H, W, num_heads, gate_silu):
+    B, N, C = v.shape
+    state = v.new_empty((B * num_heads, HEAD_DIM, HEAD_DIM), dtype=torch.float32)
+    return v.new_empty((B, N, C)), state, v.new_empty((B * num_heads, HEAD_DIM), dtype=torch.float32)
+
+
+@qk_linear_attention_bwd_op.register_fake
+def _(dy, v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu):
+    B, N, C = v.shape
+    dg = v.new_empty((B, N, C) if g is not None else (0,))
+    return (v.new_empty((B, N, 2 * C)), v.new_empty((B, N, C)), dg, lepe_weight.new_empty(lepe_weight.shape),
+            lepe_bias.new_empty(lepe_bias.shape))
 
 
 class _QKLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None, lepe_weight: Tensor,
                 lepe_bias: Tensor, H: int, W: int, num_heads: int, gate_silu: bool) -> Tensor:
-        with torch.autocast(v.device.type, enabled=False):
-            wc = qk_weight.to(v.dtype)
-            bc = None if qk_bias is None else qk_bias.to(v.dtype)
-            qk = F.linear(v, wc, bc)
-            y, kv, ksum = torch.ops.mlla_fast.linear_attention_fwd(
-                qk, v, g, lepe_weight, lepe_bias, H, W, num_heads, gate_silu)
+        # the weights cast once per call, as F.linear under autocast would (autocast leaves custom ops alone)
+        wc = qk_weight.to(v.dtype)
+        bc = None if qk_bias is None else qk_bias.to(v.dtype)
+        y, kv, ksum = qk_linear_attention_fwd_op(v, g, wc, bc, lepe_weight, lepe_bias, H, W, num_heads, gate_silu)
         ctx.save_for_backward(v, g, wc, bc, lepe_weight, lepe_bias, kv, ksum)
         ctx.grid = (H, W, num_heads, gate_silu)
         ctx.param_dtypes = (qk_weight.dtype, None if qk_bias is None else qk_bias.dtype)
@@ -47,18 +101,18 @@ class _QKLinearAttention(torch.autograd.Function):
         if dy is None:  # the output took no gradient
             return (None,) * 10
         v, g, wc, bc, lepe_weight, lepe_bias, kv, ksum = ctx.saved_tensors
-        with torch.autocast(v.device.type, enabled=False):
-            qk = F.linear(v, wc, bc)
-            dqk, dv, dg, dlepe_w, dlepe_b = torch.ops.mlla_fast.linear_attention_bwd(
-                dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, *ctx.grid)
-            del qk
-            dqk = dqk.view(-1, dqk.shape[-1])
-            need = ctx.needs_input_grad
-            weight_dtype, bias_dtype = ctx.param_dtypes
-            dweight = matmul_to(dqk.t(), v.reshape(-1, v.shape[-1]), weight_dtype) if need[2] else None
-            dbias = bias_grad(dqk, bias_dtype) if bias_dtype is not None and need[3] else None
-            if need[0]:
-                dv.view(-1, dv.shape[-1]).addmm_(dqk, wc)
+        need = ctx.needs_input_grad
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        # No autocast context in this Function (the GEMMs' operands share one dtype; the recompute disables
+        # autocast inside its op): under torch.compile (PyTorch 2.13) one in the backward left autocast off for
+        # the rest of the traced forward, whose MLP then ran in fp32.
+        dqk, dv, dg, dlepe_w, dlepe_b = qk_linear_attention_bwd_op(
+            dy, v, g, wc, bc, lepe_weight, lepe_bias, kv, ksum, *ctx.grid)
+        dqk = dqk.view(-1, dqk.shape[-1])
+        dweight = matmul_to(dqk.t(), v.reshape(-1, v.shape[-1]), weight_dtype) if need[2] else None
+        dbias = bias_grad(dqk, bias_dtype) if bias_dtype is not None and need[3] else None
+        if need[0]:
+            dv.view(-1, dv.shape[-1]).addmm_(dqk, wc)
         return (dv if need[0] else None, dg if g is not None and need[1] else None, dweight, dbias,
                 dlepe_w if need[4] else None, dlepe_b if need[5] else None, None, None, None, None)
 
@@ -78,8 +132,6 @@ def qk_linear_attention(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias:
     Returns:
         (B, N, C) in v's dtype.
     """
-    from .kernels.linear_attention import _check_inputs
-
     if not isinstance(v, Tensor) or v.dim() != 3:
         raise ValueError(f"v: expected a 3-D (B, N, C) token tensor, got {_describe(v)}")
     B, N, C = v.shape

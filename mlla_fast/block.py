@@ -6,7 +6,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import qk_linear_attention
 from .backend import check_backend, use_fused
 from .linear import linear
 from .mlp import chunked_mlp, chunked_mlp_supported, mlp_is_random, triton_mlp, triton_mlp_supported
@@ -48,6 +47,7 @@ class MLLABlock(ReferenceMLLABlock):
         """The block on fused kernels: stencils + norms, gate/value GEMM, fused attention, the MLP on Triton
         (narrow layers) or cuBLAS, recomputed in the backward; the Linear layers' bias gradients are Triton
         column sums."""
+        from .attention import qk_linear_attention
         from .kernels.dwconv import cpe_residual_norm, dwconv_silu
 
         hw = resolve_grid(x, hw, self.input_resolution, self.dim)

@@ -2,7 +2,8 @@
 
 Output and every gradient on a small odd grid in fp32 (bitwise) and under bf16/fp16 autocast (bitwise but dv,
 whose dqk @ W is added to the attention's dv in one GEMM, rounded once instead of twice); that no (B, N, 2C)
-tensor is saved for the backward; partial requires_grad, torch.compile and the input checks.
+tensor is saved for the backward, eager or compiled; partial requires_grad, torch.compile, opcheck of the two
+custom ops and the input checks.
 """
 
 import math
@@ -10,10 +11,11 @@ import math
 import pytest
 import torch
 
+from mlla_fast import attention
 from mlla_fast.attention import qk_linear_attention
 from mlla_fast.kernels import dwconv
 from mlla_fast.kernels import linear_attention as la
-from mlla_fast.linear import linear
+from mlla_fast.linear import compute_dtype, linear
 
 from tolerance import rel_err
 
@@ -103,19 +105,23 @@ def _saved_shapes(fn, leaves, dtype=None) -> list[tuple[int, ...]]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu" if leaves["v"].device.type == "cpu" else "cuda", dtype=dtype or torch.bfloat16,
-                           enabled=dtype is not None):
+            torch.autocast(leaves["v"].device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         v, g = (leaves["v"].to(dtype), leaves["g"].to(dtype)) if dtype is not None else (leaves["v"], leaves["g"])
         fn(v, g, *(leaves[k] for k in NAMES[2:]))
     return shapes
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_qk_is_not_saved(dtype, device):
-    """No (B, N, 2C) tensor is kept for the backward (the two calls keep qk)."""
+def test_qk_is_not_saved(dtype, compiled, device):
+    """No (B, N, 2C) tensor is kept for the backward (the two calls keep qk), also where AOTAutograd's
+    partitioner picks what is saved (torch.compile)."""
+    def compile_if(fn):
+        return torch.compile(fn, fullgraph=True, backend="aot_eager") if compiled else fn
+
     leaves = make_leaves(device)
-    assert (B, N, 2 * C) in _saved_shapes(two_calls, leaves, dtype)
-    shapes = _saved_shapes(one_function, leaves, dtype)
+    assert (B, N, 2 * C) in _saved_shapes(compile_if(two_calls), leaves, dtype)
+    shapes = _saved_shapes(compile_if(one_function), leaves, dtype)
     assert (B, N, C) in shapes
     assert not [s for s in shapes if s[-1] == 2 * C and math.prod(s) >= N * 2 * C], shapes
 
@@ -129,6 +135,33 @@ def test_torch_compile_fullgraph(device):
     assert torch.equal(y_c, y_e)
     for name, grad in grads_e.items():
         assert torch.equal(grads_c[name], grad), f"d{name}: compiled != eager"
+
+
+def test_torch_compile_keeps_autocast_after_the_function(device):
+    """Under torch.compile and autocast, code traced after the Function still sees autocast on (an autocast
+    context in its backward once left it off for the rest of the traced forward: the block's MLP, which picks
+    its dtype with compute_dtype, then ran in fp32)."""
+    def attention_then_cast(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias):
+        y = one_function(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias).float()
+        return y.to(compute_dtype(y))
+
+    leaves = make_leaves(device)
+    dy = torch.randn(B, N, C, device=device)
+    y_c, _ = run(torch.compile(attention_then_cast, fullgraph=True, backend="aot_eager"), leaves, dy, torch.bfloat16)
+    y_e, _ = run(attention_then_cast, leaves, dy, torch.bfloat16)
+    assert y_c.dtype == y_e.dtype == torch.bfloat16
+    assert torch.equal(y_c, y_e)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_opcheck(gate, device):
+    t = {k: x.detach() for k, x in make_leaves(device).items()}
+    g = t["g"] if gate else None
+    args = (t["v"], g, t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"])
+    torch.library.opcheck(attention.qk_linear_attention_fwd_op, (*args, H, W, HEADS, True))
+    y, kv, ksum = attention.qk_linear_attention_fwd_op(*args, H, W, HEADS, True)
+    torch.library.opcheck(attention.qk_linear_attention_bwd_op,
+                          (torch.randn_like(y), *args, kv, ksum, H, W, HEADS, True))
 
 
 def test_bad_inputs(device):
