@@ -759,19 +759,30 @@ linear_attention_bwd_op = torch.library.custom_op(
     "mlla_fast::linear_attention_bwd", _linear_attention_bwd, mutates_args=(), schema=_BWD_SCHEMA)
 
 
-@linear_attention_fwd_op.register_fake
-def _(qk, v, g, lepe_weight, lepe_bias, H, W, num_heads, gate_silu):
+def fake_fwd_outputs(v: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty stand-ins shaped like the forward's (y, kv, ksum) for v (B, N, C): for fake (meta) implementations."""
     B, N, C = v.shape
     state = v.new_empty((B * num_heads, HEAD_DIM, HEAD_DIM), dtype=torch.float32)
     return v.new_empty((B, N, C)), state, v.new_empty((B * num_heads, HEAD_DIM), dtype=torch.float32)
 
 
-@linear_attention_bwd_op.register_fake
-def _(dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu):
+def fake_bwd_outputs(qk_dtype: torch.dtype, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
+                     lepe_bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Empty stand-ins shaped like the backward's (dqk, dv, dg, d lepe_weight, d lepe_bias), dqk in qk_dtype."""
     B, N, C = v.shape
     dg = v.new_empty((B, N, C) if g is not None else (0,))
-    return (qk.new_empty((B, N, 2 * C)), v.new_empty((B, N, C)), dg, lepe_weight.new_empty(lepe_weight.shape),
-            lepe_bias.new_empty(lepe_bias.shape))
+    return (v.new_empty((B, N, 2 * C), dtype=qk_dtype), v.new_empty((B, N, C)), dg,
+            lepe_weight.new_empty(lepe_weight.shape), lepe_bias.new_empty(lepe_bias.shape))
+
+
+@linear_attention_fwd_op.register_fake
+def _(qk, v, g, lepe_weight, lepe_bias, H, W, num_heads, gate_silu):
+    return fake_fwd_outputs(v, num_heads)
+
+
+@linear_attention_bwd_op.register_fake
+def _(dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu):
+    return fake_bwd_outputs(qk.dtype, v, g, lepe_weight, lepe_bias)
 
 
 def _setup_context(ctx, inputs, output):

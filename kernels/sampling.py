@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from ..backend import fused_supported, multiprocessors
-from ..linear import compute_dtype, linear, matmul_to
+from ..linear import chunk_ranges, compute_dtype, linear, matmul_to
 from ..reference.ops import check_tokens
 from ..reference.sampling import TokenSampler
 
@@ -698,8 +698,7 @@ HEAD_CHUNK = 1 << 25
 
 
 def _head_chunks(batch: int, per_image: int) -> list[tuple[int, int]]:
-    per = max(1, HEAD_CHUNK // max(1, per_image))
-    return [(s, min(s + per, batch)) for s in range(0, batch, per)]
+    return chunk_ranges(batch, per_image, HEAD_CHUNK)
 
 
 def _head_features(x: Tensor, expand_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor, H: int, W: int,

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels.linear_attention import HEAD_DIM, _check_inputs, _linear_attention_bwd, _linear_attention_fwd
+from .kernels.linear_attention import (
+    _check_inputs,
+    _linear_attention_bwd,
+    _linear_attention_fwd,
+    fake_bwd_outputs,
+    fake_fwd_outputs,
+)
 from .linear import bias_grad, compute_dtype, matmul_to
 
 
@@ -69,17 +75,12 @@ qk_linear_attention_bwd_op = torch.library.custom_op(
 
 @qk_linear_attention_fwd_op.register_fake
 def _(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, H, W, num_heads, gate_silu):
-    B, N, C = v.shape
-    state = v.new_empty((B * num_heads, HEAD_DIM, HEAD_DIM), dtype=torch.float32)
-    return v.new_empty((B, N, C)), state, v.new_empty((B * num_heads, HEAD_DIM), dtype=torch.float32)
+    return fake_fwd_outputs(v, num_heads)
 
 
 @qk_linear_attention_bwd_op.register_fake
 def _(dy, v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu):
-    B, N, C = v.shape
-    dg = v.new_empty((B, N, C) if g is not None else (0,))
-    return (v.new_empty((B, N, 2 * C)), v.new_empty((B, N, C)), dg, lepe_weight.new_empty(lepe_weight.shape),
-            lepe_bias.new_empty(lepe_bias.shape))
+    return fake_bwd_outputs(v.dtype, v, g, lepe_weight, lepe_bias)
 
 
 class _QKLinearAttention(torch.autograd.Function):

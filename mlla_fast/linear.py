@@ -63,6 +63,13 @@ def matmul_to(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return (a @ b).to(dtype)
 
 
+def chunk_ranges(n: int, width: int, budget: int) -> list[tuple[int, int]]:
+    """[start, end) ranges over n rows of ``width`` elements each, about ``budget`` elements (at least one row)
+    per range: the chunks of the chunked MLP and of the fused output head."""
+    per = max(1, budget // max(1, width))
+    return [(s, min(s + per, n)) for s in range(0, n, per)]
+
+
 def bias_grad(dy: Tensor, dtype: torch.dtype) -> Tensor:
     """``dy.sum(0)`` of a 2-D dy in dtype, accumulated in fp32 (fp64 for fp64 dy): the Triton column sum
     where the fused kernels run, else PyTorch's sum."""
