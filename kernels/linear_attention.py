@@ -238,9 +238,9 @@ def _store_state(p, o_start, b_a, b_b):
 
 @triton.jit
 def _la_fwd_reduce_kernel(
-    p_qk, p_v, p_trig, p_kv_part, p_ksum_part,
+    p_k, p_v, p_trig, p_kv_part, p_ksum_part,
     N, W, n_pos, blocks_per_split,
-    s_qk_b, s_qk_n, s_v_b, s_v_n, s_part,
+    s_k_b, s_k_n, s_v_b, s_v_n, s_part,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
 ):
@@ -255,7 +255,7 @@ def _la_fwd_reduce_kernel(
     i_h = i_bh % NUM_HEADS
     o_t = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, 32)
-    p_k = p_qk + i_b * s_qk_b + C + i_h * 32
+    p_kh = p_k + i_b * s_k_b + i_h * 32
     p_vh = p_v + i_b * s_v_b + i_h * 32
 
     b_kv_a = tl.zeros([16, 32], dtype=tl.float32)
@@ -268,7 +268,7 @@ def _la_fwd_reduce_kernel(
         o_n = i_blk * BLOCK_N + o_t
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
-        b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n, SPLIT_PAIRS)
+        b_ka, b_kb = _load_pairs(p_kh, o_n64 * s_k_n, m_n, SPLIT_PAIRS)
         b_ka, _ = _phi(b_ka)
         b_kb, _ = _phi(b_kb)
         # phi(0) = 1: padding tokens must not count in sum phi(k)
@@ -291,12 +291,12 @@ def _la_fwd_reduce_kernel(
 
 
 @triton.jit
-def _attention_numerator(p_qk, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
+def _attention_numerator(p_q, s_q_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
                          C_QUARTER: tl.constexpr, EPS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr):
     """Recompute q's features at tokens o_n: returns phi(q) halves, their ELU' halves, q~ halves,
     cos, sin [BN, 16], the numerator q~ . kv [BN, 32] and the normaliser z [BN]."""
-    b_qa, b_qb = _load_pairs(p_qk, o_n.to(tl.int64) * s_qk_n, m_n, SPLIT_PAIRS)
+    b_qa, b_qb = _load_pairs(p_q, o_n.to(tl.int64) * s_q_n, m_n, SPLIT_PAIRS)
     b_qa, b_dqa = _phi(b_qa)
     b_qb, b_dqb = _phi(b_qb)
     b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C_QUARTER, TRIG)
@@ -342,9 +342,9 @@ def _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_n, s_row, DI: tl.constexp
 
 @triton.jit
 def _la_fwd_out_kernel(
-    p_qk, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg,
+    p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg,
     N, H, W, n_pos,
-    s_qk_b, s_qk_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
+    s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
     TRIG: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr,
@@ -367,7 +367,7 @@ def _la_fwd_out_kernel(
     o_c = i_h * 32 + o_d
 
     _, _, _, _, _, _, _, _, b_num, b_z = _attention_numerator(
-        p_qk + i_b * s_qk_b + i_h * 32, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
+        p_q + i_b * s_q_b + i_h * 32, s_q_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
         C // 4, EPS, DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG)
     # the LePE sums its taps in the loads' layout and meets the dot's output once (adding each tap to the dot's
     # accumulator would convert every tap's product to the MMA layout through shared memory)
@@ -404,14 +404,14 @@ def _la_fwd_out_kernel(
 
 @triton.jit
 def _la_bwd_q_kernel(
-    p_qk, p_do, p_trig, p_kv, p_ksum, p_dqk, p_dkv_part, p_dksum_part,
+    p_q, p_do, p_trig, p_kv, p_ksum, p_dq, p_dkv_part, p_dksum_part,
     N, W, n_pos, blocks_per_split,
-    s_qk_b, s_qk_n, s_do_b, s_do_n, s_part,
+    s_q_b, s_q_n, s_do_b, s_do_n, s_dq_b, s_dq_n, s_part,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, EPS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
 ):
     """The q side of the backward, which needs only the forward's state and the gated output gradient do:
-    per token dq (first half of dqk); per program partial sums over its token range of
+    per token dq; per program partial sums over its token range of
     dKV = sum_n z_n q~_n do_n^T and of the normaliser's sum_n u_n phi(q_n) (u_n = -z_n^2 num_n . do_n).
     Grid (splits, B * heads)."""
     i_s = tl.program_id(0)
@@ -421,9 +421,9 @@ def _la_bwd_q_kernel(
     o_t = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, 32)
     o_p = tl.arange(0, 16)
-    p_q = p_qk + i_b * s_qk_b + i_h * 32
+    p_qh = p_q + i_b * s_q_b + i_h * 32
     p_dob = p_do + i_b * s_do_b + i_h * 32
-    p_dq = p_dqk + i_b * N * 2 * C + i_h * 32
+    p_dqh = p_dq + i_b * s_dq_b + i_h * 32
 
     b_ks_a = tl.load(p_ksum + i_bh * 32 + o_p)
     b_ks_b = tl.load(p_ksum + i_bh * 32 + 16 + o_p)
@@ -438,7 +438,7 @@ def _la_bwd_q_kernel(
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
         b_qa, b_qb, _, _, b_qra, b_qrb, b_cos, b_sin, b_num, b_z = _attention_numerator(
-            p_q, s_qk_n, p_trig, n_pos, p_kv, p_ksum, o_n, o_n // W, o_n % W, m_n, i_bh, i_h, C // 4, EPS,
+            p_qh, s_q_n, p_trig, n_pos, p_kv, p_ksum, o_n, o_n // W, o_n % W, m_n, i_bh, i_h, C // 4, EPS,
             DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG)
         b_do = tl.load(p_dob + o_n64[:, None] * s_do_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
 
@@ -457,7 +457,7 @@ def _la_bwd_q_kernel(
             b_dqrb = _dot(b_do, tl.trans(b_kv_b), None, DOT_DTYPE, DOT_PRECISION) * b_z[:, None]
         b_dqa = (b_dqra * b_cos + b_dqrb * b_sin + b_u[:, None] * b_ks_a[None, :]) * tl.minimum(b_qa, 1.0)
         b_dqb = (b_dqrb * b_cos - b_dqra * b_sin + b_u[:, None] * b_ks_b[None, :]) * tl.minimum(b_qb, 1.0)
-        _store_pairs(p_dq, o_n64 * 2 * C, m_n, b_dqa, b_dqb, SPLIT_PAIRS)
+        _store_pairs(p_dqh, o_n64 * s_dq_n, m_n, b_dqa, b_dqb, SPLIT_PAIRS)
         if DOT_DTYPE.is_fp32():
             b_dkv_a = tl.dot(tl.trans(b_qra), b_zdo, b_dkv_a, input_precision=DOT_PRECISION)
             b_dkv_b = tl.dot(tl.trans(b_qrb), b_zdo, b_dkv_b, input_precision=DOT_PRECISION)
@@ -475,15 +475,17 @@ def _la_bwd_q_kernel(
 
 @triton.jit
 def _la_bwd_kv_kernel(
-    p_qk, p_do, p_w, p_v, p_trig, p_dkv, p_dksum, p_dqk, p_dv,
+    p_k, p_do, p_w, p_v, p_trig, p_dkv, p_dksum, p_dk, p_dv,
     N, H, W, n_pos, inv_n,
-    s_qk_b, s_qk_n, s_v_b, s_v_n, s_do_b, s_do_n,
+    s_k_b, s_k_n, s_v_b, s_v_n, s_do_b, s_do_n, s_dk_b, s_dk_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
+    ACC_DV: tl.constexpr,
 ):
-    """The k/v side of the backward for one block of tokens and one (batch, head): dk (second half of dqk)
-    through k~ and mean phi(k), and dv through kv plus the transposed LePE stencil of do (the gated output
-    gradient). Grid (blocks, B * heads)."""
+    """The k/v side of the backward for one block of tokens and one (batch, head): dk through k~ and
+    mean phi(k), and dv through kv plus the transposed LePE stencil of do (the gated output gradient),
+    added to p_dv's contents with ACC_DV (a gradient of v from elsewhere, summed in fp32 and rounded once).
+    Grid (blocks, B * heads)."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -496,10 +498,10 @@ def _la_bwd_kv_kernel(
     o_n64 = o_n.to(tl.int64)
     b_row = o_n // W
     b_col = o_n % W
-    p_k = p_qk + i_b * s_qk_b + C + i_h * 32
+    p_kh = p_k + i_b * s_k_b + i_h * 32
     p_dob = p_do + i_b * s_do_b + i_h * 32
 
-    b_ka, b_kb = _load_pairs(p_k, o_n64 * s_qk_n, m_n, SPLIT_PAIRS)
+    b_ka, b_kb = _load_pairs(p_kh, o_n64 * s_k_n, m_n, SPLIT_PAIRS)
     b_ka, b_eka = _phi(b_ka)
     b_kb, b_ekb = _phi(b_kb)
     b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C // 4, TRIG)
@@ -514,7 +516,7 @@ def _la_bwd_kv_kernel(
     b_dks_b = tl.load(p_dksum + i_bh * 32 + 16 + o_p) * inv_n
     b_dka = (b_dkra * b_cos + b_dkrb * b_sin + b_dks_a[None, :]) * b_eka
     b_dkb = (b_dkrb * b_cos - b_dkra * b_sin + b_dks_b[None, :]) * b_ekb
-    _store_pairs(p_dqk + i_b * N * 2 * C + C + i_h * 32, o_n64 * 2 * C, m_n, b_dka, b_dkb, SPLIT_PAIRS)
+    _store_pairs(p_dk + i_b * s_dk_b + i_h * 32, o_n64 * s_dk_n, m_n, b_dka, b_dkb, SPLIT_PAIRS)
 
     # dv = k~ dKV / N + sum_k w_k do_(n - off_k)
     b_kra = b_ka * b_cos - b_kb * b_sin
@@ -530,8 +532,10 @@ def _la_bwd_kv_kernel(
         b_do_src = tl.load(p_dot + o_src, mask=m_src[:, None], other=0.0)
         b_lepe += b_do_src.to(tl.float32) * tl.load(p_w + k * C + o_c).to(tl.float32)[None, :]
     b_dv += b_lepe
-    tl.store(p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :], b_dv.to(p_dv.dtype.element_ty),
-             mask=m_n[:, None])
+    p_dvt = p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :]
+    if ACC_DV:
+        b_dv += tl.load(p_dvt, mask=m_n[:, None], other=0.0).to(tl.float32)
+    tl.store(p_dvt, b_dv.to(p_dv.dtype.element_ty), mask=m_n[:, None])
 
 
 @triton.jit
@@ -641,51 +645,123 @@ def _gate_args(g: Tensor | None, v: Tensor) -> tuple[Tensor, int, int]:
     return g, g.stride(0), g.stride(1)
 
 
+def attention_state(k: Tensor, v: Tensor, W: int, num_heads: int) -> tuple[Tensor, Tensor]:
+    """The forward's reduction: kv (B*h, 32, 32) = mean_m k~_m v_m^T and ksum (B*h, 32) = mean phi(k), fp32,
+    from k and v (B, N, C) (channels contiguous)."""
+    B, N, C = v.shape
+    bh = B * num_heads
+    trig, n_pos, trig_mode = _trig_args(N // W, W, C, v.device)
+    block_n = CONFIG.fwd_reduce_block_n
+    n_split, per_split = _splits(N, block_n, bh, v.device)
+    part, kv_part, ksum_part = _state_partials(n_split, bh, v.device)
+    _la_fwd_reduce_kernel[(n_split, bh)](
+        k, v, trig, kv_part, ksum_part, N, W, n_pos, per_split,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), part.stride(0),
+        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
+        SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, num_warps=CONFIG.fwd_reduce_warps,
+    )
+    return _sum_state_partials(part, bh, scale=1.0 / N)
+
+
 def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
                           H: int, W: int, num_heads: int, gate_silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward: returns y (B, N, C) and the saved state kv (B*h, 32, 32), mean phi(k) (B*h, 32)."""
     qk, v = _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
-    B, N, C = v.shape
-    bh = B * num_heads
-    device = v.device
-    trig, n_pos, trig_mode = _trig_args(H, W, C, device)
-    dot_args = _dot_args(v.dtype)
-    split_pairs = CONFIG.pair_loads == "split"
-
-    block_n = CONFIG.fwd_reduce_block_n
-    n_split, per_split = _splits(N, block_n, bh, device)
-    part, kv_part, ksum_part = _state_partials(n_split, bh, device)
-    _la_fwd_reduce_kernel[(n_split, bh)](
-        qk, v, trig, kv_part, ksum_part, N, W, n_pos, per_split,
-        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), part.stride(0),
-        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **dot_args, SPLIT_PAIRS=split_pairs, TRIG=trig_mode,
-        num_warps=CONFIG.fwd_reduce_warps,
-    )
-    kv, ksum = _sum_state_partials(part, bh, scale=1.0 / N)
-
-    y = _empty((B, N, C), v.dtype, device)
-    _launch_out_pass(qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, y)
-    return y, kv, ksum
+    C = v.shape[2]
+    kv, ksum = attention_state(qk[..., C:], v, W, num_heads)
+    return attention_output(qk[..., :C], v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu), kv, ksum
 
 
-def _launch_out_pass(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
+def attention_output(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
+                     ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool) -> Tensor:
+    """The forward's output pass: y (B, N, C) from q, v, g (channels contiguous) and the state."""
+    y = _empty(v.shape, v.dtype, v.device)
+    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, y)
+    return y
+
+
+def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
                      ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, out: Tensor,
                      dy: Tensor | None = None, dg: Tensor | None = None) -> None:
-    """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out."""
+    """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out
+    (out may be dy itself: each element of dy is read by the program that writes it, before the write)."""
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     g_arg, s_g_b, s_g_n = _gate_args(g, v)
     dy_arg = v if dy is None else dy
     block_n = CONFIG.fwd_out_block_n
     _la_fwd_out_kernel[(triton.cdiv(N, block_n), B * num_heads)](
-        qk, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
-        out if dg is None else dg, N, H, W, n_pos, qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
+        q, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
+        out if dg is None else dg, N, H, W, n_pos, q.stride(0), q.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
         dy_arg.stride(0), dy_arg.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
         GATE_GRAD=dg is not None, GATE_SILU=gate_silu, num_warps=CONFIG.fwd_out_warps,
     )
+
+
+def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
+                      kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
+                      out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The backward's first pass: (do, dg), the gated output gradient do = dy * gate and the gate's gradient
+    (recomputing the pre-gate output); without a gate (dy, an empty dg). do is written into out when given
+    (which may be dy itself, when the caller owns it)."""
+    if g is None:
+        return dy, _empty((0,), v.dtype, v.device)
+    dg = _empty(v.shape, v.dtype, v.device)
+    do = _empty(v.shape, v.dtype, v.device) if out is None else out
+    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg)
+    return do, dg
+
+
+def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_heads: int,
+                dq: Tensor) -> tuple[Tensor, Tensor, float]:
+    """The q side of the backward: dq into dq (B, N, C; channels contiguous); returns the state's gradient
+    (dkv (B*h, 32, 32), dksum (B*h, 32)) and the scale the k/v side applies to it."""
+    B, N, C = do.shape
+    bh = B * num_heads
+    trig, n_pos, trig_mode = _trig_args(N // W, W, C, do.device)
+    block_n = CONFIG.bwd_q_block_n
+    n_split, per_split = _splits(N, block_n, bh, do.device)
+    part, dkv_part, dksum_part = _state_partials(n_split, bh, do.device)
+    _la_bwd_q_kernel[(n_split, bh)](
+        q, do, trig, kv, ksum, dq, dkv_part, dksum_part, N, W, n_pos, per_split,
+        q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), part.stride(0),
+        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
+        **_dot_args(do.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
+        num_warps=CONFIG.bwd_q_warps,
+    )
+    # the k/v kernel scales dKV and ds by 1/N; low-precision operands take them as means instead (dKV, a sum
+    # over N tokens, can pass fp16's range where its mean does not)
+    if _lowp_operands(do.dtype):
+        dkv, dksum = _sum_state_partials(part, bh, scale=1.0 / N)
+        return dkv, dksum, 1.0
+    dkv, dksum = _sum_state_partials(part, bh)
+    return dkv, dksum, 1.0 / N
+
+
+def kv_side_grad(do: Tensor, k: Tensor, v: Tensor, lepe_weight: Tensor, dkv: Tensor, dksum: Tensor, inv_n: float,
+                 H: int, W: int, num_heads: int, dk: Tensor, dv: Tensor, accumulate: bool = False) -> None:
+    """The k/v side of the backward: dk into dk, and dv (through kv and the transposed LePE) into dv (B, N, C,
+    contiguous), added to dv's contents when accumulate."""
+    B, N, C = v.shape
+    trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
+    block_n = CONFIG.bwd_kv_block_n
+    _la_bwd_kv_kernel[(triton.cdiv(N, block_n), B * num_heads)](
+        k, do, _taps_major(lepe_weight), v, trig, dkv, dksum, dk, dv, N, H, W, n_pos, inv_n,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
+        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
+        SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, ACC_DV=accumulate, num_warps=CONFIG.bwd_kv_warps,
+    )
+
+
+def lepe_param_grads(do: Tensor, v: Tensor, lepe_weight: Tensor, lepe_bias: Tensor, H: int,
+                     W: int) -> tuple[Tensor, Tensor]:
+    """The LePE's parameter gradients (C, 1, 3, 3) and (C,) in their parameters' dtypes, reduced like the
+    stencils'."""
+    dw, db = depthwise_param_grads(do, v, (H, W))
+    return dw.reshape(v.shape[2], 1, 3, 3).to(lepe_weight.dtype), db.to(lepe_bias.dtype)
 
 
 def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
@@ -696,51 +772,13 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     dy, qk, v = _token_major(dy), _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
-    bh = B * num_heads
-    device = v.device
-    trig, n_pos, trig_mode = _trig_args(H, W, C, device)
-    dot_args = _dot_args(v.dtype)
-    split_pairs = CONFIG.pair_loads == "split"
-    weight = _taps_major(lepe_weight)
-
-    dqk = _empty((B, N, 2 * C), qk.dtype, device)
-    dv = _empty((B, N, C), v.dtype, device)
-    if g is not None:  # dg and the gated output gradient do = dy * g, recomputing the pre-gate output
-        dg = _empty((B, N, C), v.dtype, device)
-        do = _empty((B, N, C), v.dtype, device)
-        _launch_out_pass(qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg)
-    else:
-        dg = _empty((0,), v.dtype, device)
-        do = dy
-
-    block_n = CONFIG.bwd_q_block_n
-    n_split, per_split = _splits(N, block_n, bh, device)
-    part, dkv_part, dksum_part = _state_partials(n_split, bh, device)
-    _la_bwd_q_kernel[(n_split, bh)](
-        qk, do, trig, kv, ksum, dqk, dkv_part, dksum_part, N, W, n_pos, per_split,
-        qk.stride(0), qk.stride(1), do.stride(0), do.stride(1), part.stride(0),
-        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        **dot_args, SPLIT_PAIRS=split_pairs, TRIG=trig_mode, num_warps=CONFIG.bwd_q_warps,
-    )
-    # the k/v kernel scales dKV and ds by 1/N; low-precision operands take them as means instead (dKV, a sum
-    # over N tokens, can pass fp16's range where its mean does not)
-    inv_n = 1.0 / N
-    if _lowp_operands(v.dtype):
-        dkv, dksum = _sum_state_partials(part, bh, scale=inv_n)
-        inv_n = 1.0
-    else:
-        dkv, dksum = _sum_state_partials(part, bh)
-    dw, db = depthwise_param_grads(do, v, (H, W))  # the LePE's parameter gradients, reduced like the stencils'
-
-    block_n = CONFIG.bwd_kv_block_n
-    _la_bwd_kv_kernel[(triton.cdiv(N, block_n), bh)](
-        qk, do, weight, v, trig, dkv, dksum, dqk, dv, N, H, W, n_pos, inv_n,
-        qk.stride(0), qk.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **dot_args,
-        SPLIT_PAIRS=split_pairs, TRIG=trig_mode, num_warps=CONFIG.bwd_kv_warps,
-    )
-    dw = dw.reshape(C, 1, 3, 3).to(lepe_weight.dtype)
-    db = db.to(lepe_bias.dtype)
+    q, k = qk[..., :C], qk[..., C:]
+    dqk = _empty((B, N, 2 * C), qk.dtype, v.device)
+    dv = _empty((B, N, C), v.dtype, v.device)
+    do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+    dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dqk[..., :C])
+    dw, db = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
+    kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dqk[..., C:], dv)
     return dqk, dv, dg, dw, db
 
 

@@ -30,42 +30,94 @@ from torch import Tensor
 
 from .kernels.linear_attention import (
     _check_inputs,
-    _linear_attention_bwd,
-    _linear_attention_fwd,
+    _token_major,
+    attention_output,
+    attention_state,
     fake_bwd_outputs,
     fake_fwd_outputs,
+    gated_output_grad,
+    kv_side_grad,
+    lepe_param_grads,
+    q_side_grad,
 )
 from .linear import bias_grad, compute_dtype, matmul_to
 
 
-def _qk(v: Tensor, qk_weight: Tensor, qk_bias: Tensor | None) -> Tensor:
-    """F.linear(v, qk_weight, qk_bias) on the operands as given (in v's dtype), autocast or not: the forward's
-    GEMM and the backward's recompute are one call, bitwise equal."""
+def _project(v: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear(v, weight, bias) on the operands as given (in v's dtype), autocast or not: the forward's GEMMs
+    and the backward's recomputes are the same calls, bitwise equal."""
     with torch.autocast(v.device.type, enabled=False):
-        return F.linear(v, qk_weight, qk_bias)
+        return F.linear(v, weight, bias)
+
+
+def _halves(qk_weight: Tensor, qk_bias: Tensor | None, C: int):
+    """(W_q, b_q), (W_k, b_k): the q and k rows of the projection."""
+    return ((qk_weight[:C], None if qk_bias is None else qk_bias[:C]),
+            (qk_weight[C:], None if qk_bias is None else qk_bias[C:]))
 
 
 def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
                              lepe_weight: Tensor, lepe_bias: Tensor, H: int, W: int, num_heads: int,
                              gate_silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The attention's forward (y, kv, ksum) on qk = F.linear(v, qk_weight, qk_bias), weights in v's dtype."""
-    qk = _qk(v, qk_weight, qk_bias)
-    return _linear_attention_fwd(qk, v, g, lepe_weight, lepe_bias, H, W, num_heads, gate_silu)
+    """The attention's forward (y, kv, ksum), weights in v's dtype: k = v W_k + b_k for the state, then
+    q = v W_q + b_q for the output pass, one (B, N, C) projection live at a time."""
+    v = _token_major(v)
+    g = None if g is None else _token_major(g)
+    (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, v.shape[2])
+    kv, ksum = attention_state(_project(v, wk, bk), v, W, num_heads)
+    y = attention_output(_project(v, wq, bq), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+    return y, kv, ksum
 
 
 def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
                              lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int,
-                             num_heads: int, gate_silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The attention's backward (dqk, dv, dg, d lepe_weight, d lepe_bias) on the forward's qk, recomputed."""
-    qk = _qk(v, qk_weight, qk_bias)
-    return _linear_attention_bwd(dy, qk, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+                             num_heads: int, gate_silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The attention's and the projection's backward: (dv, dg, d qk_weight, d qk_bias, d lepe_weight,
+    d lepe_bias), the projection's gradients in fp32 (d qk_bias empty without a bias).
+
+    q and k are recomputed one at a time, and the (B, N, C) dq and dk are folded into dv as soon as they
+    exist: dv = dq W_q (a GEMM), the k/v kernel adds the attention's own dv to it, then dv += dk W_k in place.
+    At most five (B, N, C) tensors of its own are live at once (do, dg, dv, k, dk), against seven for the
+    attention on a saved (B, N, 2C) qk (qk, dqk, dv, dg, do)."""
+    dy, v = _token_major(dy), _token_major(v)
+    g = None if g is None else _token_major(g)
+    B, N, C = v.shape
+    (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
+    acc = torch.promote_types(qk_weight.dtype, torch.float32)
+    v2 = v.reshape(-1, C)
+    q = _project(v, wq, bq)
+    do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+    dq = torch.empty_like(v)
+    dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dq)
+    del q
+    dq = dq.view(-1, C)
+    with torch.autocast(v.device.type, enabled=False):
+        dv = (dq @ wq).view(B, N, C)
+    grads_q = _projection_grads(dq, v2, qk_bias is not None, acc)
+    del dq
+    k = _project(v, wk, bk)
+    dk = torch.empty_like(v)
+    kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dk, dv, accumulate=True)
+    dlepe_w, dlepe_b = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
+    del k, do
+    dk = dk.view(-1, C)
+    with torch.autocast(v.device.type, enabled=False):
+        dv.view(-1, C).addmm_(dk, wk)
+    grads_k = _projection_grads(dk, v2, qk_bias is not None, acc)
+    return (dv, dg, torch.cat([grads_q[0], grads_k[0]]), torch.cat([grads_q[1], grads_k[1]]), dlepe_w, dlepe_b)
+
+
+def _projection_grads(dp: Tensor, v2: Tensor, bias: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(dW, db) in dtype of one projection p = v W^T + b from dp, v (M, C); db empty without a bias."""
+    dweight = matmul_to(dp.t(), v2, dtype)
+    return dweight, (bias_grad(dp, dtype) if bias else dweight.new_empty((0,)))
 
 
 _FWD_SCHEMA = "(Tensor v, Tensor? g, Tensor qk_weight, Tensor? qk_bias, Tensor lepe_weight, Tensor lepe_bias, " \
     "SymInt H, SymInt W, int num_heads, bool gate_silu) -> (Tensor, Tensor, Tensor)"
 _BWD_SCHEMA = "(Tensor dy, Tensor v, Tensor? g, Tensor qk_weight, Tensor? qk_bias, Tensor lepe_weight, " \
     "Tensor lepe_bias, Tensor kv, Tensor ksum, SymInt H, SymInt W, int num_heads, bool gate_silu) " \
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 qk_linear_attention_fwd_op = torch.library.custom_op(
     "mlla_fast::qk_linear_attention_fwd", _qk_linear_attention_fwd, mutates_args=(), schema=_FWD_SCHEMA)
@@ -80,7 +132,10 @@ def _(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, H, W, num_heads, gate_si
 
 @qk_linear_attention_bwd_op.register_fake
 def _(dy, v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu):
-    return fake_bwd_outputs(v.dtype, v, g, lepe_weight, lepe_bias)
+    _, dv, dg, dlepe_w, dlepe_b = fake_bwd_outputs(v.dtype, v, g, lepe_weight, lepe_bias)
+    acc = torch.promote_types(qk_weight.dtype, torch.float32)
+    dbias = qk_weight.new_empty((0,) if qk_bias is None else qk_bias.shape, dtype=acc)
+    return dv, dg, qk_weight.new_empty(qk_weight.shape, dtype=acc), dbias, dlepe_w, dlepe_b
 
 
 class _QKLinearAttention(torch.autograd.Function):
@@ -104,17 +159,14 @@ class _QKLinearAttention(torch.autograd.Function):
         v, g, wc, bc, lepe_weight, lepe_bias, kv, ksum = ctx.saved_tensors
         need = ctx.needs_input_grad
         weight_dtype, bias_dtype = ctx.param_dtypes
-        # No autocast context in this Function (the GEMMs' operands share one dtype; the recompute disables
-        # autocast inside its op): under torch.compile (PyTorch 2.13) one in the backward left autocast off for
-        # the rest of the traced forward, whose MLP then ran in fp32.
-        dqk, dv, dg, dlepe_w, dlepe_b = qk_linear_attention_bwd_op(
+        # No autocast context in this Function (the GEMMs run inside the op, autocast disabled there): under
+        # torch.compile (PyTorch 2.13) one in the backward left autocast off for the rest of the traced forward,
+        # whose MLP then ran in fp32.
+        dv, dg, dweight, dbias, dlepe_w, dlepe_b = qk_linear_attention_bwd_op(
             dy, v, g, wc, bc, lepe_weight, lepe_bias, kv, ksum, *ctx.grid)
-        dqk = dqk.view(-1, dqk.shape[-1])
-        dweight = matmul_to(dqk.t(), v.reshape(-1, v.shape[-1]), weight_dtype) if need[2] else None
-        dbias = bias_grad(dqk, bias_dtype) if bias_dtype is not None and need[3] else None
-        if need[0]:
-            dv.view(-1, dv.shape[-1]).addmm_(dqk, wc)
-        return (dv if need[0] else None, dg if g is not None and need[1] else None, dweight, dbias,
+        return (dv if need[0] else None, dg if g is not None and need[1] else None,
+                dweight.to(weight_dtype) if need[2] else None,
+                dbias.to(bias_dtype) if bias_dtype is not None and need[3] else None,
                 dlepe_w if need[4] else None, dlepe_b if need[5] else None, None, None, None, None)
 
 

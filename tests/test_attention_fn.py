@@ -1,9 +1,11 @@
 """qk_linear_attention (mlla_fast/attention.py) against the two calls it replaces, linear + linear_attention.
 
-Output and every gradient on a small odd grid in fp32 (bitwise) and under bf16/fp16 autocast (bitwise but dv,
-whose dqk @ W is added to the attention's dv in one GEMM, rounded once instead of twice); that no (B, N, 2C)
-tensor is saved for the backward, eager or compiled; partial requires_grad, torch.compile, opcheck of the two
-custom ops and the input checks.
+Output and every gradient on a small odd grid in fp32 (the project's fp32 rule: the q and k projections and
+their gradients are separate GEMMs, and dv is summed in another order) and under bf16/fp16 autocast (the
+low-precision rule against the fp32 result, the two calls in that dtype standing in for PyTorch's own
+low-precision computation: dv is rounded in other places); that no (B, N, 2C) tensor is saved for the
+backward, eager or compiled; partial requires_grad, torch.compile, opcheck of the two custom ops and the input
+checks.
 """
 
 import math
@@ -17,7 +19,7 @@ from mlla_fast.kernels import dwconv
 from mlla_fast.kernels import linear_attention as la
 from mlla_fast.linear import compute_dtype, linear
 
-from tolerance import rel_err
+from tolerance import FP32_RTOL, LOWP_FACTOR, LOWP_FLOOR, rel_err
 
 B, H, W, C, HEADS = 2, 5, 7, 64, 2
 N = H * W
@@ -74,15 +76,18 @@ def test_matches_linear_then_attention(dtype, bias, device):
     y_ref, grads_ref = run(two_calls, leaves, dy, dtype)
     y, grads = run(one_function, leaves, dy, dtype)
     assert y.dtype == y_ref.dtype == (dtype or torch.float32)
-    assert torch.equal(y, y_ref)
     assert grads.keys() == grads_ref.keys() == {k for k in NAMES if leaves[k] is not None}
-    for name, grad in grads.items():
-        assert grad.dtype == grads_ref[name].dtype == torch.float32, name
-        if name == "v" and dtype is not None:
-            # one rounding of dv + dqk @ W to bf16/fp16 instead of two
-            assert rel_err(grad, grads_ref[name]) <= (2e-3 if dtype == torch.bfloat16 else 3e-4), name
-        else:
-            assert torch.equal(grad, grads_ref[name]), f"d{name}: one function != linear + linear_attention"
+    if dtype is None:
+        assert rel_err(y, y_ref) <= FP32_RTOL
+        for name, grad in grads.items():
+            assert grad.dtype == grads_ref[name].dtype == torch.float32, name
+            assert rel_err(grad, grads_ref[name]) <= FP32_RTOL, f"d{name}: one function != linear + linear_attention"
+        return
+    y32, grads32 = run(two_calls, leaves, dy)
+    for name, out, ref_lowp, ref32 in [("y", y, y_ref, y32)] + [(k, grads[k], grads_ref[k], grads32[k]) for k in grads]:
+        assert out.dtype == ref_lowp.dtype, name
+        bound = LOWP_FACTOR * rel_err(ref_lowp, ref32) + LOWP_FLOOR[dtype]
+        assert rel_err(out, ref32) <= bound, f"{name}: {rel_err(out, ref32):.2e} > {bound:.2e}"
 
 
 @pytest.mark.parametrize("frozen", [("v",), ("qk_weight", "qk_bias"), ("v", "g", "lepe_weight", "lepe_bias")])
@@ -94,7 +99,7 @@ def test_partial_gradients(frozen, device):
     _, grads = run(one_function, leaves, dy, frozen=frozen)
     assert grads.keys() == grads_ref.keys() == set(NAMES) - set(frozen)
     for name, grad in grads.items():
-        assert torch.equal(grad, grads_ref[name]), name
+        assert rel_err(grad, grads_ref[name]) <= FP32_RTOL, name
 
 
 def _saved_shapes(fn, leaves, dtype=None) -> list[tuple[int, ...]]:
