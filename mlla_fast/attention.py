@@ -8,11 +8,13 @@ bias and the attention's O(B h d²) state instead, and its backward redoes the q
 same operands: the forward's qk bitwise) before the attention's backward, 2C² of the block's 13C² forward
 multiply-adds per token. One fp32 block (C=64, 16x16 grid, batch 2) saves 8.4x its input for the backward
 instead of 10.4x. The projection's gradients follow the attention's: dv += dqk @ W in place into the
-attention's dv (no second (B, N, C) gradient to sum; under bf16/fp16 the sum is rounded once instead of
-twice), dW in the weight's dtype (fp32 out of the GEMM) as in ``mlla_fast.linear``, and the bias gradient by
-the Triton column sum.
+attention's dv (no second (B, N, C) gradient to sum), dW in fp32 out of the GEMM as in ``mlla_fast.linear``,
+and the bias gradient by the Triton column sum. For a large v (``SPLIT_QK_BYTES``) q and k are projected and
+differentiated one at a time instead, so that the backward's own (B, N, C) tensors peak at five instead of
+seven (qk and dqk whole): on an H100, one block (C=64, batch 2, 512², bf16) peaked 12 units of B*N*C above
+its start instead of 14.
 
-The GEMM and its recompute run inside two custom ops (``mlla_fast::qk_linear_attention_fwd``/``_bwd``),
+The GEMMs and their recomputes run inside two custom ops (``mlla_fast::qk_linear_attention_fwd``/``_bwd``),
 opaque to torch.compile: with the GEMM as graph nodes, AOTAutograd's partitioner merges the backward's
 recompute with the forward's GEMM (common-subexpression elimination) or moves it into the forward (it
 never recomputes matmuls), and saves qk again.
@@ -56,16 +58,35 @@ def _halves(qk_weight: Tensor, qk_bias: Tensor | None, C: int):
             (qk_weight[C:], None if qk_bias is None else qk_bias[C:]))
 
 
+# From this size of v (bytes) on, q and k are projected and differentiated one at a time (the backward's peak
+# holds five (B, N, C) tensors of its own instead of seven); below it, as one (B, N, 2C) qk: fewer, larger
+# GEMMs and column sums. On an H100, MLLA-UNet-T's training step (224², batch 48: v of at most 19 MiB, its
+# memory peak at the end of the forward) took 39.0 ms with every block split, against 38.1 ms with none.
+SPLIT_QK_BYTES = 32 << 20
+
+
+def _split_qk(v: Tensor) -> bool:
+    return v.numel() * v.element_size() >= SPLIT_QK_BYTES
+
+
 def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
                              lepe_weight: Tensor, lepe_bias: Tensor, H: int, W: int, num_heads: int,
                              gate_silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The attention's forward (y, kv, ksum), weights in v's dtype: k = v W_k + b_k for the state, then
-    q = v W_q + b_q for the output pass, one (B, N, C) projection live at a time."""
+    """The attention's forward (y, kv, ksum), weights in v's dtype: qk = v W_qk + b_qk, or for a large v
+    k = v W_k + b_k for the state, then q = v W_q + b_q for the output pass, one (B, N, C) projection live
+    at a time."""
     v = _token_major(v)
     g = None if g is None else _token_major(g)
-    (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, v.shape[2])
-    kv, ksum = attention_state(_project(v, wk, bk), v, W, num_heads)
-    y = attention_output(_project(v, wq, bq), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+    C = v.shape[2]
+    if _split_qk(v):
+        (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
+        kv, ksum = attention_state(_project(v, wk, bk), v, W, num_heads)
+        q = _project(v, wq, bq)
+    else:
+        qk = _project(v, qk_weight, qk_bias)
+        kv, ksum = attention_state(qk[..., C:], v, W, num_heads)
+        q = qk[..., :C]
+    y = attention_output(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
     return y, kv, ksum
 
 
@@ -75,16 +96,30 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
     """The attention's and the projection's backward: (dv, dg, d qk_weight, d qk_bias, d lepe_weight,
     d lepe_bias), the projection's gradients in fp32 (d qk_bias empty without a bias).
 
-    q and k are recomputed one at a time, and the (B, N, C) dq and dk are folded into dv as soon as they
-    exist: dv = dq W_q (a GEMM), the k/v kernel adds the attention's own dv to it, then dv += dk W_k in place.
-    At most five (B, N, C) tensors of its own are live at once (do, dg, dv, k, dk), against seven for the
-    attention on a saved (B, N, 2C) qk (qk, dqk, dv, dg, do)."""
+    For a large v (``SPLIT_QK_BYTES``) q and k are recomputed one at a time, and the (B, N, C) dq and dk are
+    folded into dv as soon as they exist: dv = dq W_q (a GEMM), the k/v kernel adds the attention's own dv to
+    it, then dv += dk W_k in place. At most five (B, N, C) tensors of its own are live at once (do, dg, dv,
+    k, dk), against seven with qk and dqk whole (qk, dqk, dv, dg, do)."""
     dy, v = _token_major(dy), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
-    (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
     acc = torch.promote_types(qk_weight.dtype, torch.float32)
     v2 = v.reshape(-1, C)
+    if not _split_qk(v):
+        qk = _project(v, qk_weight, qk_bias)
+        q, k = qk[..., :C], qk[..., C:]
+        do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+        dqk = torch.empty((B, N, 2 * C), dtype=v.dtype, device=v.device)
+        dv = torch.empty_like(v)
+        dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dqk[..., :C])
+        kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dqk[..., C:], dv)
+        dlepe_w, dlepe_b = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
+        del qk, q, k, do
+        dqk = dqk.view(-1, 2 * C)
+        with torch.autocast(v.device.type, enabled=False):
+            dv.view(-1, C).addmm_(dqk, qk_weight)
+        return (dv, dg, *_projection_grads(dqk, v2, qk_bias is not None, acc), dlepe_w, dlepe_b)
+    (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
     q = _project(v, wq, bq)
     do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
     dq = torch.empty_like(v)

@@ -68,9 +68,16 @@ def run(fn, leaves, dy, dtype=None, frozen=()):
     return y.detach(), {k: x.grad for k, x in fresh.items() if x is not None and x.requires_grad}
 
 
+@pytest.fixture(params=["packed", "split"])
+def qk_path(request, monkeypatch):
+    """Both of the backward's paths: qk and dqk whole (small v) or q and k one at a time (large v)."""
+    monkeypatch.setattr(attention, "SPLIT_QK_BYTES", 0 if request.param == "split" else 1 << 62)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_linear_then_attention(dtype, bias, device):
+def test_matches_linear_then_attention(dtype, bias, qk_path, device):
     leaves = make_leaves(device, bias)
     dy = torch.randn(B, N, C, device=device)
     y_ref, grads_ref = run(two_calls, leaves, dy, dtype)
@@ -91,7 +98,7 @@ def test_matches_linear_then_attention(dtype, bias, device):
 
 
 @pytest.mark.parametrize("frozen", [("v",), ("qk_weight", "qk_bias"), ("v", "g", "lepe_weight", "lepe_bias")])
-def test_partial_gradients(frozen, device):
+def test_partial_gradients(frozen, qk_path, device):
     """Inputs that take no gradient get none; the others' gradients are unchanged."""
     leaves = make_leaves(device)
     dy = torch.randn(B, N, C, device=device)
@@ -118,7 +125,7 @@ def _saved_shapes(fn, leaves, dtype=None) -> list[tuple[int, ...]]:
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_qk_is_not_saved(dtype, compiled, device):
+def test_qk_is_not_saved(dtype, compiled, qk_path, device):
     """No (B, N, 2C) tensor is kept for the backward (the two calls keep qk), also where AOTAutograd's
     partitioner picks what is saved (torch.compile)."""
     def compile_if(fn):
@@ -159,7 +166,7 @@ def test_torch_compile_keeps_autocast_after_the_function(device):
 
 
 @pytest.mark.parametrize("gate", [True, False])
-def test_opcheck(gate, device):
+def test_opcheck(gate, qk_path, device):
     t = {k: x.detach() for k, x in make_leaves(device).items()}
     g = t["g"] if gate else None
     args = (t["v"], g, t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"])
