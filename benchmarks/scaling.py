@@ -7,6 +7,11 @@ Variants, all with the same weights (loaded with ``load_state_dict``):
 - ``eager``: the pure-PyTorch reference ``mlla_fast.reference.MLLABlock``;
 - ``compiled``: the reference under ``torch.compile`` (static shapes, recompiled per grid; the
   compile time is the ``first_call_s`` column);
+- ``fused-graph`` / ``eager-graph``: the fused block and the reference with each call (forward, or
+  forward and backward into the input and every parameter) captured in one CUDA graph by
+  ``mlla_fast.graphs.GraphedStep`` and replayed: the GPU time without Python and kernel-launch overhead,
+  which bounds a 512² block of C=64; their peak memory is the larger of the replays' and that of the
+  warm-up and capture;
 - ``softmax``: the same block with softmax attention (``F.scaled_dot_product_attention`` over heads
   of 32 channels: q, k from the block's ``qk`` projection, v the attention input) in place of the
   linear attention, then + LePE and gated like the block: the quadratic baseline. On CUDA its first
@@ -24,6 +29,7 @@ Prints a table, fits the log-log slope of time and of peak memory against pixel 
 
     python benchmarks/scaling.py                                    # the full default run (GPU)
     python benchmarks/scaling.py --batch 2 --grids 512 1024 --modes fwd+bwd --variants fused eager compiled
+    python benchmarks/scaling.py --batch 2 --grids 512 1024 --modes fwd+bwd --variants fused-graph eager-graph
     python benchmarks/scaling.py --from-json benchmarks/results/nvidia-h200/scaling_C64_h2_B1_bf16.json  # refit
 """
 
@@ -80,11 +86,13 @@ from benchmarks.common import (
     write_csv,
     write_json,
 )
+from mlla_fast.graphs import GraphedStep
 from mlla_fast.reference import MLLABlock as ReferenceBlock
 from mlla_fast.reference.block import LinearAttention
 from mlla_fast.reference.ops import dwconv_tokens_ref, trunc_normal_init
 
-VARIANTS = ("fused", "eager", "compiled", "softmax")
+VARIANTS = ("fused", "eager", "compiled", "softmax", "fused-graph", "eager-graph")
+GRAPH_VARIANTS = ("fused-graph", "eager-graph")
 MODES = ("fwd", "fwd+bwd")
 GPU_GRIDS = ("64", "128", "256", "512", "1024", "2048", "4096")
 CPU_GRIDS = ("16", "32", "64")
@@ -204,6 +212,7 @@ def make_block(variant: str, dim: int, heads: int, grid: tuple[int, int], weight
     """One variant's block on device at grid, with the shared weights."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    variant = variant.removesuffix("-graph")
     with torch.device(device):
         if variant == "fused":
             block = mlla_fast.MLLABlock(dim, grid, heads, backend="triton")
@@ -236,9 +245,10 @@ def check_fused(args: argparse.Namespace, weights: dict[str, Tensor], device: to
 
 
 def build_point(variant: str, mode: str, grid: tuple[int, int], args: argparse.Namespace,
-                weights: dict[str, Tensor], device: torch.device, built: dict[str, nn.Module] | None = None):
+                weights: dict[str, Tensor], device: torch.device, built: dict[str, Any] | None = None):
     """The (step, setup) pair that common.measure times for one variant, mode and grid (the block goes
-    into ``built["block"]`` when given)."""
+    into ``built["block"]`` when given; a graph variant's first call captures the step, and
+    ``built["capture_peak_bytes"]`` is the peak memory of its warm-up and capture)."""
     block = make_block(variant, args.dim, args.heads, grid, weights, device, args.compile_backend)
     if built is not None:
         built["block"] = block
@@ -260,7 +270,27 @@ def build_point(variant: str, mode: str, grid: tuple[int, int], args: argparse.N
             with torch.no_grad(), autocast(device, dtype):
                 block(x)
 
-    return step, setup
+    if variant not in GRAPH_VARIANTS:
+        return step, setup
+
+    def captured(x: Tensor, grad: Tensor | None = None) -> None:
+        # the graph's static input takes no gradient: a leaf view of it does, so that the input gradient is
+        # computed (into the graph's memory pool, like the parameters' after zero_grad(set_to_none=True))
+        block.zero_grad(set_to_none=True)
+        step(x.detach().requires_grad_(train), grad)
+
+    graph: list[GraphedStep] = []
+
+    def graph_step(x: Tensor, grad: Tensor | None) -> None:
+        inputs = (x,) if grad is None else (x, grad)
+        if not graph:
+            torch.cuda.reset_peak_memory_stats(device)
+            graph.append(GraphedStep(captured, *inputs))
+            if built is not None:
+                built["capture_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        graph[0](*inputs)
+
+    return graph_step, setup
 
 
 def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConfig,
@@ -270,14 +300,20 @@ def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConf
 
     def run(key: tuple[str, str], grid: tuple[int, int]) -> Measurement:
         variant, mode = key
-        if variant == "fused" and cpu:
+        if variant.startswith("fused") and cpu:
             return Measurement(SKIPPED, note="the fused kernels need a CUDA device (CPU demonstration)")
-        if variant in checks and not checks[variant].passed:
-            return Measurement(FAILED_CHECK, note=checks[variant].detail)
+        if variant in GRAPH_VARIANTS and cpu:
+            return Measurement(SKIPPED, note="CUDA graphs need a CUDA device (CPU demonstration)")
+        check = checks.get(variant.removesuffix("-graph"))
+        if check is not None and not check.passed:
+            return Measurement(FAILED_CHECK, note=check.detail)
         built = {}
         result = measure(lambda: build_point(variant, mode, grid, args, weights, device, built), device, timing)
         if variant == "compiled":
             release_compiled(device)
+        if variant in GRAPH_VARIANTS and result.ok and "capture_peak_bytes" in built:
+            result = dataclasses.replace(result, work_bytes=None,
+                                         peak_bytes=max(result.peak_bytes or 0, built["capture_peak_bytes"]))
         sdpa_note = getattr(getattr(built.get("block"), "attn", None), "sdpa_note", "")
         if sdpa_note:
             result = dataclasses.replace(result, note="; ".join(filter(None, (result.note, sdpa_note))))
@@ -350,6 +386,16 @@ def report(rows: Sequence[dict[str, Any]], slopes: Sequence[dict[str, Any]], arg
                     line.append(fmt_ratio(by_key[("eager", mode, grid)]["peak_bytes"], fused["peak_bytes"]))
             table.append(line)
         lines += [f"\n[{mode}] median time per call and peak memory", format_table(headers, table)]
+        if {"fused-graph", "eager-graph"} <= set(args.variants):
+            graph_table = [
+                [grid, fmt_ratio(by_key[("eager-graph", mode, grid)]["median_ms"],
+                                 by_key[("fused-graph", mode, grid)]["median_ms"]),
+                 fmt_ratio(by_key[("eager-graph", mode, grid)]["peak_bytes"],
+                           by_key[("fused-graph", mode, grid)]["peak_bytes"])]
+                for grid in map(grid_label, sorted(args.grids, key=lambda g: g[0] * g[1]))]
+            lines += [f"\n[{mode}] CUDA graphs: the reference against the fused block, both without launch overhead",
+                      format_table(["grid", "time eager-graph/fused-graph", "mem eager-graph/fused-graph"],
+                                   graph_table)]
     slope_rows = [
         [s["variant"], s["mode"], "-" if s["time_slope"] is None else f"{s['time_slope']:.2f}",
          "-" if s["memory_slope"] is None else f"{s['memory_slope']:.2f}",
@@ -375,7 +421,8 @@ def plot(rows: Sequence[dict[str, Any]], slopes: Sequence[dict[str, Any]], path:
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
     styles = {"fwd": "--", "fwd+bwd": "-"}
-    colours = dict(zip(VARIANTS, ("tab:red", "tab:blue", "tab:green", "tab:purple"), strict=True))
+    colours = dict(zip(VARIANTS, ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:cyan"),
+                       strict=True))
     for s in slopes:
         ok = sorted((r for r in rows if (r["variant"], r["mode"]) == (s["variant"], s["mode"]) and r["status"] == "ok"),
                     key=lambda r: r["pixels"])
@@ -484,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(NO_GPU_MESSAGE)
     args.dtype = args.dtype or ("fp32" if cpu else "bf16")
     args.grids = args.grids or [parse_grid(g) for g in (CPU_GRIDS if cpu else GPU_GRIDS)]
-    args.variants = args.variants or (["eager"] if cpu else list(VARIANTS))
+    args.variants = args.variants or (["eager"] if cpu else [v for v in VARIANTS if v not in GRAPH_VARIANTS])
     args.fit_min = args.fit_min or (32 if cpu else 1024)
     timing = timing_from_args(args)
     env = environment(device)
@@ -494,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     weights = block_weights(args.dim, args.heads, args.seed)
     checks: dict[str, CheckResult] = {}
-    if "fused" in args.variants and not cpu:
+    if {"fused", "fused-graph"} & set(args.variants) and not cpu:
         checks["fused"] = check_fused(args, weights, device)
         print(f"fused correctness check ({grid_label(args.check_grid)}): "
               f"{'passed' if checks['fused'].passed else 'FAILED'}: {checks['fused'].detail}")
