@@ -645,22 +645,30 @@ def _gate_args(g: Tensor | None, v: Tensor) -> tuple[Tensor, int, int]:
     return g, g.stride(0), g.stride(1)
 
 
+def _split_launch(shape: torch.Size, W: int, num_heads: int, block_n: int, device: torch.device):
+    """What a kernel looping over token ranges and writing per-split state partials is launched with:
+    (trig, n_pos, TRIG, grid, blocks per split, partials buffer, its matrix view, its vector view)."""
+    B, N, C = shape
+    bh = B * num_heads
+    trig, n_pos, trig_mode = _trig_args(N // W, W, C, device)
+    n_split, per_split = _splits(N, block_n, bh, device)
+    return trig, n_pos, trig_mode, (n_split, bh), per_split, *_state_partials(n_split, bh, device)
+
+
 def attention_state(k: Tensor, v: Tensor, W: int, num_heads: int) -> tuple[Tensor, Tensor]:
     """The forward's reduction: kv (B*h, 32, 32) = mean_m k~_m v_m^T and ksum (B*h, 32) = mean phi(k), fp32,
     from k and v (B, N, C) (channels contiguous)."""
     B, N, C = v.shape
-    bh = B * num_heads
-    trig, n_pos, trig_mode = _trig_args(N // W, W, C, v.device)
     block_n = CONFIG.fwd_reduce_block_n
-    n_split, per_split = _splits(N, block_n, bh, v.device)
-    part, kv_part, ksum_part = _state_partials(n_split, bh, v.device)
-    _la_fwd_reduce_kernel[(n_split, bh)](
+    trig, n_pos, trig_mode, grid, per_split, part, kv_part, ksum_part = _split_launch(
+        v.shape, W, num_heads, block_n, v.device)
+    _la_fwd_reduce_kernel[grid](
         k, v, trig, kv_part, ksum_part, N, W, n_pos, per_split,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
         SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, num_warps=CONFIG.fwd_reduce_warps,
     )
-    return _sum_state_partials(part, bh, scale=1.0 / N)
+    return _sum_state_partials(part, B * num_heads, scale=1.0 / N)
 
 
 def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
@@ -721,11 +729,10 @@ def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_hea
     (dkv (B*h, 32, 32), dksum (B*h, 32)) and the scale the k/v side applies to it."""
     B, N, C = do.shape
     bh = B * num_heads
-    trig, n_pos, trig_mode = _trig_args(N // W, W, C, do.device)
     block_n = CONFIG.bwd_q_block_n
-    n_split, per_split = _splits(N, block_n, bh, do.device)
-    part, dkv_part, dksum_part = _state_partials(n_split, bh, do.device)
-    _la_bwd_q_kernel[(n_split, bh)](
+    trig, n_pos, trig_mode, grid, per_split, part, dkv_part, dksum_part = _split_launch(
+        do.shape, W, num_heads, block_n, do.device)
+    _la_bwd_q_kernel[grid](
         q, do, trig, kv, ksum, dq, dkv_part, dksum_part, N, W, n_pos, per_split,
         q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
