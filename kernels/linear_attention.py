@@ -692,8 +692,7 @@ def attention_output(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
 def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
                      ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, out: Tensor,
                      dy: Tensor | None = None, dg: Tensor | None = None) -> None:
-    """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out
-    (out may be dy itself: each element of dy is read by the program that writes it, before the write)."""
+    """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out."""
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     g_arg, s_g_b, s_g_n = _gate_args(g, v)
@@ -710,15 +709,14 @@ def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
 
 
 def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-                      kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
-                      out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
+                      gate_silu: bool) -> tuple[Tensor, Tensor]:
     """The backward's first pass: (do, dg), the gated output gradient do = dy * gate and the gate's gradient
-    (recomputing the pre-gate output); without a gate (dy, an empty dg). do is written into out when given
-    (which may be dy itself, when the caller owns it)."""
+    (recomputing the pre-gate output); without a gate (dy, an empty dg)."""
     if g is None:
         return dy, _empty((0,), v.dtype, v.device)
     dg = _empty(v.shape, v.dtype, v.device)
-    do = _empty(v.shape, v.dtype, v.device) if out is None else out
+    do = _empty(v.shape, v.dtype, v.device)
     _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg)
     return do, dg
 

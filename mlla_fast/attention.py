@@ -32,6 +32,8 @@ from torch import Tensor
 
 from .kernels.linear_attention import (
     _check_inputs,
+    _linear_attention_bwd,
+    _linear_attention_fwd,
     _token_major,
     attention_output,
     attention_state,
@@ -75,18 +77,14 @@ def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_
     """The attention's forward (y, kv, ksum), weights in v's dtype: qk = v W_qk + b_qk, or for a large v
     k = v W_k + b_k for the state, then q = v W_q + b_q for the output pass, one (B, N, C) projection live
     at a time."""
+    if not _split_qk(v):
+        return _linear_attention_fwd(_project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, H, W, num_heads,
+                                     gate_silu)
     v = _token_major(v)
     g = None if g is None else _token_major(g)
-    C = v.shape[2]
-    if _split_qk(v):
-        (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
-        kv, ksum = attention_state(_project(v, wk, bk), v, W, num_heads)
-        q = _project(v, wq, bq)
-    else:
-        qk = _project(v, qk_weight, qk_bias)
-        kv, ksum = attention_state(qk[..., C:], v, W, num_heads)
-        q = qk[..., :C]
-    y = attention_output(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+    (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, v.shape[2])
+    kv, ksum = attention_state(_project(v, wk, bk), v, W, num_heads)
+    y = attention_output(_project(v, wq, bq), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
     return y, kv, ksum
 
 
@@ -106,15 +104,8 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
     acc = torch.promote_types(qk_weight.dtype, torch.float32)
     v2 = v.reshape(-1, C)
     if not _split_qk(v):
-        qk = _project(v, qk_weight, qk_bias)
-        q, k = qk[..., :C], qk[..., C:]
-        do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
-        dqk = torch.empty((B, N, 2 * C), dtype=v.dtype, device=v.device)
-        dv = torch.empty_like(v)
-        dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dqk[..., :C])
-        kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dqk[..., C:], dv)
-        dlepe_w, dlepe_b = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
-        del qk, q, k, do
+        dqk, dv, dg, dlepe_w, dlepe_b = _linear_attention_bwd(
+            dy, _project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
         dqk = dqk.view(-1, 2 * C)
         with torch.autocast(v.device.type, enabled=False):
             dv.view(-1, C).addmm_(dqk, qk_weight)
