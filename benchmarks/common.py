@@ -300,6 +300,33 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def graphed_on_first_call(fn: Callable[..., Any], device: torch.device, record: dict[str, int]) -> Callable[..., Any]:
+    """fn captured in one CUDA graph (``mlla_fast.graphs.GraphedStep``, with the first call's inputs as the
+    example inputs) at its first call, and replayed on every call. ``record["capture_peak_bytes"]`` becomes the
+    peak memory allocated over the warm-up and capture: the replays allocate nothing (``with_capture_peak``)."""
+    from mlla_fast.graphs import GraphedStep
+
+    graph: list[GraphedStep] = []
+
+    def call(*inputs: torch.Tensor) -> Any:
+        if not graph:
+            torch.cuda.reset_peak_memory_stats(device)
+            graph.append(GraphedStep(fn, *inputs))
+            record["capture_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        return graph[0](*inputs)
+
+    return call
+
+
+def with_capture_peak(result: Measurement, record: dict[str, int]) -> Measurement:
+    """A graphed point's measurement with the peak memory of its warm-up and capture counted (the larger of it
+    and the replays'), and no work bytes."""
+    if not result.ok or "capture_peak_bytes" not in record:
+        return result
+    return dataclasses.replace(result, peak_bytes=max(result.peak_bytes or 0, record["capture_peak_bytes"]),
+                               work_bytes=None)
+
+
 def release_compiled(device: torch.device) -> None:
     """Drop torch.compile's caches (graphs, guards) and the memory they held, before the next variant."""
     torch._dynamo.reset()

@@ -67,15 +67,16 @@ from benchmarks.common import (
     fmt_range,
     fmt_ratio,
     format_table,
+    graphed_on_first_call,
     measure,
     output_dir,
     release_compiled,
     sweep,
     timing_from_args,
+    with_capture_peak,
     write_csv,
     write_json,
 )
-from mlla_fast.graphs import GraphedStep
 
 VARIANTS = ("fused", "eager", "compiled", "fused-graph", "eager-graph")
 FUSED_VARIANTS = ("fused", "fused-graph")
@@ -153,7 +154,7 @@ def build_point(name: str, variant: str, dtype: str, mode: str, side: int, batch
     """The (step, setup) pair that common.measure times for one configuration.
 
     setup() gives the inputs: (images, labels) to train, (images,) to infer. A graph variant's first
-    step captures the eager step with GraphedStep; capture["peak_bytes"] then holds the peak memory
+    step captures the eager step with GraphedStep; capture["capture_peak_bytes"] then holds the peak memory
     allocated over its warm-up and capture (the replays allocate nothing).
     """
     model, runner = build_model(name, variant, side, args, device)
@@ -183,17 +184,7 @@ def build_point(name: str, variant: str, dtype: str, mode: str, side: int, batch
 
     if not graphed:
         return eager_step, setup
-    graph: list[GraphedStep] = []
-
-    def graph_step(*inputs: Tensor) -> Tensor:
-        if not graph:
-            torch.cuda.reset_peak_memory_stats(device)
-            graph.append(GraphedStep(eager_step, *inputs))
-            if capture is not None:
-                capture["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        return graph[0](*inputs)
-
-    return graph_step, setup
+    return graphed_on_first_call(eager_step, device, {} if capture is None else capture), setup
 
 
 def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConfig,
@@ -217,10 +208,7 @@ def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConf
                          device, timing)
         if variant == "compiled":
             release_compiled(device)
-        if variant in GRAPH_VARIANTS and result.ok and "peak_bytes" in capture:
-            result = dataclasses.replace(result, peak_bytes=max(result.peak_bytes or 0, capture["peak_bytes"]),
-                                         work_bytes=None)
-        return result
+        return with_capture_peak(result, capture)
 
     def log(key: tuple[str, str, str, str], size: tuple[int, int], m: Measurement) -> None:
         print(f"  {size[0]:>4}:{size[1]:<3} {' '.join(key)}: {describe_measurement(m)}", flush=True)

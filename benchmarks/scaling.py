@@ -78,15 +78,16 @@ from benchmarks.common import (
     fmt_ratio,
     format_table,
     git_state,
+    graphed_on_first_call,
     measure,
     output_dir,
     release_compiled,
     sweep,
     timing_from_args,
+    with_capture_peak,
     write_csv,
     write_json,
 )
-from mlla_fast.graphs import GraphedStep
 from mlla_fast.reference import MLLABlock as ReferenceBlock
 from mlla_fast.reference.block import LinearAttention
 from mlla_fast.reference.ops import dwconv_tokens_ref, trunc_normal_init
@@ -279,16 +280,10 @@ def build_point(variant: str, mode: str, grid: tuple[int, int], args: argparse.N
         block.zero_grad(set_to_none=True)
         step(x.detach().requires_grad_(train), grad)
 
-    graph: list[GraphedStep] = []
+    graphed = graphed_on_first_call(captured, device, {} if built is None else built)
 
     def graph_step(x: Tensor, grad: Tensor | None) -> None:
-        inputs = (x,) if grad is None else (x, grad)
-        if not graph:
-            torch.cuda.reset_peak_memory_stats(device)
-            graph.append(GraphedStep(captured, *inputs))
-            if built is not None:
-                built["capture_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        graph[0](*inputs)
+        graphed(*((x,) if grad is None else (x, grad)))
 
     return graph_step, setup
 
@@ -311,9 +306,7 @@ def run_sweep(args: argparse.Namespace, device: torch.device, timing: TimingConf
         result = measure(lambda: build_point(variant, mode, grid, args, weights, device, built), device, timing)
         if variant == "compiled":
             release_compiled(device)
-        if variant in GRAPH_VARIANTS and result.ok and "capture_peak_bytes" in built:
-            result = dataclasses.replace(result, work_bytes=None,
-                                         peak_bytes=max(result.peak_bytes or 0, built["capture_peak_bytes"]))
+        result = with_capture_peak(result, built)
         sdpa_note = getattr(getattr(built.get("block"), "attn", None), "sdpa_note", "")
         if sdpa_note:
             result = dataclasses.replace(result, note="; ".join(filter(None, (result.note, sdpa_note))))
