@@ -107,9 +107,15 @@ TUNE_KNOBS: list[dict[str, Any]] = [
     {"fwd_out_block_n": n, "fwd_out_warps": w}
     for n, w in ((32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8), (128, 16))
 ] + [
-    {"bwd_q_block_n": n, "bwd_q_warps": w} for n, w in ((32, 2), (32, 4), (64, 4), (64, 8), (64, 16), (128, 8))
+    {"fwd_out_maxnreg": v} for v in (0, 128)
+] + [
+    {"bwd_q_block_n": n, "bwd_q_warps": w} for n, w in ((16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8))
+] + [
+    {"bwd_q_maxnreg": v} for v in (0, 128)
 ] + [
     {"bwd_kv_block_n": n, "bwd_kv_warps": w} for n, w in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
+] + [
+    {"head_minor_grid": v} for v in (False, True)
 ] + [
     {"programs_per_sm": v} for v in (2, 4, 8, 16)
 ]
@@ -443,7 +449,7 @@ def tune(case: tuple[int, int, int, int], dtype: torch.dtype, device: torch.devi
 # The four kernels, the CONFIG prefix of their launch parameters, and their activation-dtype pointers.
 KERNELS = {"fwd_reduce": "_la_fwd_reduce_kernel", "fwd_out": "_la_fwd_out_kernel", "bwd_q": "_la_bwd_q_kernel",
            "bwd_kv": "_la_bwd_kv_kernel"}
-ACTIVATION_POINTERS = {"p_qk", "p_v", "p_g", "p_dy", "p_y", "p_dqk", "p_dv", "p_dg", "p_do"}
+ACTIVATION_POINTERS = {"p_q", "p_k", "p_v", "p_g", "p_dy", "p_y", "p_dq", "p_dk", "p_dv", "p_dg", "p_do"}
 
 
 def resource_usage(C: int, arch: int, all_configs: bool, log: Log) -> int:
@@ -468,7 +474,7 @@ def resource_usage(C: int, arch: int, all_configs: bool, log: Log) -> int:
                 consts = {"C": C, "NUM_HEADS": C // 32, "HAS_GATE": True, "BLOCK_N": block_n, "EPS": 1e-6,
                           **la._dot_args(torch.float32 if dtype_name == "fp32" else torch.bfloat16),
                           "SPLIT_PAIRS": la.CONFIG.pair_loads == "split", "TRIG": la.CONFIG.trig,
-                          "GATE_GRAD": False, "GATE_SILU": False}
+                          "GATE_SILU": False, "HEAD_MINOR": la.CONFIG.head_minor_grid, "ACC_DV": False}
                 consts = {k: v for k, v in consts.items() if k in fn.arg_names}
                 signature, attrs = {}, {}
                 for i, arg in enumerate(fn.arg_names):
