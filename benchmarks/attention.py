@@ -107,15 +107,9 @@ TUNE_KNOBS: list[dict[str, Any]] = [
     {"fwd_out_block_n": n, "fwd_out_warps": w}
     for n, w in ((32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8), (128, 16))
 ] + [
-    {"fwd_out_maxnreg": v} for v in (0, 128)
-] + [
-    {"bwd_q_block_n": n, "bwd_q_warps": w} for n, w in ((16, 2), (16, 4), (32, 2), (32, 4), (64, 4), (64, 8))
-] + [
-    {"bwd_q_maxnreg": v} for v in (0, 128)
+    {"bwd_q_block_n": n, "bwd_q_warps": w} for n, w in ((32, 2), (32, 4), (64, 4), (64, 8), (64, 16), (128, 8))
 ] + [
     {"bwd_kv_block_n": n, "bwd_kv_warps": w} for n, w in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
-] + [
-    {"head_minor_grid": v} for v in (False, True)
 ] + [
     {"programs_per_sm": v} for v in (2, 4, 8, 16)
 ]
@@ -474,7 +468,7 @@ def resource_usage(C: int, arch: int, all_configs: bool, log: Log) -> int:
                 consts = {"C": C, "NUM_HEADS": C // 32, "HAS_GATE": True, "BLOCK_N": block_n, "EPS": 1e-6,
                           **la._dot_args(torch.float32 if dtype_name == "fp32" else torch.bfloat16),
                           "SPLIT_PAIRS": la.CONFIG.pair_loads == "split", "TRIG": la.CONFIG.trig,
-                          "GATE_SILU": False, "HEAD_MINOR": la.CONFIG.head_minor_grid, "ACC_DV": False}
+                          "GATE_GRAD": False, "GATE_SILU": False}
                 consts = {k: v for k, v in consts.items() if k in fn.arg_names}
                 signature, attrs = {}, {}
                 for i, arg in enumerate(fn.arg_names):

@@ -12,9 +12,9 @@ a-pairs, rows 16-31 the b-pairs), as is the d-vector mean phi(k).
 
 Forward: ``_la_fwd_reduce_kernel`` (partials of kv and sum phi(k) over token ranges, summed in a fixed
 order by ``dwconv.reduce_partials``: deterministic), then ``_la_fwd_out_kernel`` (one pass over tokens: phi, RoPE,
-q~ . kv, normaliser, LePE stencil, gate). Backward: ``_la_bwd_q_kernel`` (what needs only the forward's state
-and dy: with a gate, the recomputed pre-gate output, the gate's gradient dg and the gated output gradient
-do = dy * gate; dq, and partials of dKV and of the normaliser's k-side vector); the LePE
+q~ . kv, normaliser, LePE stencil, gate). Backward: with a gate, ``_la_fwd_out_kernel`` again in its
+GATE_GRAD variant (dg and the gated output gradient do = dy * gate); ``_la_bwd_q_kernel`` (what needs only
+the forward's state and do: dq, and partials of dKV and of the normaliser's k-side vector); the LePE
 weight/bias gradients from do and v by the depthwise-conv parameter-gradient kernel of
 ``kernels/dwconv.py`` (element-wise accumulators over 2-D tiles, one reduction per program); then
 ``_la_bwd_kv_kernel`` (dk; dv through kv and the transposed LePE stencil of do).
@@ -78,10 +78,6 @@ class LinearAttentionConfig:
     "lowp-operands" took 6.44 ms against 6.79 ms for "tf32" at 1024² (1.67 against 1.76 ms at 512², each
     kernel faster; H200, session 6, ``benchmarks/results/nvidia-h200/2026-11-27-session6``). Session 7's tune
     at 1024² (H200, with trig="reduced"): the output pass on 4 warps instead of 8, 3.74 ms against 4.42 ms.
-    ``fwd_out_maxnreg``, ``bwd_q_maxnreg``: ptxas's register cap per thread for those kernels (0: its own
-    choice). ``head_minor_grid``: the per-block kernels (output pass, k/v-side backward) number their programs
-    so that the (batch, head)s of one token block run next to each other, and read the same rows of their
-    token-major inputs at about the same time, instead of one (batch, head) after another.
     """
 
     fwd_reduce_block_n: int = 64
@@ -92,9 +88,6 @@ class LinearAttentionConfig:
     bwd_q_warps: int = 2
     bwd_kv_block_n: int = 64
     bwd_kv_warps: int = 8
-    fwd_out_maxnreg: int = 0
-    bwd_q_maxnreg: int = 0
-    head_minor_grid: bool = False
     programs_per_sm: int = 4
     lowp_dot_precision: str = "lowp-operands"
     pair_loads: str = "split"
@@ -121,12 +114,7 @@ class LinearAttentionConfig:
             name, sep, value = override.partition("=")
             if not sep or name not in types:
                 raise ValueError(f"expected FIELD=VALUE with FIELD one of {sorted(types)}, got {override!r}")
-            if types[name] is bool:
-                if value not in ("True", "False"):
-                    raise ValueError(f"{name}: expected True or False, got {value!r}")
-                changes[name] = value == "True"
-            else:
-                changes[name] = types[name](value)
+            changes[name] = types[name](value)
         return dataclasses.replace(self, **changes)
 
 
@@ -303,23 +291,17 @@ def _la_fwd_reduce_kernel(
 
 
 @triton.jit
-def _q_features(p_q, s_q_n, p_trig, n_pos, o_n, b_row, b_col, m_n, i_h, C_QUARTER: tl.constexpr,
-                SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr):
-    """q's features at tokens o_n: phi(q) halves, q~ = RoPE(phi(q)) halves, cos, sin [BN, 16]."""
-    b_qa, b_qb = _load_pairs(p_q, o_n.to(tl.int64) * s_q_n, m_n, SPLIT_PAIRS)
-    b_qa, _ = _phi(b_qa)
-    b_qb, _ = _phi(b_qb)
-    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C_QUARTER, TRIG)
-    return b_qa, b_qb, b_qa * b_cos - b_qb * b_sin, b_qa * b_sin + b_qb * b_cos, b_cos, b_sin
-
-
-@triton.jit
 def _attention_numerator(p_q, s_q_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
                          C_QUARTER: tl.constexpr, EPS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr):
-    """Recompute q's features at tokens o_n: returns the numerator q~ . kv [BN, 32] and the normaliser z [BN]."""
-    b_qa, b_qb, b_qra, b_qrb, _, _ = _q_features(p_q, s_q_n, p_trig, n_pos, o_n, b_row, b_col, m_n, i_h, C_QUARTER,
-                                                 SPLIT_PAIRS, TRIG)
+    """Recompute q's features at tokens o_n: returns phi(q) halves, their ELU' halves, q~ halves,
+    cos, sin [BN, 16], the numerator q~ . kv [BN, 32] and the normaliser z [BN]."""
+    b_qa, b_qb = _load_pairs(p_q, o_n.to(tl.int64) * s_q_n, m_n, SPLIT_PAIRS)
+    b_qa, b_dqa = _phi(b_qa)
+    b_qb, b_dqb = _phi(b_qb)
+    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C_QUARTER, TRIG)
+    b_qra = b_qa * b_cos - b_qb * b_sin
+    b_qrb = b_qa * b_sin + b_qb * b_cos
     b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
     b_num = _dot(b_qra, b_kv_a, None, DOT_DTYPE, DOT_PRECISION)
     b_num = _dot(b_qrb, b_kv_b, b_num, DOT_DTYPE, DOT_PRECISION)  # [BN, 32]
@@ -327,7 +309,8 @@ def _attention_numerator(p_q, s_q_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_
     b_ks_a = tl.load(p_ksum + i_bh * 32 + o_p)
     b_ks_b = tl.load(p_ksum + i_bh * 32 + 16 + o_p)
     b_den = tl.sum(b_qa * b_ks_a[None, :], axis=1) + tl.sum(b_qb * b_ks_b[None, :], axis=1) + EPS
-    return b_num, 1.0 / b_den
+    b_z = 1.0 / b_den
+    return b_qa, b_qb, b_dqa, b_dqb, b_qra, b_qrb, b_cos, b_sin, b_num, b_z
 
 
 @triton.jit
@@ -358,58 +341,22 @@ def _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_n, s_row, DI: tl.constexp
 
 
 @triton.jit
-def _lepe(p_vh, s_v_n, p_w, p_bias, o_n, b_row, b_col, m_n, o_c, H, W, C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The LePE lepe(v) [BN, 32] = bias + sum_k w_k v_(n + off_k) of one head (p_vh: its first channel) at tokens
-    o_n, zero padding outside the grid.
-
-    The taps are summed in the loads' layout and meet a dot's output once (adding each tap to a dot's
-    accumulator would convert every tap's product to the MMA layout through shared memory); one pointer tile of
-    the tokens' own rows, each tap adding a scalar offset under precomputed masks."""
-    o_d = tl.arange(0, 32)
-    p_vt = p_vh + o_n.to(tl.int64)[:, None] * s_v_n + o_d[None, :]
-    s_v_row = tl.cast(W, tl.int64) * s_v_n
-    m_up, m_down, m_left, m_right = _stencil_masks(b_row, b_col, m_n, H, W)
-    b_lepe = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
-    for k in tl.static_range(9):
-        m_nb, o_nb = _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_v_n, s_v_row, k // 3 - 1, k % 3 - 1)
-        b_vn = tl.load(p_vt + o_nb, mask=m_nb[:, None], other=0.0)
-        b_lepe += b_vn.to(tl.float32) * tl.load(p_w + k * C + o_c).to(tl.float32)[None, :]
-    return b_lepe + tl.load(p_bias + o_c).to(tl.float32)[None, :]
-
-
-@triton.jit
-def _gate(b_g, GATE_SILU: tl.constexpr):
-    """The gate applied for the loaded g (fp32) and its derivative in g: (g, 1), or with GATE_SILU (g is the
-    gate's pre-activation) (SiLU(g), SiLU'(g))."""
-    if GATE_SILU:
-        b_s = tl.sigmoid(b_g)
-        return b_g * b_s, b_s * (1.0 + b_g * (1.0 - b_s))
-    return b_g, tl.full(b_g.shape, 1.0, tl.float32)
-
-
-@triton.jit
-def _block_and_head(n_bh, HEAD_MINOR: tl.constexpr):
-    """(token block, batch x head) of a program of a per-block kernel: grid (blocks, B * heads), or with HEAD_MINOR
-    a 1-D grid of blocks * n_bh programs in which the (batch, head)s of one token block are consecutive."""
-    if HEAD_MINOR:
-        pid = tl.program_id(0)
-        return pid // n_bh, pid % n_bh
-    return tl.program_id(0), tl.program_id(1)
-
-
-@triton.jit
 def _la_fwd_out_kernel(
-    p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y,
-    N, H, W, n_pos, n_bh,
-    s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n,
+    p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg,
+    N, H, W, n_pos,
+    s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
-    TRIG: tl.constexpr, GATE_SILU: tl.constexpr, HEAD_MINOR: tl.constexpr,
+    TRIG: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr,
 ):
-    """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head) (``_block_and_head``).
+    """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads).
 
-    GATE_SILU: p_g holds the gate's pre-activation and SiLU(g) gates instead."""
-    i_blk, i_bh = _block_and_head(n_bh, HEAD_MINOR)
+    GATE_SILU: p_g holds the gate's pre-activation and SiLU(g) gates instead. GATE_GRAD (the first pass of
+    the gated backward): the same recomputation of o = (q~ . kv) z + lepe(v), then the gate gradient
+    dg = dy * o (times SiLU'(g) with GATE_SILU) and the gated output gradient do = dy * gate are written to
+    p_dg and p_y instead."""
+    i_blk = tl.program_id(0)
+    i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
     i_h = i_bh % NUM_HEADS
     o_d = tl.arange(0, 32)
@@ -419,33 +366,52 @@ def _la_fwd_out_kernel(
     b_col = o_n % W
     o_c = i_h * 32 + o_d
 
-    b_num, b_z = _attention_numerator(
+    _, _, _, _, _, _, _, _, b_num, b_z = _attention_numerator(
         p_q + i_b * s_q_b + i_h * 32, s_q_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
         C // 4, EPS, DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG)
-    b_o = b_num * b_z[:, None] + _lepe(p_v + i_b * s_v_b + i_h * 32, s_v_n, p_w, p_bias, o_n, b_row, b_col, m_n, o_c,
-                                       H, W, C, BLOCK_N)
+    # the LePE sums its taps in the loads' layout and meets the dot's output once (adding each tap to the dot's
+    # accumulator would convert every tap's product to the MMA layout through shared memory)
+    # one pointer tile of the tokens' own rows; each tap adds a scalar offset and combines precomputed masks
     o_n64 = o_n.to(tl.int64)
+    p_vt = p_v + i_b * s_v_b + i_h * 32 + o_n64[:, None] * s_v_n + o_d[None, :]
+    s_v_row = tl.cast(W, tl.int64) * s_v_n
+    m_up, m_down, m_left, m_right = _stencil_masks(b_row, b_col, m_n, H, W)
+    b_lepe = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
+    for k in tl.static_range(9):
+        m_nb, o_nb = _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_v_n, s_v_row, k // 3 - 1, k % 3 - 1)
+        b_vn = tl.load(p_vt + o_nb, mask=m_nb[:, None], other=0.0)
+        b_lepe += b_vn.to(tl.float32) * tl.load(p_w + k * C + o_c).to(tl.float32)[None, :]
+    b_o = b_num * b_z[:, None] + (b_lepe + tl.load(p_bias + o_c).to(tl.float32)[None, :])
+    p_yt = p_y + i_b * N * C + o_n64[:, None] * C + o_c[None, :]
     if HAS_GATE:
-        b_g = tl.load(p_g + i_b * s_g_b + o_n64[:, None] * s_g_n + o_c[None, :], mask=m_n[:, None],
-                      other=0.0).to(tl.float32)
-        b_gate, _ = _gate(b_g, GATE_SILU)
-        b_o *= b_gate
-    tl.store(p_y + i_b * N * C + o_n64[:, None] * C + o_c[None, :], b_o.to(p_y.dtype.element_ty), mask=m_n[:, None])
+        p_gt = p_g + i_b * s_g_b + o_n64[:, None] * s_g_n + o_c[None, :]
+        b_g = tl.load(p_gt, mask=m_n[:, None], other=0.0).to(tl.float32)
+        b_dgate = tl.full(b_g.shape, 1.0, tl.float32)  # d gate / d g
+        if GATE_SILU:
+            b_s = tl.sigmoid(b_g)
+            b_dgate = b_s * (1.0 + b_g * (1.0 - b_s))
+            b_g = b_g * b_s
+        if GATE_GRAD:
+            p_dyt = p_dy + i_b * s_dy_b + o_n64[:, None] * s_dy_n + o_c[None, :]
+            b_dy = tl.load(p_dyt, mask=m_n[:, None], other=0.0).to(tl.float32)
+            tl.store(p_dg + i_b * N * C + o_n64[:, None] * C + o_c[None, :],
+                     (b_dy * b_o * b_dgate).to(p_dg.dtype.element_ty), mask=m_n[:, None])
+            b_o = b_dy * b_g
+        else:
+            b_o *= b_g
+    tl.store(p_yt, b_o.to(p_y.dtype.element_ty), mask=m_n[:, None])
 
 
 @triton.jit
 def _la_bwd_q_kernel(
-    p_q, p_v, p_g, p_w, p_bias, p_dy, p_trig, p_kv, p_ksum, p_do, p_dg, p_dq, p_dkv_part, p_dksum_part,
-    N, H, W, n_pos, blocks_per_split,
-    s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n, s_dq_b, s_dq_n, s_part,
+    p_q, p_do, p_trig, p_kv, p_ksum, p_dq, p_dkv_part, p_dksum_part,
+    N, W, n_pos, blocks_per_split,
+    s_q_b, s_q_n, s_do_b, s_do_n, s_dq_b, s_dq_n, s_part,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, EPS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
-    HAS_GATE: tl.constexpr, GATE_SILU: tl.constexpr,
 ):
-    """The q side of the backward, which needs only the forward's state and the output gradient dy: per token
-    dq and, with a gate, the gate's gradient dg = dy * o (o = (q~ . kv) z + lepe(v) recomputed; times SiLU'(g)
-    with GATE_SILU) and the gated output gradient do = dy * gate, both stored (B, N, C contiguous) at p_dg and
-    p_do (without a gate, do is dy); per program partial sums over its token range of
+    """The q side of the backward, which needs only the forward's state and the gated output gradient do:
+    per token dq; per program partial sums over its token range of
     dKV = sum_n z_n q~_n do_n^T and of the normaliser's sum_n u_n phi(q_n) (u_n = -z_n^2 num_n . do_n).
     Grid (splits, B * heads)."""
     i_s = tl.program_id(0)
@@ -455,9 +421,8 @@ def _la_bwd_q_kernel(
     o_t = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, 32)
     o_p = tl.arange(0, 16)
-    o_c = i_h * 32 + o_d
     p_qh = p_q + i_b * s_q_b + i_h * 32
-    p_dyh = p_dy + i_b * s_dy_b + i_h * 32
+    p_dob = p_do + i_b * s_do_b + i_h * 32
     p_dqh = p_dq + i_b * s_dq_b + i_h * 32
 
     b_ks_a = tl.load(p_ksum + i_bh * 32 + o_p)
@@ -472,31 +437,13 @@ def _la_bwd_q_kernel(
         o_n = i_blk * BLOCK_N + o_t
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
-        b_row = o_n // W
-        b_col = o_n % W
-        # two passes over q's features: the first (numerator, normaliser) ends with do, z and u, the second
-        # (dq, dKV, ds) recomputes phi(q) and q~ from the (cached) q tile, so that neither holds the other's
-        # tiles live beside the gate's and the LePE's
-        b_num, b_z = _attention_numerator(p_qh, s_q_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh,
-                                          i_h, C // 4, EPS, DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG)
-        b_do = tl.load(p_dyh + o_n64[:, None] * s_dy_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
-        if HAS_GATE:
-            o_out = i_b * N * C + o_n64[:, None] * C + o_c[None, :]
-            b_g = tl.load(p_g + i_b * s_g_b + o_n64[:, None] * s_g_n + o_c[None, :], mask=m_n[:, None],
-                          other=0.0).to(tl.float32)
-            b_gate, b_dgate = _gate(b_g, GATE_SILU)
-            b_o = b_num * b_z[:, None] + _lepe(p_v + i_b * s_v_b + i_h * 32, s_v_n, p_w, p_bias, o_n, b_row, b_col,
-                                               m_n, o_c, H, W, C, BLOCK_N)
-            tl.store(p_dg + o_out, (b_do * b_o * b_dgate).to(p_dg.dtype.element_ty), mask=m_n[:, None])
-            # do as stored (rounded to the activation dtype), so that both sides of the backward use one do
-            b_do = (b_do * b_gate).to(p_do.dtype.element_ty)
-            tl.store(p_do + o_out, b_do, mask=m_n[:, None])
-            b_do = b_do.to(tl.float32)
+        b_qa, b_qb, _, _, b_qra, b_qrb, b_cos, b_sin, b_num, b_z = _attention_numerator(
+            p_qh, s_q_n, p_trig, n_pos, p_kv, p_ksum, o_n, o_n // W, o_n % W, m_n, i_bh, i_h, C // 4, EPS,
+            DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG)
+        b_do = tl.load(p_dob + o_n64[:, None] * s_do_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
 
         b_u = -b_z * b_z * tl.sum(b_num * b_do, axis=1)  # [BN]
         b_zdo = b_do * b_z[:, None]
-        b_qa, b_qb, b_qra, b_qrb, b_cos, b_sin = _q_features(p_qh, s_q_n, p_trig, n_pos, o_n, b_row, b_col, m_n, i_h,
-                                                             C // 4, SPLIT_PAIRS, TRIG)
 
         # dq: through q~ (z KV do, rotated back) and through z (u mean phi(k)), times ELU' = min(phi, 1)
         # (exactly _phi's derivative, recomputed rather than kept live); dq comes before the dKV/ds updates so
@@ -529,17 +476,18 @@ def _la_bwd_q_kernel(
 @triton.jit
 def _la_bwd_kv_kernel(
     p_k, p_do, p_w, p_v, p_trig, p_dkv, p_dksum, p_dk, p_dv,
-    N, H, W, n_pos, n_bh, inv_n,
+    N, H, W, n_pos, inv_n,
     s_k_b, s_k_n, s_v_b, s_v_n, s_do_b, s_do_n, s_dk_b, s_dk_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
-    ACC_DV: tl.constexpr, HEAD_MINOR: tl.constexpr,
+    ACC_DV: tl.constexpr,
 ):
     """The k/v side of the backward for one block of tokens and one (batch, head): dk through k~ and
     mean phi(k), and dv through kv plus the transposed LePE stencil of do (the gated output gradient),
     added to p_dv's contents with ACC_DV (a gradient of v from elsewhere, summed in fp32 and rounded once).
-    Programs as in ``_block_and_head``."""
-    i_blk, i_bh = _block_and_head(n_bh, HEAD_MINOR)
+    Grid (blocks, B * heads)."""
+    i_blk = tl.program_id(0)
+    i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
     i_h = i_bh % NUM_HEADS
     o_d = tl.arange(0, 32)
@@ -697,12 +645,6 @@ def _gate_args(g: Tensor | None, v: Tensor) -> tuple[Tensor, int, int]:
     return g, g.stride(0), g.stride(1)
 
 
-def _block_grid(N: int, block_n: int, bh: int) -> tuple[int, ...]:
-    """The launch grid of a per-block kernel (``_block_and_head``)."""
-    blocks = triton.cdiv(N, block_n)
-    return (blocks * bh,) if CONFIG.head_minor_grid else (blocks, bh)
-
-
 def _split_launch(shape: torch.Size, W: int, num_heads: int, block_n: int, device: torch.device):
     """What a kernel looping over token ranges and writing per-split state partials is launched with:
     (trig, n_pos, TRIG, grid, blocks per split, partials buffer, its matrix view, its vector view)."""
@@ -742,56 +684,66 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
 def attention_output(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
                      ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool) -> Tensor:
     """The forward's output pass: y (B, N, C) from q, v, g (channels contiguous) and the state."""
-    B, N, C = v.shape
     y = _empty(v.shape, v.dtype, v.device)
-    trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
-    g_arg, s_g_b, s_g_n = _gate_args(g, v)
-    block_n = CONFIG.fwd_out_block_n
-    _la_fwd_out_kernel[_block_grid(N, block_n, B * num_heads)](
-        q, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, y,
-        N, H, W, n_pos, B * num_heads, q.stride(0), q.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
-        C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
-        GATE_SILU=gate_silu, HEAD_MINOR=CONFIG.head_minor_grid, num_warps=CONFIG.fwd_out_warps,
-        maxnreg=CONFIG.fwd_out_maxnreg or None,
-    )
+    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, y)
     return y
 
 
-def q_side_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-                kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
-                dq: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
-    """The q side of the backward, one pass over the tokens: dq into dq (B, N, C; channels contiguous) and, with a
-    gate, the gated output gradient do = dy * gate and the gate's gradient dg (recomputing the pre-gate output).
-    Returns (do, dg, dkv (B*h, 32, 32), dksum (B*h, 32), the scale the k/v side applies to dkv and dksum);
-    without a gate do is dy and dg is empty."""
-    B, N, C = dy.shape
+def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
+                     ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, out: Tensor,
+                     dy: Tensor | None = None, dg: Tensor | None = None) -> None:
+    """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out."""
+    B, N, C = v.shape
+    trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
+    g_arg, s_g_b, s_g_n = _gate_args(g, v)
+    dy_arg = v if dy is None else dy
+    block_n = CONFIG.fwd_out_block_n
+    _la_fwd_out_kernel[(triton.cdiv(N, block_n), B * num_heads)](
+        q, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
+        out if dg is None else dg, N, H, W, n_pos, q.stride(0), q.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
+        dy_arg.stride(0), dy_arg.stride(1),
+        C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
+        **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
+        GATE_GRAD=dg is not None, GATE_SILU=gate_silu, num_warps=CONFIG.fwd_out_warps,
+    )
+
+
+def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
+                      kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
+                      gate_silu: bool) -> tuple[Tensor, Tensor]:
+    """The backward's first pass: (do, dg), the gated output gradient do = dy * gate and the gate's gradient
+    (recomputing the pre-gate output); without a gate (dy, an empty dg)."""
+    if g is None:
+        return dy, _empty((0,), v.dtype, v.device)
+    dg = _empty(v.shape, v.dtype, v.device)
+    do = _empty(v.shape, v.dtype, v.device)
+    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg)
+    return do, dg
+
+
+def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_heads: int,
+                dq: Tensor) -> tuple[Tensor, Tensor, float]:
+    """The q side of the backward: dq into dq (B, N, C; channels contiguous); returns the state's gradient
+    (dkv (B*h, 32, 32), dksum (B*h, 32)) and the scale the k/v side applies to it."""
+    B, N, C = do.shape
     bh = B * num_heads
     block_n = CONFIG.bwd_q_block_n
     trig, n_pos, trig_mode, grid, per_split, part, dkv_part, dksum_part = _split_launch(
-        dy.shape, W, num_heads, block_n, dy.device)
-    if g is None:
-        do, dg = dy, _empty((0,), v.dtype, v.device)
-    else:
-        do, dg = _empty(v.shape, v.dtype, v.device), _empty(v.shape, v.dtype, v.device)
-    g_arg, s_g_b, s_g_n = _gate_args(g, v)
+        do.shape, W, num_heads, block_n, do.device)
     _la_bwd_q_kernel[grid](
-        q, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), dy, trig, kv, ksum, do, dg, dq, dkv_part,
-        dksum_part, N, H, W, n_pos, per_split,
-        q.stride(0), q.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n, dy.stride(0), dy.stride(1),
-        dq.stride(0), dq.stride(1), part.stride(0),
+        q, do, trig, kv, ksum, dq, dkv_part, dksum_part, N, W, n_pos, per_split,
+        q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        **_dot_args(dy.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
-        HAS_GATE=g is not None, GATE_SILU=gate_silu, num_warps=CONFIG.bwd_q_warps,
-        maxnreg=CONFIG.bwd_q_maxnreg or None, num_stages=int(__import__("os").environ.get("NS", 3)),
+        **_dot_args(do.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
+        num_warps=CONFIG.bwd_q_warps,
     )
     # the k/v kernel scales dKV and ds by 1/N; low-precision operands take them as means instead (dKV, a sum
     # over N tokens, can pass fp16's range where its mean does not)
-    if _lowp_operands(dy.dtype):
+    if _lowp_operands(do.dtype):
         dkv, dksum = _sum_state_partials(part, bh, scale=1.0 / N)
-        return do, dg, dkv, dksum, 1.0
+        return dkv, dksum, 1.0
     dkv, dksum = _sum_state_partials(part, bh)
-    return do, dg, dkv, dksum, 1.0 / N
+    return dkv, dksum, 1.0 / N
 
 
 def kv_side_grad(do: Tensor, k: Tensor, v: Tensor, lepe_weight: Tensor, dkv: Tensor, dksum: Tensor, inv_n: float,
@@ -801,12 +753,11 @@ def kv_side_grad(do: Tensor, k: Tensor, v: Tensor, lepe_weight: Tensor, dkv: Ten
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     block_n = CONFIG.bwd_kv_block_n
-    _la_bwd_kv_kernel[_block_grid(N, block_n, B * num_heads)](
-        k, do, _taps_major(lepe_weight), v, trig, dkv, dksum, dk, dv, N, H, W, n_pos, B * num_heads, inv_n,
+    _la_bwd_kv_kernel[(triton.cdiv(N, block_n), B * num_heads)](
+        k, do, _taps_major(lepe_weight), v, trig, dkv, dksum, dk, dv, N, H, W, n_pos, inv_n,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
-        SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, ACC_DV=accumulate, HEAD_MINOR=CONFIG.head_minor_grid,
-        num_warps=CONFIG.bwd_kv_warps,
+        SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, ACC_DV=accumulate, num_warps=CONFIG.bwd_kv_warps,
     )
 
 
@@ -829,8 +780,8 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     q, k = qk[..., :C], qk[..., C:]
     dqk = _empty((B, N, 2 * C), qk.dtype, v.device)
     dv = _empty((B, N, C), v.dtype, v.device)
-    do, dg, dkv, dksum, inv_n = q_side_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads,
-                                            gate_silu, dqk[..., :C])
+    do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+    dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dqk[..., :C])
     dw, db = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
     kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dqk[..., C:], dv)
     return dqk, dv, dg, dw, db

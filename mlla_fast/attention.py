@@ -39,6 +39,7 @@ from .kernels.linear_attention import (
     attention_state,
     fake_bwd_outputs,
     fake_fwd_outputs,
+    gated_output_grad,
     kv_side_grad,
     lepe_param_grads,
     q_side_grad,
@@ -111,9 +112,9 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
         return (dv, dg, *_projection_grads(dqk, v2, qk_bias is not None, acc), dlepe_w, dlepe_b)
     (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
     q = _project(v, wq, bq)
+    do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
     dq = torch.empty_like(v)
-    do, dg, dkv, dksum, inv_n = q_side_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads,
-                                            gate_silu, dq)
+    dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dq)
     del q
     dq = dq.view(-1, C)
     with torch.autocast(v.device.type, enabled=False):

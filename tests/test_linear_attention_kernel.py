@@ -27,15 +27,13 @@ GRAD_NAMES = ("qk", "v", "g", "lepe_weight", "lepe_bias")
 
 # Kernel launch configurations under test: the shipped defaults; large blocks (few interpreter steps; on a
 # GPU 128 tokens, since 256-token fp32 backward blocks need more shared memory than a Hopper SM has);
-# the smallest blocks with many token splits, strided pair loads and the head-minor grid (exercises the partial
-# sums and the other program numbering).
+# the smallest blocks with many token splits and strided pair loads (exercises the partial sums).
 DEFAULT = la.LinearAttentionConfig()
 _LARGE = 128 if torch.cuda.is_available() else 256
 LARGE_BLOCKS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=_LARGE, fwd_out_block_n=_LARGE, bwd_q_block_n=_LARGE,
                                    bwd_kv_block_n=_LARGE)
 MANY_SPLITS = dataclasses.replace(DEFAULT, fwd_reduce_block_n=16, fwd_out_block_n=16, bwd_q_block_n=16,
-                                  bwd_kv_block_n=16, programs_per_sm=64, pair_loads="strided", trig="compute",
-                                  head_minor_grid=True)
+                                  bwd_kv_block_n=16, programs_per_sm=64, pair_loads="strided", trig="compute")
 COMPUTED_TRIG = dataclasses.replace(DEFAULT, trig="compute")
 assert DEFAULT.trig == "reduced"
 TRIG_TABLE = dataclasses.replace(DEFAULT, trig="table")
