@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
-from ..backend import fused_supported, multiprocessors
+from ..backend import fused_supported, interpreter_enabled, multiprocessors
 from .dwconv import block_runs, reduce_partials
 from .lowp import cast, mma
 
@@ -36,6 +37,11 @@ from .lowp import cast, mma
 MAX_CHANNELS = 128
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 APPROXIMATIONS = ("none", "tanh")
+# Compiled kernels take GELU's one reciprocal as the hardware's approximate division (libdevice's fast_dividef:
+# 2 ulp; its argument lies in [1, inf)); the interpreter has no libdevice and divides in numpy.
+_FAST_DIVIDE = tl.constexpr(not interpreter_enabled())
+LOG2E = tl.constexpr(1.4426950408889634)
+INV_SQRT2 = tl.constexpr(0.7071067811865476)
 
 # Launch constants (tokens per program, hidden slice width, warps) by kernel: the best of a sweep on an H200
 # at 2M tokens, C=64 (.gpu/mlp_sweep.py, session 5).
@@ -53,7 +59,16 @@ __all__ = ["MAX_CHANNELS", "mlp", "mlp_bwd", "mlp_fwd", "supported"]
 
 @triton.jit
 def _gelu_and_grad(pre, TANH: tl.constexpr, GRAD: tl.constexpr):
-    """GELU(pre) and, when GRAD, its derivative (exact erf form, or the tanh approximation)."""
+    """GELU(pre) and, when GRAD, its derivative (exact erf form, or the tanh approximation).
+
+    The exact form's Phi(pre) = erfc(-pre / sqrt 2) / 2 takes erfc from the Chebyshev fit of Numerical Recipes
+    ("erfcc": relative error below 1.2e-7 for every argument): one reciprocal, one exponential and ten fused
+    multiply-adds per element, no cancellation where pre is negative (1 + erf loses its digits there) and no
+    per-element choice between two coefficient sets, which libdevice's erff makes with two moves per coefficient.
+    In fp32 GELU is within 4e-7 of its float64 value everywhere and its derivative within 3e-7 (PyTorch's own fp32
+    GELU: 1.2e-6). Compiled offline for sm_90a (Triton 3.9, bf16, C=64), the kernels' loops shrank from 704, 868
+    and 2162 SASS instructions to 498, 577 and 1587 (forward, dx, weight gradients): they are bound by
+    instruction issue (Nsight Compute, session 6)."""
     if TANH:
         k0: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
         k1: tl.constexpr = 0.044715
@@ -63,10 +78,26 @@ def _gelu_and_grad(pre, TANH: tl.constexpr, GRAD: tl.constexpr):
         if GRAD:
             grad = cdf + 0.5 * pre * (1.0 - t * t) * k0 * (1.0 + 3.0 * k1 * pre * pre)
     else:
-        cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+        # erfc(z) = t exp(P(t) - z^2), t = 1 / (1 + z / 2), P the fit's degree-9 polynomial; at z = |pre| / sqrt 2,
+        # as a power of two: erfc(z) / 2 = t 2^(L P(t) - 1 - L pre^2 / 2), L = log2(e), its constants folded
+        if _FAST_DIVIDE:
+            t = libdevice.fast_dividef(1.0, 1.0 + tl.abs(pre) * (0.5 * INV_SQRT2))
+        else:
+            t = 1.0 / (1.0 + tl.abs(pre) * (0.5 * INV_SQRT2))
+        p = (0.17087277 * LOG2E) * t + (-0.82215223 * LOG2E)
+        p = p * t + (1.48851587 * LOG2E)
+        p = p * t + (-1.13520398 * LOG2E)
+        p = p * t + (0.27886807 * LOG2E)
+        p = p * t + (-0.18628806 * LOG2E)
+        p = p * t + (0.09678418 * LOG2E)
+        p = p * t + (0.37409196 * LOG2E)
+        p = p * t + (1.00002368 * LOG2E)
+        p = p * t + (-1.26551223 * LOG2E - 1.0)
+        half_erfc = t * tl.exp2(p - pre * pre * (0.5 * LOG2E))
+        cdf = tl.where(pre >= 0, 1.0 - half_erfc, half_erfc)
         grad = cdf
         if GRAD:
-            grad = cdf + pre * 0.3989422804014327 * tl.exp(-0.5 * pre * pre)  # + pre * pdf(pre)
+            grad = cdf + pre * 0.3989422804014327 * tl.exp2(pre * pre * (-0.5 * LOG2E))  # + pre * pdf(pre)
     return pre * cdf, grad
 
 
