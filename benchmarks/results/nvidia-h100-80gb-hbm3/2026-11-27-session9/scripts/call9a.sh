@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 9, call A (one GPU, steps in order): compiled attention tests; the attention op tuned at 1024² (5ee2de0: gate
 # pass folded into the q-side kernel) beside the session-start 3183cb6.
-source "$(dirname "$0")/common.sh"
+BASE=3183cb6
+source "$(dirname "$0")/../../call_head.sh"
 T="python3 -m pytest -p no:cacheprovider --tb=short -q"
 CASES="--cases 2,1024,1024,64 2,512,512,64"
 step regs "python3 benchmarks/attention.py --resource-usage default"

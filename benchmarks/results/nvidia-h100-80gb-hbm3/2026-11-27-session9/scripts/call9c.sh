@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 9, call C (one GPU, steps in order): the Triton MLP with the erfc-fit GELU (fa1e63e) beside the session-start
 # 3183cb6: MLP kernel tests, MLP timings and launch sweep, U-Net-T step, block scaling.
-source "$(dirname "$0")/common.sh"
+BASE=3183cb6
+source "$(dirname "$0")/../../call_head.sh"
 T="python3 -m pytest -p no:cacheprovider --tb=short -q"
 SCAL="benchmarks/scaling.py --batch 2 --grids 512 1024 --modes fwd+bwd"
 MODEL="benchmarks/model.py --models tiny --sizes 224:48 --dtypes bf16 --modes train --variants fused-graph"

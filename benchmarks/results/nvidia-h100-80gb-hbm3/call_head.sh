@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Sourced by call9a.sh, call9c.sh and call9d.sh (as it was at the head of each when they ran): installs the
-# wheels and the checkout, unpacks the session-start tree 3183cb6 for "$B0 ..." steps, and defines step NAME CMD
-# (CMD under the time left of LIMIT seconds, its output in /tmp/res/NAME.log, everything tarred to $OUT).
+# The common head of the H100 call scripts of sessions 8 and 9 (2026-11-27-session8/scripts/call8b.sh … call8f.sh,
+# 2026-11-27-session9/scripts/call9a.sh, call9c.sh, call9d.sh), as it stood at the top of each when they ran, the
+# base commit aside. Sourced with BASE set to that commit: installs the wheels and the checkout, unpacks the base
+# tree .gpu/base_${BASE}.tar for "$B0 ..." steps, and defines step NAME CMD (CMD under the time left of LIMIT
+# seconds, its output in /tmp/res/NAME.log, everything tarred to $OUT).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site2 .whl/*.whl
 export PYTHONPATH=/tmp/site2 PYTHONUNBUFFERED=1 MLLA_FAST_COMMIT=$(cat .commit)
 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || echo "editable install failed"
 nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader
-mkdir -p /tmp/base_3183cb6 && tar xf .gpu/base_3183cb6.tar -C /tmp/base_3183cb6 && (cd /tmp/base_3183cb6 && cp -r kernels reference mlla_fast/)
-B0="cd /tmp/base_3183cb6 && PYTHONPATH=/tmp/base_3183cb6:/tmp/site2 MLLA_FAST_COMMIT=3183cb6"
+mkdir -p /tmp/base_${BASE} && tar xf .gpu/base_${BASE}.tar -C /tmp/base_${BASE} && (cd /tmp/base_${BASE} && cp -r kernels reference mlla_fast/)
+B0="cd /tmp/base_${BASE} && PYTHONPATH=/tmp/base_${BASE}:/tmp/site2 MLLA_FAST_COMMIT=${BASE}"
 ROOT=$(pwd)
-LIMIT=${LIMIT:-570}  # call9d.sh: 290
+LIMIT=${LIMIT:-570}
 T0=$(date +%s)
 mkdir -p /tmp/res
 step() {
