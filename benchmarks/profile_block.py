@@ -3,11 +3,15 @@
 Runs a few warm-up calls, then profiles ``--steps`` calls of forward+backward under the CUDA profiler
 and prints the kernels sorted by total GPU time, with their share of the whole. With ``--host`` it
 profiles the host side instead, for steps bound by launch overhead: the wall time per step, the host
-operators by self CPU time (torch profiler) and the Python functions by own time (cProfile).
+operators by self CPU time (torch profiler) and the Python functions by own time (cProfile). With
+``--memory`` it records the allocator's history over one step instead and prints what is live at the step's
+peak, by the line of mlla_fast (or of this script) that allocated it, in units of the block's (B, N, C)
+activation (a 2-byte token tensor of the input's shape).
 
     python benchmarks/profile_block.py --grid 512 --batch 2 --backend triton     # one block, bf16 autocast
     python benchmarks/profile_block.py --model tiny --image 224 --batch 48         # a U-Net training step
     python benchmarks/profile_block.py --model tiny --image 224 --batch 48 --host  # its host side
+    python benchmarks/profile_block.py --grid 1024 --batch 2 --memory              # what is live at the peak
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--host", action="store_true", help="profile the host side (CPU time) instead of the GPU")
+    parser.add_argument("--memory", action="store_true", help="what is live at one step's memory peak, by site")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_block.py needs a CUDA device")
@@ -68,6 +73,9 @@ def main() -> None:
     torch.cuda.synchronize()
     if args.host:
         profile_host(step, args)
+        return
+    if args.memory:
+        profile_memory(step, x, args)
         return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
@@ -127,6 +135,50 @@ def profile_host(step, args: argparse.Namespace) -> None:
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.rows)
     print(f"Python functions by own time ({args.steps} steps, under cProfile):")
     print(text.getvalue())
+
+
+def profile_memory(step, x: torch.Tensor, args: argparse.Namespace) -> None:
+    """Replays the allocator's trace of one step: the peak above the step's start and the blocks live there,
+    grouped by their allocation site (the innermost frame in mlla_fast or this script, and the frame above it)."""
+    unit = x.numel() * 2 if not args.model else None
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        start = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live: dict[int, tuple[int, str]] = {}
+    current = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    peak_site = ""
+    for event in trace:
+        action, addr, size = event["action"], event["addr"], event["size"]
+        if action == "alloc":
+            live[addr] = (size, allocation_site(event.get("frames", [])))
+            current += size
+            if current > peak:
+                peak, at_peak, peak_site = current, dict(live), live[addr][1]
+        elif action == "free_completed" and addr in live:
+            current -= live.pop(addr)[0]
+    scale, label = (unit, "units") if unit else (2**20, "MiB")
+    print(f"{args.model or 'block'}, batch {args.batch}, bf16 autocast, fwd+bwd: {start / 2**20:.1f} MiB allocated "
+          f"before the step, peak {peak / scale:.2f} {label} above it ({(start + peak) / 2**30:.3f} GiB in all); "
+          f"one unit = {unit or 0} bytes")
+    print(f"the allocation that made the peak: {peak_site}")
+    sites: dict[str, list[int]] = {}
+    for size, site in at_peak.values():
+        sites.setdefault(site, []).append(size)
+    print(f"{label:>8} {'blocks':>6}  allocated at (live at the peak, allocated during the step)")
+    for site, sizes in sorted(sites.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{sum(sizes) / scale:8.2f} {len(sizes):6d}  {site}")
+
+
+def allocation_site(frames: list[dict]) -> str:
+    """'file:line function < file:line function' of the two innermost frames in mlla_fast or the benchmarks."""
+    ours = [f for f in frames if "mlla_fast" in f["filename"] or "benchmarks" in f["filename"]]
+    return " < ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in ours[:2]) or "(torch)"
 
 
 if __name__ == "__main__":
