@@ -74,6 +74,7 @@ TAPS = 9
 __all__ = [
     "cpe_residual_norm",
     "cpe_residual_norm_bwd",
+    "cpe_residual_norm_bwd_h",
     "cpe_residual_norm_fwd",
     "dwconv_silu",
     "dwconv_silu_bwd",
@@ -297,13 +298,14 @@ def _window_taps(a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g,
 
 @triton.jit
 def _cpe_residual_norm_bwd_kernel(
-    x, cpe_w, cpe_b, dr, dh, norm_w, g, dw_part, db_part, dgamma_part, dbeta_part,
+    x, cpe_w, cpe_b, dr, dh, norm_w, norm_b, g, h, dw_part, db_part, dgamma_part, dbeta_part,
     H, W, C, n_tiles_w, n_rows,
     sx_b, sx_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps, s_part,
     TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
-    HAS_DR: tl.constexpr, HAS_DH: tl.constexpr,
+    HAS_DR: tl.constexpr, HAS_DH: tl.constexpr, WRITE_H: tl.constexpr,
 ):
-    """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients.
+    """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients; with
+    WRITE_H (and HAS_DH) also the forward's h = LayerNorm(r), from the recomputed r, into h (strided like g).
 
     A tile is TW tokens of one grid row (all C channels). The tiles are numbered strip by strip (a strip:
     one batch sample's TW-wide column block, top row to bottom row) and each program walks down a
@@ -325,6 +327,8 @@ def _cpe_residual_norm_bwd_kernel(
     w0, w1, w2, w3, w4, w5, w6, w7, w8 = _tap_weights(cpe_w, o_c, m_c, True)
     b_bias = tl.load(cpe_b + o_c, mask=m_c, other=0.0).to(tl.float32)
     b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
+    if WRITE_H:
+        b_beta = tl.load(norm_b + o_c, mask=m_c, other=0.0).to(tl.float32)
     zero = tl.zeros([TW, BLOCK_C], dtype=tl.float32)
     a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
     a_db, a_dgamma, a_dbeta = zero, zero, zero
@@ -353,6 +357,13 @@ def _cpe_residual_norm_bwd_kernel(
                 b_r = tl.where(m, b_r, 0.0)
             b_dh = _masked_load(dh + i_b64 * sdh_b + o_y * sdh_n + (col * sdh_n)[:, None] + o_c[None, :], m, MASKED)
             b_xhat, b_rstd = _normalize(b_r, m_c, inv_c, eps)
+            if WRITE_H:
+                b_h = (b_xhat * b_gamma[None, :] + b_beta[None, :]).to(h.dtype.element_ty)
+                p_h = h + i_b64 * sg_b + o_y * sg_n + (col * sg_n)[:, None] + o_c[None, :]
+                if MASKED:
+                    tl.store(p_h, b_h, mask=m)
+                else:
+                    tl.store(p_h, b_h)
             a_dgamma += b_dh * b_xhat
             a_dbeta += b_dh
             b_gdh = b_dh * b_gamma[None, :]
@@ -691,6 +702,15 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_w
     Returns (dx (B, N, C) in x's dtype, d cpe_weight (C, 1, 3, 3), d cpe_bias, d norm_weight, d norm_bias (C,)),
     each parameter gradient in its parameter's dtype.
     """
+    return cpe_residual_norm_bwd_h(dr, dh, x, cpe_weight, cpe_bias, norm_weight, norm_bias, hw, eps)[:5]
+
+
+def cpe_residual_norm_bwd_h(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_weight: Tensor,
+                            cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, hw: tuple[int, int],
+                            eps: float = 1e-5, write_h: bool = False) -> tuple[Tensor, ...]:
+    """``cpe_residual_norm_bwd``'s five results and, with write_h (and dh given), the forward's h (B, N, C) in x's
+    dtype, written by the same kernel from the r it recomputes (else None): for a consumer of h that keeps
+    only x, such as ``mlla_fast.norm_linear``'s GEMM, whose weight gradient needs h."""
     H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
                                                      "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
     for name, t in (("dr", dr), ("dh", dh)):
@@ -705,22 +725,25 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_w
     tw, n_tiles_w, n_rows = _row_tiles(B, H, W, block_c)
     n_progs = _row_walk_programs(n_rows, x.device, CPE_BWD_PROGRAMS_PER_SM)
     g = _empty((B, N, C), x.dtype, x.device)
+    write_h = write_h and dh is not None
+    h = _empty((B, N, C), x.dtype, x.device) if write_h else None
     part = _empty((n_progs, (TAPS + 3) * C), torch.float32, x.device)
     dw_part, db_part, dgamma_part, dbeta_part = part.split([TAPS * C, C, C, C], dim=1)
     dr_arg = x if dr is None else dr
     dh_arg = x if dh is None else dh
     _cpe_residual_norm_bwd_kernel[(n_progs,)](
-        x, weight, cpe_bias.contiguous(), dr_arg, dh_arg, norm_weight.contiguous(), g, dw_part, db_part,
+        x, weight, cpe_bias.contiguous(), dr_arg, dh_arg, norm_weight.contiguous(), norm_bias.contiguous(), g,
+        g if h is None else h, dw_part, db_part,
         dgamma_part, dbeta_part, H, W, C, n_tiles_w, n_rows,
         x.stride(0), x.stride(1), dr_arg.stride(0), dr_arg.stride(1),
         dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps, part.stride(0),
         TW=tw, BLOCK_C=block_c, EVEN_C=block_c == C, EVEN_W=W % tw == 0, HAS_DR=dr is not None,
-        HAS_DH=dh is not None, num_warps=_bwd_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
+        HAS_DH=dh is not None, WRITE_H=write_h, num_warps=_bwd_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
     )
     dx = _dwconv_transpose(g, weight, (H, W), residual=True)
     dw, db, dgamma, dbeta = reduce_partials(part, [((C, 1, 3, 3), cpe_weight.dtype), ((C,), cpe_bias.dtype),
                                                    ((C,), norm_weight.dtype), ((C,), norm_bias.dtype)])
-    return dx, dw, db, dgamma, dbeta
+    return dx, dw, db, dgamma, dbeta, h
 
 
 def dwconv_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int]) -> Tensor:

@@ -342,19 +342,20 @@ def _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_n, s_row, DI: tl.constexp
 
 @triton.jit
 def _la_fwd_out_kernel(
-    p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg,
+    p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg, p_a,
     N, H, W, n_pos,
     s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
-    TRIG: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr,
+    TRIG: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr, WRITE_A: tl.constexpr,
 ):
     """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads).
 
     GATE_SILU: p_g holds the gate's pre-activation and SiLU(g) gates instead. GATE_GRAD (the first pass of
     the gated backward): the same recomputation of o = (q~ . kv) z + lepe(v), then the gate gradient
     dg = dy * o (times SiLU'(g) with GATE_SILU) and the gated output gradient do = dy * gate are written to
-    p_dg and p_y instead."""
+    p_dg and p_y instead, and with WRITE_A the forward's gated output o * gate, rewritten to p_a (contiguous; the
+    forward's rounding: a projection of the output, e.g. out_proj, takes its weight gradient from it)."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -396,6 +397,9 @@ def _la_fwd_out_kernel(
             b_dy = tl.load(p_dyt, mask=m_n[:, None], other=0.0).to(tl.float32)
             tl.store(p_dg + i_b * N * C + o_n64[:, None] * C + o_c[None, :],
                      (b_dy * b_o * b_dgate).to(p_dg.dtype.element_ty), mask=m_n[:, None])
+            if WRITE_A:
+                tl.store(p_a + i_b * N * C + o_n64[:, None] * C + o_c[None, :],
+                         (b_o * b_g).to(p_a.dtype.element_ty), mask=m_n[:, None])
             b_o = b_dy * b_g
         else:
             b_o *= b_g
@@ -691,8 +695,9 @@ def attention_output(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
 
 def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
                      ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, out: Tensor,
-                     dy: Tensor | None = None, dg: Tensor | None = None) -> None:
-    """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out."""
+                     dy: Tensor | None = None, dg: Tensor | None = None, a: Tensor | None = None) -> None:
+    """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out,
+    and the forward's y again into a when given."""
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     g_arg, s_g_b, s_g_n = _gate_args(g, v)
@@ -700,24 +705,28 @@ def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
     block_n = CONFIG.fwd_out_block_n
     _la_fwd_out_kernel[(triton.cdiv(N, block_n), B * num_heads)](
         q, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
-        out if dg is None else dg, N, H, W, n_pos, q.stride(0), q.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
+        out if dg is None else dg, out if a is None else a, N, H, W, n_pos,
+        q.stride(0), q.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
         dy_arg.stride(0), dy_arg.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
-        GATE_GRAD=dg is not None, GATE_SILU=gate_silu, num_warps=CONFIG.fwd_out_warps,
+        GATE_GRAD=dg is not None, GATE_SILU=gate_silu, WRITE_A=a is not None, num_warps=CONFIG.fwd_out_warps,
     )
 
 
 def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-                      kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
-                      gate_silu: bool) -> tuple[Tensor, Tensor]:
+                      kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
+                      dg: Tensor | None = None, a: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The backward's first pass: (do, dg), the gated output gradient do = dy * gate and the gate's gradient
-    (recomputing the pre-gate output); without a gate (dy, an empty dg)."""
+    (recomputing the pre-gate output), dg written into the given (B, N, C) contiguous dg if any; without a gate
+    (dy, an empty dg). With a (B, N, C) contiguous a, the forward's output y is written into it as well."""
     if g is None:
+        if a is not None:
+            _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a)
         return dy, _empty((0,), v.dtype, v.device)
-    dg = _empty(v.shape, v.dtype, v.device)
+    dg = _empty(v.shape, v.dtype, v.device) if dg is None else dg
     do = _empty(v.shape, v.dtype, v.device)
-    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg)
+    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg, a=a)
     return do, dg
 
 
@@ -771,16 +780,17 @@ def lepe_param_grads(do: Tensor, v: Tensor, lepe_weight: Tensor, lepe_bias: Tens
 
 def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
                           lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
-                          gate_silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          gate_silu: bool, a: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward: returns dqk (B, N, 2C), dv (B, N, C), dg (B, N, C; empty when g is None),
-    d lepe_weight (C, 1, 3, 3) and d lepe_bias (C,) in their parameters' dtypes."""
+    d lepe_weight (C, 1, 3, 3) and d lepe_bias (C,) in their parameters' dtypes; the forward's output is
+    rewritten into a (B, N, C) contiguous a when given."""
     dy, qk, v = _token_major(dy), _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
     q, k = qk[..., :C], qk[..., C:]
     dqk = _empty((B, N, 2 * C), qk.dtype, v.device)
     dv = _empty((B, N, C), v.dtype, v.device)
-    do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+    do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a)
     dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dqk[..., :C])
     dw, db = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
     kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dqk[..., C:], dv)

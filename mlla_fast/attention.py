@@ -12,7 +12,13 @@ attention's dv (no second (B, N, C) gradient to sum), dW in fp32 out of the GEMM
 and the bias gradient by the Triton column sum. For a large v (``SPLIT_QK_BYTES``) q and k are projected and
 differentiated one at a time instead, so that the backward's own (B, N, C) tensors peak at five instead of
 seven (qk and dqk whole): on an H100, one block (C=64, batch 2, 512², bf16) peaked 12 units of B*N*C above
-its start instead of 14.
+its start instead of 14 (13 in ``benchmarks/profile_block.py --memory``'s count, where the attention's
+backward held do, dg, dv, k and dk). That backward now also runs over chunks of the batch, so that do, k and
+dk exist for some samples at a time.
+
+With ``out_weight`` the block's output projection runs inside the same Function: the attention's output a,
+which the projection's weight gradient needs, is not kept (one (B, N, C) tensor per block) but rewritten by
+the backward's gate pass, which recomputes it anyway; da = dy W_out exists only inside the backward.
 
 The GEMMs and their recomputes run inside two custom ops (``mlla_fast::qk_linear_attention_fwd``/``_bwd``),
 opaque to torch.compile: with the GEMM as graph nodes, AOTAutograd's partitioner merges the backward's
@@ -30,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels.dwconv import depthwise_param_grads
 from .kernels.linear_attention import (
     _check_inputs,
     _linear_attention_bwd,
@@ -41,7 +48,6 @@ from .kernels.linear_attention import (
     fake_fwd_outputs,
     gated_output_grad,
     kv_side_grad,
-    lepe_param_grads,
     q_side_grad,
 )
 from .linear import bias_grad, compute_dtype, matmul_to
@@ -72,65 +78,127 @@ def _split_qk(v: Tensor) -> bool:
 
 
 def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
-                             lepe_weight: Tensor, lepe_bias: Tensor, H: int, W: int, num_heads: int,
+                             lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
+                             out_bias: Tensor | None, H: int, W: int, num_heads: int,
                              gate_silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The attention's forward (y, kv, ksum), weights in v's dtype: qk = v W_qk + b_qk, or for a large v
     k = v W_k + b_k for the state, then q = v W_q + b_q for the output pass, one (B, N, C) projection live
-    at a time."""
+    at a time; with out_weight, y is the attention's output a projected, a W_out^T + b_out, and a is dropped."""
     if not _split_qk(v):
-        return _linear_attention_fwd(_project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, H, W, num_heads,
-                                     gate_silu)
-    v = _token_major(v)
-    g = None if g is None else _token_major(g)
-    (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, v.shape[2])
-    kv, ksum = attention_state(_project(v, wk, bk), v, W, num_heads)
-    y = attention_output(_project(v, wq, bq), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+        y, kv, ksum = _linear_attention_fwd(_project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, H, W,
+                                            num_heads, gate_silu)
+    else:
+        v = _token_major(v)
+        g = None if g is None else _token_major(g)
+        (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, v.shape[2])
+        kv, ksum = attention_state(_project(v, wk, bk), v, W, num_heads)
+        y = attention_output(_project(v, wq, bq), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+    if out_weight is not None:
+        y = _project(y, out_weight, out_bias)
     return y, kv, ksum
 
 
 def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
-                             lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int,
-                             num_heads: int, gate_silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The attention's and the projection's backward: (dv, dg, d qk_weight, d qk_bias, d lepe_weight,
-    d lepe_bias), the projection's gradients in fp32 (d qk_bias empty without a bias).
+                             lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
+                             out_bias: Tensor | None, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
+                             gate_silu: bool) -> tuple[Tensor, ...]:
+    """The attention's and the projections' backward: (dv, dg, d qk_weight, d qk_bias, d lepe_weight,
+    d lepe_bias, d out_weight, d out_bias), the projections' gradients in fp32 (empty where there is no such
+    parameter).
 
-    For a large v (``SPLIT_QK_BYTES``) q and k are recomputed one at a time, and the (B, N, C) dq and dk are
+    With out_weight, the attention's output gradient da = dy W_out exists only inside this function, and the
+    gate pass rewrites the forward's output a (bitwise) for d out_weight = dy^T a; both are dropped after it.
+    For a large v (``SPLIT_QK_BYTES``) the backward runs over chunks of the batch (the samples are
+    independent: each has its own state kv), q and k recomputed one at a time, and the (B, N, C) dq and dk
     folded into dv as soon as they exist: dv = dq W_q (a GEMM), the k/v kernel adds the attention's own dv to
-    it, then dv += dk W_k in place. At most five (B, N, C) tensors of its own are live at once (do, dg, dv,
-    k, dk), against seven with qk and dqk whole (qk, dqk, dv, dg, do)."""
+    it, then dv += dk W_k in place. Besides dv and dg, at most three chunk-sized tensors are live at once (do
+    with da, a and q in the gate pass, or with k and dk in the k/v pass)."""
     dy, v = _token_major(dy), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
     acc = torch.promote_types(qk_weight.dtype, torch.float32)
-    v2 = v.reshape(-1, C)
     if not _split_qk(v):
+        da, a = _output_grad(dy, out_weight), None if out_weight is None else v.new_empty(v.shape)
         dqk, dv, dg, dlepe_w, dlepe_b = _linear_attention_bwd(
-            dy, _project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+            da, _project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu,
+            a=a)
+        del da
+        out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
+        del a
         dqk = dqk.view(-1, 2 * C)
         with torch.autocast(v.device.type, enabled=False):
             dv.view(-1, C).addmm_(dqk, qk_weight)
-        return (dv, dg, *_projection_grads(dqk, v2, qk_bias is not None, acc), dlepe_w, dlepe_b)
+        return (dv, dg, *_projection_grads(dqk, v.reshape(-1, C), qk_bias is not None, acc), dlepe_w, dlepe_b,
+                *out_grads)
+    dv = v.new_empty(v.shape)
+    dg = v.new_empty((0,)) if g is None else v.new_empty(v.shape)
+    per_chunk = max(1, SPLIT_QK_BYTES // max(1, N * C * v.element_size()))
+    grads = None
+    for b0 in range(0, B, per_chunk):
+        b = slice(b0, min(b0 + per_chunk, B))
+        bh = slice(b.start * num_heads, b.stop * num_heads)
+        part = _chunk_bwd(dy[b], v[b], None if g is None else g[b], qk_weight, qk_bias, lepe_weight, lepe_bias,
+                          out_weight, out_bias, kv[bh], ksum[bh], H, W, num_heads, gate_silu, dv[b],
+                          None if g is None else dg[b], acc)
+        grads = part if grads is None else [s + p for s, p in zip(grads, part, strict=True)]
+    dqk_w, dqk_b, dlepe_w, dlepe_b, dout_w, dout_b = grads
+    return (dv, dg, dqk_w, dqk_b, dlepe_w.reshape(C, 1, 3, 3).to(lepe_weight.dtype), dlepe_b.to(lepe_bias.dtype),
+            dout_w, dout_b)
+
+
+def _chunk_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
+               lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None, out_bias: Tensor | None,
+               kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, dv: Tensor, dg: Tensor | None,
+               acc: torch.dtype) -> list[Tensor]:
+    """The large-v backward of some samples (dv and dg written into the given contiguous chunks): their fp32
+    parameter-gradient contributions [d qk_weight, d qk_bias, d lepe_weight (C, 9), d lepe_bias, d out_weight,
+    d out_bias] (empty where there is no such parameter)."""
+    C = v.shape[2]
+    v2 = v.reshape(-1, C)
     (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
+    da, a = _output_grad(dy, out_weight), None if out_weight is None else v.new_empty(v.shape)
     q = _project(v, wq, bq)
-    do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
-    dq = torch.empty_like(v)
+    do, _ = gated_output_grad(da, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads,
+                              gate_silu, dg=dg, a=a)
+    del da
+    out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
+    del a
+    dq = v.new_empty(v.shape)
     dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dq)
     del q
     dq = dq.view(-1, C)
     with torch.autocast(v.device.type, enabled=False):
-        dv = (dq @ wq).view(B, N, C)
+        torch.mm(dq, wq, out=dv.view(-1, C))
     grads_q = _projection_grads(dq, v2, qk_bias is not None, acc)
     del dq
     k = _project(v, wk, bk)
-    dk = torch.empty_like(v)
+    dk = v.new_empty(v.shape)
     kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dk, dv, accumulate=True)
-    dlepe_w, dlepe_b = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
+    dlepe_w, dlepe_b = depthwise_param_grads(do, v, (H, W))
     del k, do
     dk = dk.view(-1, C)
     with torch.autocast(v.device.type, enabled=False):
         dv.view(-1, C).addmm_(dk, wk)
     grads_k = _projection_grads(dk, v2, qk_bias is not None, acc)
-    return (dv, dg, torch.cat([grads_q[0], grads_k[0]]), torch.cat([grads_q[1], grads_k[1]]), dlepe_w, dlepe_b)
+    return [torch.cat([grads_q[0], grads_k[0]]), torch.cat([grads_q[1], grads_k[1]]), dlepe_w, dlepe_b, *out_grads]
+
+
+def _output_grad(dy: Tensor, out_weight: Tensor | None) -> Tensor:
+    """da = dy W_out, the gradient of the attention's output through the output projection (dy without one)."""
+    if out_weight is None:
+        return dy
+    with torch.autocast(dy.device.type, enabled=False):
+        return (dy.reshape(-1, dy.shape[-1]) @ out_weight).view(dy.shape)
+
+
+def _out_projection_grads(dy: Tensor, a: Tensor | None, out_weight: Tensor | None, out_bias: Tensor | None,
+                          acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(d out_weight, d out_bias) in acc from dy and the rewritten output a; empty where there is no such
+    parameter."""
+    if out_weight is None:
+        return dy.new_empty((0,), dtype=acc), dy.new_empty((0,), dtype=acc)
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    return _projection_grads(dy2, a.view(-1, a.shape[-1]), out_bias is not None, acc)
 
 
 def _projection_grads(dp: Tensor, v2: Tensor, bias: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -140,10 +208,11 @@ def _projection_grads(dp: Tensor, v2: Tensor, bias: bool, dtype: torch.dtype) ->
 
 
 _FWD_SCHEMA = "(Tensor v, Tensor? g, Tensor qk_weight, Tensor? qk_bias, Tensor lepe_weight, Tensor lepe_bias, " \
-    "SymInt H, SymInt W, int num_heads, bool gate_silu) -> (Tensor, Tensor, Tensor)"
+    "Tensor? out_weight, Tensor? out_bias, SymInt H, SymInt W, int num_heads, bool gate_silu) " \
+    "-> (Tensor, Tensor, Tensor)"
 _BWD_SCHEMA = "(Tensor dy, Tensor v, Tensor? g, Tensor qk_weight, Tensor? qk_bias, Tensor lepe_weight, " \
-    "Tensor lepe_bias, Tensor kv, Tensor ksum, SymInt H, SymInt W, int num_heads, bool gate_silu) " \
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor lepe_bias, Tensor? out_weight, Tensor? out_bias, Tensor kv, Tensor ksum, SymInt H, SymInt W, " \
+    "int num_heads, bool gate_silu) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 qk_linear_attention_fwd_op = torch.library.custom_op(
     "mlla_fast::qk_linear_attention_fwd", _qk_linear_attention_fwd, mutates_args=(), schema=_FWD_SCHEMA)
@@ -152,54 +221,63 @@ qk_linear_attention_bwd_op = torch.library.custom_op(
 
 
 @qk_linear_attention_fwd_op.register_fake
-def _(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, H, W, num_heads, gate_silu):
+def _(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, H, W, num_heads, gate_silu):
     return fake_fwd_outputs(v, num_heads)
 
 
 @qk_linear_attention_bwd_op.register_fake
-def _(dy, v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu):
+def _(dy, v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, kv, ksum, H, W, num_heads,
+      gate_silu):
     _, dv, dg, dlepe_w, dlepe_b = fake_bwd_outputs(v.dtype, v, g, lepe_weight, lepe_bias)
     acc = torch.promote_types(qk_weight.dtype, torch.float32)
-    dbias = qk_weight.new_empty((0,) if qk_bias is None else qk_bias.shape, dtype=acc)
-    return dv, dg, qk_weight.new_empty(qk_weight.shape, dtype=acc), dbias, dlepe_w, dlepe_b
+
+    def grad(param: Tensor | None) -> Tensor:
+        return qk_weight.new_empty((0,) if param is None else param.shape, dtype=acc)
+
+    return dv, dg, grad(qk_weight), grad(qk_bias), dlepe_w, dlepe_b, grad(out_weight), grad(out_bias)
 
 
 class _QKLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None, lepe_weight: Tensor,
-                lepe_bias: Tensor, H: int, W: int, num_heads: int, gate_silu: bool) -> Tensor:
+                lepe_bias: Tensor, out_weight: Tensor | None, out_bias: Tensor | None, H: int, W: int,
+                num_heads: int, gate_silu: bool) -> Tensor:
         # the weights cast once per call, as F.linear under autocast would (autocast leaves custom ops alone)
-        wc = qk_weight.to(v.dtype)
-        bc = None if qk_bias is None else qk_bias.to(v.dtype)
-        y, kv, ksum = qk_linear_attention_fwd_op(v, g, wc, bc, lepe_weight, lepe_bias, H, W, num_heads, gate_silu)
-        ctx.save_for_backward(v, g, wc, bc, lepe_weight, lepe_bias, kv, ksum)
+        params = [None if p is None else p.to(v.dtype) for p in (qk_weight, qk_bias, out_weight, out_bias)]
+        y, kv, ksum = qk_linear_attention_fwd_op(v, g, params[0], params[1], lepe_weight, lepe_bias, params[2],
+                                                 params[3], H, W, num_heads, gate_silu)
+        ctx.save_for_backward(v, g, *params, lepe_weight, lepe_bias, kv, ksum)
         ctx.grid = (H, W, num_heads, gate_silu)
-        ctx.param_dtypes = (qk_weight.dtype, None if qk_bias is None else qk_bias.dtype)
+        ctx.param_dtypes = [None if p is None else p.dtype for p in (qk_weight, qk_bias, out_weight, out_bias)]
         ctx.set_materialize_grads(False)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):
         if dy is None:  # the output took no gradient
-            return (None,) * 10
-        v, g, wc, bc, lepe_weight, lepe_bias, kv, ksum = ctx.saved_tensors
+            return (None,) * 12
+        v, g, wc, bc, out_wc, out_bc, lepe_weight, lepe_bias, kv, ksum = ctx.saved_tensors
         need = ctx.needs_input_grad
-        weight_dtype, bias_dtype = ctx.param_dtypes
         # No autocast context in this Function (the GEMMs run inside the op, autocast disabled there): under
         # torch.compile (PyTorch 2.13) one in the backward left autocast off for the rest of the traced forward,
         # whose MLP then ran in fp32.
-        dv, dg, dweight, dbias, dlepe_w, dlepe_b = qk_linear_attention_bwd_op(
-            dy, v, g, wc, bc, lepe_weight, lepe_bias, kv, ksum, *ctx.grid)
-        return (dv if need[0] else None, dg if g is not None and need[1] else None,
-                dweight.to(weight_dtype) if need[2] else None,
-                dbias.to(bias_dtype) if bias_dtype is not None and need[3] else None,
-                dlepe_w if need[4] else None, dlepe_b if need[5] else None, None, None, None, None)
+        dv, dg, dweight, dbias, dlepe_w, dlepe_b, dout_w, dout_b = qk_linear_attention_bwd_op(
+            dy, v, g, wc, bc, lepe_weight, lepe_bias, out_wc, out_bc, kv, ksum, *ctx.grid)
+        params = [(dweight, need[2]), (dbias, need[3]), (dout_w, need[6]), (dout_b, need[7])]
+        dparams = [grad.to(dtype) if dtype is not None and needed else None
+                   for (grad, needed), dtype in zip(params, ctx.param_dtypes, strict=True)]
+        return (dv if need[0] else None, dg if g is not None and need[1] else None, dparams[0], dparams[1],
+                dlepe_w if need[4] else None, dlepe_b if need[5] else None, dparams[2], dparams[3],
+                None, None, None, None)
 
 
 def qk_linear_attention(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None, lepe_weight: Tensor,
-                        lepe_bias: Tensor, hw: tuple[int, int], num_heads: int, gate_silu: bool = False) -> Tensor:
+                        lepe_bias: Tensor, hw: tuple[int, int], num_heads: int, gate_silu: bool = False,
+                        out_weight: Tensor | None = None, out_bias: Tensor | None = None) -> Tensor:
     """``linear_attention(linear(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, hw, num_heads, gate_silu)``
-    (``kernels.linear_attention``, ``mlla_fast.linear``) with qk recomputed in the backward instead of saved.
+    (``kernels.linear_attention``, ``mlla_fast.linear``) with qk recomputed in the backward instead of saved,
+    followed by ``linear(·, out_weight, out_bias)`` when out_weight is given, whose input (the attention's
+    output) is rewritten by the backward's first pass instead of saved.
 
     Args:
         v: (B, N, C) the attention input, in the compute dtype (autocast's, else its own: float32, bfloat16
@@ -207,6 +285,8 @@ def qk_linear_attention(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias:
         g: (B, N, C) gate like v, or None.
         qk_weight, qk_bias: (2C, C) and (2C,) or None, the qk projection (any float dtype; cast to v's).
         lepe_weight, lepe_bias, hw, num_heads, gate_silu: as for ``linear_attention``.
+        out_weight, out_bias: (C, C) and (C,) or None, the output projection (any float dtype; cast to v's);
+            out_bias only with out_weight.
 
     Returns:
         (B, N, C) in v's dtype.
@@ -217,8 +297,12 @@ def qk_linear_attention(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias:
     dtype = compute_dtype(v)
     if v.dtype != dtype:
         raise ValueError(f"v: expected the compute dtype {dtype} (autocast's), got {v.dtype}")
-    for name, t, shape in (("qk_weight", qk_weight, (2 * C, C)), ("qk_bias", qk_bias, (2 * C,))):
-        if t is None and name == "qk_bias":
+    if out_weight is None and out_bias is not None:
+        raise ValueError("out_bias: given without out_weight")
+    params = (("qk_weight", qk_weight, (2 * C, C)), ("qk_bias", qk_bias, (2 * C,)),
+              ("out_weight", out_weight, (C, C)), ("out_bias", out_bias, (C,)))
+    for name, t, shape in params:
+        if t is None and name != "qk_weight":
             continue
         if not isinstance(t, Tensor) or tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape} for v's {C} channels, got {_describe(t)}")
@@ -228,8 +312,8 @@ def qk_linear_attention(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias:
             raise ValueError(f"{name}: expected v's device {v.device}, got {t.device}")
     # the attention's own checks, with qk (computed from v in v's dtype) stood in for by a (B, N, 2C) view of v
     H, W = _check_inputs(v[..., :1].expand(B, N, 2 * C), v, g, lepe_weight, lepe_bias, hw, num_heads)
-    return _QKLinearAttention.apply(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, H, W, num_heads,
-                                    bool(gate_silu))
+    return _QKLinearAttention.apply(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, H, W,
+                                    num_heads, bool(gate_silu))
 
 
 def _describe(t) -> str:

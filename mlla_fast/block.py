@@ -7,7 +7,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .backend import check_backend, use_fused
-from .linear import linear
 from .mlp import chunked_mlp, chunked_mlp_supported, mlp_is_random, triton_mlp, triton_mlp_supported
 from .reference.block import MLLABlock as ReferenceMLLABlock
 from .reference.block import resolve_grid
@@ -49,29 +48,35 @@ class MLLABlock(ReferenceMLLABlock):
         column sums."""
         from .attention import qk_linear_attention
         from .kernels.dwconv import cpe_residual_norm, dwconv_silu
+        from .norm_linear import cpe_norm_linear
 
         hw = resolve_grid(x, hw, self.input_resolution, self.dim)
         C = self.dim
-        r, h = cpe_residual_norm(
-            x, self.cpe1.weight, self.cpe1.bias, self.norm1.weight, self.norm1.bias, hw, self.norm1.eps
+        # the gate and value projections as one GEMM on the normed tokens, which are not kept for the backward
+        # (mlla_fast/norm_linear.py)
+        r, gv = cpe_norm_linear(
+            x, self.cpe1.weight, self.cpe1.bias, self.norm1.weight, self.norm1.bias,
+            torch.cat([self.act_proj.weight, self.in_proj.weight]), torch.cat([self.act_proj.bias, self.in_proj.bias]),
+            hw, self.norm1.eps,
         )
-        gate_value_weight = torch.cat([self.act_proj.weight, self.in_proj.weight])
-        gv = linear(h, gate_value_weight, torch.cat([self.act_proj.bias, self.in_proj.bias]))
         # one split (its backward is one concatenation of the two gradients; two slices would cost two zero
         # fills, two copies and an add of (B, N, 2C) tensors)
         g, u = gv.split(C, dim=-1)
         v = dwconv_silu(u, self.dwc.weight, self.dwc.bias, hw)
-        # qk = v W_qk + b_qk is recomputed in the backward instead of kept (mlla_fast/attention.py); the gate's
-        # SiLU is applied (and differentiated) inside the attention kernels
-        a = qk_linear_attention(v, g, self.attn.qk.weight, self.attn.qk.bias, self.attn.lepe.weight,
-                                self.attn.lepe.bias, hw, self.num_heads, gate_silu=True)
-        x = add_drop_path(r, linear(a, self.out_proj.weight, self.out_proj.bias), self.drop_path_prob, self.training)
+        # qk = v W_qk + b_qk is recomputed in the backward instead of kept (mlla_fast/attention.py), the gate's
+        # SiLU is applied (and differentiated) inside the attention kernels, and out_proj runs inside the same
+        # Function, its input (the attention's output) rewritten by the backward instead of kept
+        y = qk_linear_attention(v, g, self.attn.qk.weight, self.attn.qk.bias, self.attn.lepe.weight,
+                                self.attn.lepe.bias, hw, self.num_heads, gate_silu=True,
+                                out_weight=self.out_proj.weight, out_bias=self.out_proj.bias)
+        x = add_drop_path(r, y, self.drop_path_prob, self.training)
         r, h = cpe_residual_norm(
             x, self.cpe2.weight, self.cpe2.bias, self.norm2.weight, self.norm2.bias, hw, self.norm2.eps
         )
         # The MLP's hidden activations (8C per token) are recomputed in the backward instead of saved; with the
-        # LayerNorm inputs and the gate recomputed inside the kernels and qk in the attention's backward, the
-        # block keeps about 8.4C per token for its backward (the reference: 29C). The Triton MLP (narrow layers;
+        # LayerNorm inputs and the gate recomputed inside the kernels, the first LayerNorm's output in the
+        # stencil's backward, and qk and the attention's output in the attention's backward, the block keeps
+        # about 6.4C per token for its backward (the reference: 29C). The Triton MLP (narrow layers;
         # bf16/fp16 on CUDA) never writes the hidden layer to memory and adds the residual in its epilogue when
         # no drop-path scales the MLP's output; otherwise the cuBLAS MLP runs over token chunks, so that its
         # 4C-wide transients never exist for all tokens at once.

@@ -3,9 +3,9 @@
 Output and every gradient on a small odd grid in fp32 (the project's fp32 rule: the q and k projections and
 their gradients are separate GEMMs, and dv is summed in another order) and under bf16/fp16 autocast (the
 low-precision rule against the fp32 result, the two calls in that dtype standing in for PyTorch's own
-low-precision computation: dv is rounded in other places); that no (B, N, 2C) tensor is saved for the
-backward, eager or compiled; partial requires_grad, torch.compile, opcheck of the two custom ops and the input
-checks.
+low-precision computation: dv is rounded in other places); with the output projection inside, against the
+Function followed by linear; that no (B, N, 2C) tensor is saved for the backward, eager or compiled; partial
+requires_grad, torch.compile, opcheck of the two custom ops and the input checks.
 """
 
 import math
@@ -53,6 +53,23 @@ def one_function(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias):
     return qk_linear_attention(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, (H, W), HEADS, gate_silu=True)
 
 
+def out_projected_leaves(device, bias=True):
+    """make_leaves plus the output projection: out_weight (C, C), out_bias (C,) or None."""
+    t = make_leaves(device, bias)
+    t["out_weight"] = (torch.randn(C, C, device=device) / 8).requires_grad_()
+    t["out_bias"] = torch.randn(C, device=device).requires_grad_() if bias else None
+    return t
+
+
+def attention_then_out_proj(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias):
+    return linear(one_function(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias), out_weight, out_bias)
+
+
+def one_function_out_proj(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias):
+    return qk_linear_attention(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, (H, W), HEADS, gate_silu=True,
+                               out_weight=out_weight, out_bias=out_bias)
+
+
 def run(fn, leaves, dy, dtype=None, frozen=()):
     """fn's output and the gradients of fresh copies of the leaves (those in frozen take none), under autocast
     to dtype (v and g cast to it first, as the block's activations are) when dtype is given."""
@@ -63,7 +80,7 @@ def run(fn, leaves, dy, dtype=None, frozen=()):
         args = dict(fresh)
         if dtype is not None:
             args["v"], args["g"] = fresh["v"].to(dtype), fresh["g"].to(dtype)
-        y = fn(*(args[k] for k in NAMES))
+        y = fn(*(args[k] for k in leaves))
     y.backward(dy.to(y.dtype))
     return y.detach(), {k: x.grad for k, x in fresh.items() if x is not None and x.requires_grad}
 
@@ -109,6 +126,46 @@ def test_partial_gradients(frozen, qk_path, device):
         assert rel_err(grad, grads_ref[name]) <= FP32_RTOL, name
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_out_projection(dtype, bias, qk_path, device):
+    """With out_weight/out_bias the Function equals itself followed by linear (output and every gradient;
+    fp32 to the fp32 rule, bf16 to the low-precision rule against fp32), and the attention's output is
+    rewritten by the backward instead of saved."""
+    leaves = out_projected_leaves(device, bias)
+    dy = torch.randn(B, N, C, device=device)
+    y_ref, grads_ref = run(attention_then_out_proj, leaves, dy, dtype)
+    y, grads = run(one_function_out_proj, leaves, dy, dtype)
+    assert grads.keys() == grads_ref.keys() == {k for k, x in leaves.items() if x is not None}
+    if dtype is None:
+        assert rel_err(y, y_ref) <= FP32_RTOL
+        for name, grad in grads.items():
+            assert grad.dtype == torch.float32, name
+            assert rel_err(grad, grads_ref[name]) <= FP32_RTOL, f"d{name}: out_proj inside != linear after"
+    else:
+        y32, grads32 = run(attention_then_out_proj, leaves, dy)
+        pairs = [("y", y, y_ref, y32)] + [(k, grads[k], grads_ref[k], grads32[k]) for k in grads]
+        for name, out, ref_lowp, ref32 in pairs:
+            assert out.dtype == ref_lowp.dtype, name
+            bound = LOWP_FACTOR * rel_err(ref_lowp, ref32) + LOWP_FLOOR[dtype]
+            assert rel_err(out, ref32) <= bound, f"{name}: {rel_err(out, ref32):.2e} > {bound:.2e}"
+    shapes = _saved_shapes(one_function_out_proj, leaves, dtype)
+    assert shapes.count((B, N, C)) == 2, shapes  # v and g; the linear after also keeps the attention's output
+    assert _saved_shapes(attention_then_out_proj, leaves, dtype).count((B, N, C)) == 3
+
+
+def test_out_projection_partial_gradients(qk_path, device):
+    """A frozen output projection takes no gradient; the rest are unchanged."""
+    leaves = out_projected_leaves(device)
+    dy = torch.randn(B, N, C, device=device)
+    frozen = ("out_weight", "out_bias", "v")
+    _, grads_ref = run(attention_then_out_proj, leaves, dy, frozen=frozen)
+    _, grads = run(one_function_out_proj, leaves, dy, frozen=frozen)
+    assert grads.keys() == grads_ref.keys() == set(leaves) - set(frozen)
+    for name, grad in grads.items():
+        assert rel_err(grad, grads_ref[name]) <= FP32_RTOL, name
+
+
 def _saved_shapes(fn, leaves, dtype=None) -> list[tuple[int, ...]]:
     shapes = []
 
@@ -119,7 +176,7 @@ def _saved_shapes(fn, leaves, dtype=None) -> list[tuple[int, ...]]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast(leaves["v"].device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         v, g = (leaves["v"].to(dtype), leaves["g"].to(dtype)) if dtype is not None else (leaves["v"], leaves["g"])
-        fn(v, g, *(leaves[k] for k in NAMES[2:]))
+        fn(v, g, *(x for k, x in leaves.items() if k not in ("v", "g")))
     return shapes
 
 
@@ -165,11 +222,13 @@ def test_torch_compile_keeps_autocast_after_the_function(device):
     assert torch.equal(y_c, y_e)
 
 
+@pytest.mark.parametrize("out", [True, False], ids=["out_proj", "no_out_proj"])
 @pytest.mark.parametrize("gate", [True, False])
-def test_opcheck(gate, qk_path, device):
+def test_opcheck(gate, out, qk_path, device):
     t = {k: x.detach() for k, x in make_leaves(device).items()}
     g = t["g"] if gate else None
-    args = (t["v"], g, t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"])
+    out_w, out_b = (torch.randn(C, C, device=device) / 8, torch.randn(C, device=device)) if out else (None, None)
+    args = (t["v"], g, t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], out_w, out_b)
     torch.library.opcheck(attention.qk_linear_attention_fwd_op, (*args, H, W, HEADS, True))
     y, kv, ksum = attention.qk_linear_attention_fwd_op(*args, H, W, HEADS, True)
     torch.library.opcheck(attention.qk_linear_attention_bwd_op,
@@ -191,6 +250,12 @@ def test_bad_inputs(device):
         one_function(t["v"], t["g"], t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"])
     with pytest.raises(ValueError, match="g: expected the activation dtype of v"):
         one_function(t["v"], t["g"].bfloat16(), t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"])
+    with pytest.raises(ValueError, match=r"out_weight: expected shape \(64, 64\)"):
+        qk_linear_attention(t["v"], t["g"], t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], (H, W),
+                            HEADS, out_weight=t["qk_weight"])
+    with pytest.raises(ValueError, match="out_bias: given without out_weight"):
+        qk_linear_attention(t["v"], t["g"], t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], (H, W),
+                            HEADS, out_bias=t["lepe_bias"])
     with pytest.raises(ValueError, match="token count 35 does not match the grid 5x6"):
         qk_linear_attention(t["v"], t["g"], t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], (5, 6),
                             HEADS)

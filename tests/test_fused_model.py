@@ -226,14 +226,15 @@ def _saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def test_fused_block_keeps_few_activations_for_the_backward(device):
-    """What the fused block saves for its backward, as a multiple of its input: about 8.4x (inputs of the
-    kernels and GEMMs; the MLP's hidden activations, the LayerNorms' inputs r, the SiLU gate and qk are
-    recomputed; 10.4x while qk was kept), under 30% of the reference's ~29x."""
+    """What the fused block saves for its backward, as a multiple of its input: about 6.4x (inputs of the
+    kernels and GEMMs; the MLP's hidden activations, the LayerNorms' inputs r and the first one's output h, the
+    SiLU gate, qk and the attention's output are recomputed; 8.4x while h and the attention's output were kept,
+    10.4x while qk was too), under 25% of the reference's ~29x."""
     ref = ReferenceBlock(64, (16, 16), 2).to(device)
     fast = mlla_fast.MLLABlock(64, (16, 16), 2, backend="triton").to(device)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 256, 64, device=device, requires_grad=True)
     fused, reference = _saved_bytes(fast, x), _saved_bytes(ref, x)
     input_bytes = x.numel() * x.element_size()
-    assert fused <= 9.0 * input_bytes, f"fused block saves {fused / input_bytes:.1f}x its input"
-    assert fused <= 0.3 * reference, f"fused {fused / input_bytes:.1f}x vs reference {reference / input_bytes:.1f}x"
+    assert fused <= 6.5 * input_bytes, f"fused block saves {fused / input_bytes:.1f}x its input"
+    assert fused <= 0.25 * reference, f"fused {fused / input_bytes:.1f}x vs reference {reference / input_bytes:.1f}x"

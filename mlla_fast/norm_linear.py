@@ -1,0 +1,142 @@
+"""cpe + residual + LayerNorm, then a Linear on the normed tokens, keeping only the input x for the backward.
+
+In the fused block, ``h = LayerNorm(x + dwconv3x3(x))`` feeds the gate/value GEMM. ``cpe_residual_norm`` followed
+by ``linear`` keeps x (the stencil's backward recomputes r from it) and h (for the GEMM's weight gradient): two
+(B, N, C) tensors per block held from the forward to the backward. ``cpe_norm_linear`` keeps x alone. Its
+backward computes dh = dy W first, then the stencil's backward kernel, which recomputes r and the LayerNorm
+statistics anyway, also writes h (one more (B, N, C) store in that kernel, ``kernels.dwconv``'s WRITE_H) for
+dW = dy^T h. On an H100, one block (C=64, batch 2, 512², bf16) holds one unit of B*N*C less at its memory peak
+(the attention's backward).
+
+The stencil and the GEMMs run inside two custom ops (``mlla_fast::cpe_norm_linear_fwd``/``_bwd``), opaque to
+torch.compile, whose partitioner would otherwise keep h. Autocast is honoured as in ``mlla_fast.linear``: the
+GEMM runs in the autocast dtype (else x's) with the weight and bias cast once per call; r and h are in x's
+dtype. Gradients come back in the dtypes of x and the parameters; the GEMM's are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .kernels.dwconv import MAX_NORM_CHANNELS, _check_stencil_inputs, cpe_residual_norm_bwd_h, cpe_residual_norm_fwd
+from .linear import bias_grad, compute_dtype, matmul_to
+
+
+def _fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor,
+         bias: Tensor | None, H: int, W: int, eps: float) -> tuple[Tensor, Tensor]:
+    r, h = cpe_residual_norm_fwd(x, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W), eps)
+    with torch.autocast(x.device.type, enabled=False):
+        return r, F.linear(h.to(weight.dtype), weight, bias)
+
+
+def _bwd(dr: Tensor | None, dy: Tensor | None, x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor,
+         norm_bias: Tensor, weight: Tensor, H: int, W: int, eps: float,
+         has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d cpe_weight, d cpe_bias, d norm_weight, d norm_bias, d weight, d bias): the stencil's and norm's in
+    their parameters' dtypes, the GEMM's in fp32 (d bias empty without a bias; both zero when dy is None)."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    dh = dy2 = None
+    if dy is not None:
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(weight.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            dh = (dy2 @ weight).to(x.dtype).view(x.shape)
+    dx, dcw, dcb, dnw, dnb, h = cpe_residual_norm_bwd_h(dr, dh, x, cpe_weight, cpe_bias, norm_weight, norm_bias,
+                                                        (H, W), eps, write_h=True)
+    del dh
+    if dy2 is None:
+        dweight = weight.new_zeros(weight.shape, dtype=acc)
+        dbias = weight.new_zeros((weight.shape[0],) if has_bias else (0,), dtype=acc)
+    else:
+        dweight = matmul_to(dy2.t(), h.view(-1, h.shape[-1]).to(weight.dtype), acc)
+        dbias = bias_grad(dy2, acc) if has_bias else weight.new_empty((0,), dtype=acc)
+    return dx, dcw, dcb, dnw, dnb, dweight, dbias
+
+
+_FWD_SCHEMA = "(Tensor x, Tensor cpe_weight, Tensor cpe_bias, Tensor norm_weight, Tensor norm_bias, " \
+    "Tensor weight, Tensor? bias, SymInt H, SymInt W, float eps) -> (Tensor, Tensor)"
+_BWD_SCHEMA = "(Tensor? dr, Tensor? dy, Tensor x, Tensor cpe_weight, Tensor cpe_bias, Tensor norm_weight, " \
+    "Tensor norm_bias, Tensor weight, SymInt H, SymInt W, float eps, bool has_bias) " \
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+cpe_norm_linear_fwd_op = torch.library.custom_op("mlla_fast::cpe_norm_linear_fwd", _fwd, mutates_args=(),
+                                                 schema=_FWD_SCHEMA)
+cpe_norm_linear_bwd_op = torch.library.custom_op("mlla_fast::cpe_norm_linear_bwd", _bwd, mutates_args=(),
+                                                 schema=_BWD_SCHEMA)
+
+
+@cpe_norm_linear_fwd_op.register_fake
+def _(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, H, W, eps):
+    return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
+
+
+@cpe_norm_linear_bwd_op.register_fake
+def _(dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, H, W, eps, has_bias):
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    return (x.new_empty(x.shape), torch.empty_like(cpe_weight), torch.empty_like(cpe_bias),
+            torch.empty_like(norm_weight), torch.empty_like(norm_bias), weight.new_empty(weight.shape, dtype=acc),
+            weight.new_empty((weight.shape[0],) if has_bias else (0,), dtype=acc))
+
+
+class _CpeNormLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                weight: Tensor, bias: Tensor | None, H: int, W: int, eps: float) -> tuple[Tensor, Tensor]:
+        dtype = compute_dtype(x)
+        wc = weight.to(dtype)
+        r, y = cpe_norm_linear_fwd_op(x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc,
+                                      None if bias is None else bias.to(dtype), H, W, eps)
+        ctx.save_for_backward(x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc)
+        ctx.grid, ctx.eps = (H, W), eps
+        ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.set_materialize_grads(False)
+        return r, y
+
+    @staticmethod
+    def backward(ctx, dr: Tensor | None, dy: Tensor | None):
+        x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        need = ctx.needs_input_grad
+        if dr is None and dy is None:
+            return (None,) * 10
+        dx, dcw, dcb, dnw, dnb, dweight, dbias = cpe_norm_linear_bwd_op(
+            dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, *ctx.grid, ctx.eps, bias_dtype is not None)
+        grads = [g if needed else None for g, needed in zip((dx, dcw, dcb, dnw, dnb), need, strict=False)]
+        return (*grads, dweight.to(weight_dtype) if need[5] else None,
+                dbias.to(bias_dtype) if bias_dtype is not None and need[6] else None, None, None, None)
+
+
+def cpe_norm_linear(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                    linear_weight: Tensor, linear_bias: Tensor | None, hw: tuple[int, int],
+                    eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """``r, h = cpe_residual_norm(x, cpe_weight, cpe_bias, norm_weight, norm_bias, hw, eps)`` then
+    ``(r, linear(h, linear_weight, linear_bias))`` (``kernels.dwconv``, ``mlla_fast.linear``), h not kept for
+    the backward.
+
+    Args:
+        x: (B, N, C) tokens on the grid hw, as for ``cpe_residual_norm``.
+        cpe_weight, cpe_bias, norm_weight, norm_bias, hw, eps: as for ``cpe_residual_norm``.
+        linear_weight, linear_bias: (M, C) and (M,) or None (any float dtype; cast to the compute dtype).
+
+    Returns:
+        r (B, N, C) in x's dtype and y (B, N, M) in the compute dtype (autocast's, else x's).
+    """
+    H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
+                                                     "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
+    C = x.shape[-1]
+    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2 or linear_weight.shape[1] != C:
+        raise ValueError(f"linear_weight: expected shape (M, {C}) for x's {C} channels, got {_describe(linear_weight)}")
+    M = linear_weight.shape[0]
+    if linear_bias is not None and (not isinstance(linear_bias, Tensor) or tuple(linear_bias.shape) != (M,)):
+        raise ValueError(f"linear_bias: expected shape ({M},) for linear_weight's rows, got {_describe(linear_bias)}")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None and (not t.is_floating_point() or t.device != x.device):
+            raise ValueError(f"{name}: expected a floating-point tensor on x's device {x.device}, got {t.dtype} "
+                             f"on {t.device}")
+    return _CpeNormLinear.apply(x, cpe_weight, cpe_bias, norm_weight, norm_bias, linear_weight, linear_bias, H, W,
+                                float(eps))
+
+
+def _describe(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__

@@ -1,0 +1,185 @@
+"""cpe_norm_linear (mlla_fast/norm_linear.py) against the two calls it replaces, cpe_residual_norm + linear.
+
+Outputs and every gradient in fp32 (the project's fp32 rule) and under bf16 autocast (the low-precision rule
+against the fp32 result, the two calls in bf16 standing in for PyTorch's own low-precision computation); the
+stencil backward's rewritten h against the forward's; that only x is saved, eager and compiled; gradients of
+r or y alone; opcheck of the two custom ops and the input checks. Every buffer the stencil kernels allocate is
+poisoned with NaN.
+"""
+
+import math
+
+import pytest
+import torch
+
+from mlla_fast import norm_linear
+from mlla_fast.kernels import dwconv
+from mlla_fast.kernels.dwconv import cpe_residual_norm, cpe_residual_norm_bwd_h, cpe_residual_norm_fwd
+from mlla_fast.linear import linear
+from mlla_fast.norm_linear import cpe_norm_linear
+
+from tolerance import FP32_RTOL, LOWP_FACTOR, LOWP_FLOOR, rel_err
+
+B, H, W, C, M = 2, 5, 7, 64, 128
+N = H * W
+NAMES = ("x", "cpe_weight", "cpe_bias", "norm_weight", "norm_bias", "weight", "bias")
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(poison_outputs):
+    poison_outputs(dwconv)
+
+
+def make_leaves(device, bias=True):
+    t = {
+        "x": torch.randn(B, N, C, device=device) + 0.5,
+        "cpe_weight": torch.randn(C, 1, 3, 3, device=device) * 0.3,
+        "cpe_bias": torch.randn(C, device=device) * 0.5,
+        "norm_weight": 1.0 + 0.5 * torch.randn(C, device=device),
+        "norm_bias": 0.5 * torch.randn(C, device=device),
+        "weight": torch.randn(M, C, device=device) / 8,
+        "bias": torch.randn(M, device=device) if bias else None,
+    }
+    return {k: (x.requires_grad_() if x is not None else None) for k, x in t.items()}
+
+
+def two_calls(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias):
+    r, h = cpe_residual_norm(x, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W))
+    return r, linear(h, weight, bias)
+
+
+def one_function(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias):
+    return cpe_norm_linear(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, (H, W))
+
+
+def run(fn, leaves, dr, dy, dtype=None, frozen=()):
+    """fn's outputs and the gradients of fresh copies of the leaves (those in frozen take none) for output
+    gradients dr, dy (either may be None), under autocast to dtype (x cast to it first) when dtype is given."""
+    fresh = {k: (x.detach().clone().requires_grad_(k not in frozen) if x is not None else None)
+             for k, x in leaves.items()}
+    with torch.autocast(dr.device.type if dr is not None else dy.device.type, dtype=dtype or torch.bfloat16,
+                        enabled=dtype is not None):
+        args = dict(fresh)
+        if dtype is not None:
+            args["x"] = fresh["x"].to(dtype)
+        r, y = fn(*(args[k] for k in NAMES))
+    used = [(o, g.to(o.dtype)) for o, g in ((r, dr), (y, dy)) if g is not None]
+    torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+    return (r.detach(), y.detach()), {k: x.grad for k, x in fresh.items() if x is not None and x.requires_grad}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_norm_then_linear(dtype, bias, device):
+    leaves = make_leaves(device, bias)
+    dr, dy = torch.randn(B, N, C, device=device), torch.randn(B, N, M, device=device)
+    outs_ref, grads_ref = run(two_calls, leaves, dr, dy, dtype)
+    outs, grads = run(one_function, leaves, dr, dy, dtype)
+    assert grads.keys() == grads_ref.keys() == {k for k in NAMES if leaves[k] is not None}
+    for out, ref in zip(outs, outs_ref, strict=True):
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+    if dtype is None:
+        for name, out, ref in [("r", outs[0], outs_ref[0]), ("y", outs[1], outs_ref[1])]:
+            assert rel_err(out, ref) <= FP32_RTOL, name
+        for name, grad in grads.items():
+            assert grad.dtype == torch.float32, name
+            assert rel_err(grad, grads_ref[name]) <= FP32_RTOL, f"d{name}: one function != norm + linear"
+        return
+    outs32, grads32 = run(two_calls, leaves, dr, dy)
+    pairs = [("r", outs[0], outs_ref[0], outs32[0]), ("y", outs[1], outs_ref[1], outs32[1])]
+    pairs += [(k, grads[k], grads_ref[k], grads32[k]) for k in grads]
+    for name, out, ref_lowp, ref32 in pairs:
+        assert out.dtype == ref_lowp.dtype, name
+        bound = LOWP_FACTOR * rel_err(ref_lowp, ref32) + LOWP_FLOOR[dtype]
+        assert rel_err(out, ref32) <= bound, f"{name}: {rel_err(out, ref32):.2e} > {bound:.2e}"
+
+
+@pytest.mark.parametrize("which", ["r", "y"])
+def test_one_output_takes_gradient(which, device):
+    """Only r or only y takes a gradient (the other's is None in the backward)."""
+    leaves = make_leaves(device)
+    dr = torch.randn(B, N, C, device=device) if which == "r" else None
+    dy = torch.randn(B, N, M, device=device) if which == "y" else None
+    _, grads_ref = run(two_calls, leaves, dr, dy)
+    _, grads = run(one_function, leaves, dr, dy)
+    for name, grad in grads.items():
+        ref = grads_ref[name] if grads_ref[name] is not None else torch.zeros_like(grad)
+        assert rel_err(grad, ref) <= FP32_RTOL or (ref.abs().max() == 0 and grad.abs().max() == 0), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_rewrites_the_forward_h(dtype, device):
+    """The stencil backward's h (WRITE_H, from its recomputed r) equals the forward kernel's h: to fp32's
+    rule in fp32, and within one rounding step in bf16 (the two kernels sum the LayerNorm statistics in
+    different orders)."""
+    t = {k: x.detach() for k, x in make_leaves(device).items()}
+    x = t["x"].to(dtype)
+    params = [t[k] for k in ("cpe_weight", "cpe_bias", "norm_weight", "norm_bias")]
+    _, h = cpe_residual_norm_fwd(x, *params, (H, W))
+    *_, h_bwd = cpe_residual_norm_bwd_h(None, torch.randn_like(x), x, *params, (H, W), write_h=True)
+    assert h_bwd.dtype == dtype
+    if dtype == torch.float32:
+        assert rel_err(h_bwd, h) <= FP32_RTOL
+    else:
+        ulp = torch.finfo(dtype).eps * h.float().abs().clamp_min(1e-3)
+        assert ((h_bwd.float() - h.float()).abs() <= ulp).all()
+    assert cpe_residual_norm_bwd_h(None, torch.randn_like(x), x, *params, (H, W))[-1] is None
+
+
+def _saved_shapes(fn, leaves):
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*(leaves[k] for k in NAMES))
+    return shapes
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_only_x_is_saved(compiled, device):
+    """One (B, N, C) tensor (x) is kept for the backward, where the two calls keep x and h; also where
+    AOTAutograd's partitioner picks what is saved (torch.compile)."""
+    def compile_if(fn):
+        return torch.compile(fn, fullgraph=True, backend="aot_eager") if compiled else fn
+
+    def token_tensors(fn) -> int:  # (B, N, C) tensors, or views of them such as (B * N, C)
+        return sum(math.prod(s) == B * N * C for s in _saved_shapes(compile_if(fn), make_leaves(device)))
+
+    assert token_tensors(two_calls) == 2
+    assert token_tensors(one_function) == 1
+
+
+def test_torch_compile_fullgraph(device):
+    leaves = make_leaves(device)
+    dr, dy = torch.randn(B, N, C, device=device), torch.randn(B, N, M, device=device)
+    outs_c, grads_c = run(torch.compile(one_function, fullgraph=True, backend="aot_eager"), leaves, dr, dy)
+    outs_e, grads_e = run(one_function, leaves, dr, dy)
+    for out_c, out_e in zip(outs_c, outs_e, strict=True):
+        assert torch.equal(out_c, out_e)
+    for name, grad in grads_e.items():
+        assert torch.equal(grads_c[name], grad), f"d{name}: compiled != eager"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(bias, device):
+    t = {k: (x.detach() if x is not None else None) for k, x in make_leaves(device, bias).items()}
+    args = [t[k] for k in NAMES]
+    torch.library.opcheck(norm_linear.cpe_norm_linear_fwd_op, (*args, H, W, 1e-5))
+    dr, dy = torch.randn(B, N, C, device=device), torch.randn(B, N, M, device=device)
+    torch.library.opcheck(norm_linear.cpe_norm_linear_bwd_op, (dr, dy, *args[:6], H, W, 1e-5, bias))
+
+
+def test_bad_inputs(device):
+    t = {k: x.detach() for k, x in make_leaves(device).items()}
+    base = [t[k] for k in NAMES[:5]]
+    with pytest.raises(ValueError, match=r"linear_weight: expected shape \(M, 64\)"):
+        cpe_norm_linear(*base, t["weight"][:, :32], t["bias"], (H, W))
+    with pytest.raises(ValueError, match=r"linear_bias: expected shape \(128,\)"):
+        cpe_norm_linear(*base, t["weight"], t["bias"][:64], (H, W))
+    with pytest.raises(ValueError, match="linear_weight: expected a floating-point tensor"):
+        cpe_norm_linear(*base, t["weight"].long(), t["bias"], (H, W))
+    with pytest.raises(ValueError, match="token count 35 does not match the grid 5x6"):
+        cpe_norm_linear(*base, t["weight"], t["bias"], (5, 6))
