@@ -348,6 +348,7 @@ def _la_fwd_out_kernel(
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
     TRIG: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr, WRITE_A: tl.constexpr,
+    A_OVER_DY: tl.constexpr,
 ):
     """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads).
 
@@ -355,7 +356,9 @@ def _la_fwd_out_kernel(
     the gated backward): the same recomputation of o = (q~ . kv) z + lepe(v), then the gate gradient
     dg = dy * o (times SiLU'(g) with GATE_SILU) and the gated output gradient do = dy * gate are written to
     p_dg and p_y instead, and with WRITE_A the forward's gated output o * gate, rewritten to p_a (contiguous; the
-    forward's rounding: a projection of the output, e.g. out_proj, takes its weight gradient from it)."""
+    forward's rounding: a projection of the output, e.g. out_proj, takes its weight gradient from it). A_OVER_DY:
+    p_a is p_dy (a written over dy in place): a barrier orders every thread's dy loads before the a stores,
+    which may map the tile's elements to threads differently."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -398,6 +401,8 @@ def _la_fwd_out_kernel(
             tl.store(p_dg + i_b * N * C + o_n64[:, None] * C + o_c[None, :],
                      (b_dy * b_o * b_dgate).to(p_dg.dtype.element_ty), mask=m_n[:, None])
             if WRITE_A:
+                if A_OVER_DY:
+                    tl.debug_barrier()
                 tl.store(p_a + i_b * N * C + o_n64[:, None] * C + o_c[None, :],
                          (b_o * b_g).to(p_a.dtype.element_ty), mask=m_n[:, None])
             b_o = b_dy * b_g
@@ -484,12 +489,13 @@ def _la_bwd_kv_kernel(
     s_k_b, s_k_n, s_v_b, s_v_n, s_do_b, s_do_n, s_dk_b, s_dk_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
-    ACC_DV: tl.constexpr,
+    ACC_DV: tl.constexpr, DK_OVER_K: tl.constexpr,
 ):
     """The k/v side of the backward for one block of tokens and one (batch, head): dk through k~ and
     mean phi(k), and dv through kv plus the transposed LePE stencil of do (the gated output gradient),
     added to p_dv's contents with ACC_DV (a gradient of v from elsewhere, summed in fp32 and rounded once).
-    Grid (blocks, B * heads)."""
+    DK_OVER_K: p_dk is p_k (dk written over k in place): a barrier orders every thread's k loads before the dk
+    stores. Grid (blocks, B * heads)."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -520,6 +526,8 @@ def _la_bwd_kv_kernel(
     b_dks_b = tl.load(p_dksum + i_bh * 32 + 16 + o_p) * inv_n
     b_dka = (b_dkra * b_cos + b_dkrb * b_sin + b_dks_a[None, :]) * b_eka
     b_dkb = (b_dkrb * b_cos - b_dkra * b_sin + b_dks_b[None, :]) * b_ekb
+    if DK_OVER_K:
+        tl.debug_barrier()
     _store_pairs(p_dk + i_b * s_dk_b + i_h * 32, o_n64 * s_dk_n, m_n, b_dka, b_dkb, SPLIT_PAIRS)
 
     # dv = k~ dKV / N + sum_k w_k do_(n - off_k)
@@ -697,7 +705,7 @@ def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
                      ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, out: Tensor,
                      dy: Tensor | None = None, dg: Tensor | None = None, a: Tensor | None = None) -> None:
     """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out,
-    and the forward's y again into a when given."""
+    and the forward's y again into a when given (a may be dy itself: y is written over it)."""
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     g_arg, s_g_b, s_g_n = _gate_args(g, v)
@@ -710,7 +718,8 @@ def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
         dy_arg.stride(0), dy_arg.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
-        GATE_GRAD=dg is not None, GATE_SILU=gate_silu, WRITE_A=a is not None, num_warps=CONFIG.fwd_out_warps,
+        GATE_GRAD=dg is not None, GATE_SILU=gate_silu, WRITE_A=a is not None,
+        A_OVER_DY=a is not None and dy is not None and a.data_ptr() == dy.data_ptr(), num_warps=CONFIG.fwd_out_warps,
     )
 
 
@@ -757,8 +766,8 @@ def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_hea
 
 def kv_side_grad(do: Tensor, k: Tensor, v: Tensor, lepe_weight: Tensor, dkv: Tensor, dksum: Tensor, inv_n: float,
                  H: int, W: int, num_heads: int, dk: Tensor, dv: Tensor, accumulate: bool = False) -> None:
-    """The k/v side of the backward: dk into dk, and dv (through kv and the transposed LePE) into dv (B, N, C,
-    contiguous), added to dv's contents when accumulate."""
+    """The k/v side of the backward: dk into dk (which may be k itself: dk is written over it), and dv (through
+    kv and the transposed LePE) into dv (B, N, C, contiguous), added to dv's contents when accumulate."""
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     block_n = CONFIG.bwd_kv_block_n
@@ -766,7 +775,8 @@ def kv_side_grad(do: Tensor, k: Tensor, v: Tensor, lepe_weight: Tensor, dkv: Ten
         k, do, _taps_major(lepe_weight), v, trig, dkv, dksum, dk, dv, N, H, W, n_pos, inv_n,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
-        SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, ACC_DV=accumulate, num_warps=CONFIG.bwd_kv_warps,
+        SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, ACC_DV=accumulate,
+        DK_OVER_K=dk.data_ptr() == k.data_ptr(), num_warps=CONFIG.bwd_kv_warps,
     )
 
 

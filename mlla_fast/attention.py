@@ -13,12 +13,12 @@ and the bias gradient by the Triton column sum. For a large v (``SPLIT_QK_BYTES`
 differentiated one at a time instead, so that the backward's own (B, N, C) tensors peak at five instead of
 seven (qk and dqk whole): on an H100, one block (C=64, batch 2, 512², bf16) peaked 12 units of B*N*C above
 its start instead of 14 (13 in ``benchmarks/profile_block.py --memory``'s count, where the attention's
-backward held do, dg, dv, k and dk). That backward now also runs over chunks of the batch, so that do, k and
-dk exist for some samples at a time.
+backward held do, dg, dv, k and dk). The k/v kernel now writes dk over k, in place, and the peak holds four.
 
 With ``out_weight`` the block's output projection runs inside the same Function: the attention's output a,
 which the projection's weight gradient needs, is not kept (one (B, N, C) tensor per block) but rewritten by
-the backward's gate pass, which recomputes it anyway; da = dy W_out exists only inside the backward.
+the backward's gate pass, which recomputes it anyway, in place over da = dy W_out, which exists only inside
+the backward.
 
 The GEMMs and their recomputes run inside two custom ops (``mlla_fast::qk_linear_attention_fwd``/``_bwd``),
 opaque to torch.compile: with the GEMM as graph nodes, AOTAutograd's partitioner merges the backward's
@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels.dwconv import depthwise_param_grads
 from .kernels.linear_attention import (
     _check_inputs,
     _linear_attention_bwd,
@@ -48,6 +47,7 @@ from .kernels.linear_attention import (
     fake_fwd_outputs,
     gated_output_grad,
     kv_side_grad,
+    lepe_param_grads,
     q_side_grad,
 )
 from .linear import bias_grad, compute_dtype, matmul_to
@@ -107,18 +107,21 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
     parameter).
 
     With out_weight, the attention's output gradient da = dy W_out exists only inside this function, and the
-    gate pass rewrites the forward's output a (bitwise) for d out_weight = dy^T a; both are dropped after it.
-    For a large v (``SPLIT_QK_BYTES``) the backward runs over chunks of the batch (the samples are
-    independent: each has its own state kv), q and k recomputed one at a time, and the (B, N, C) dq and dk
+    gate pass rewrites the forward's output a (bitwise) over it, in place, for d out_weight = dy^T a.
+    For a large v (``SPLIT_QK_BYTES``) q and k are recomputed one at a time, and the (B, N, C) dq and dk are
     folded into dv as soon as they exist: dv = dq W_q (a GEMM), the k/v kernel adds the attention's own dv to
-    it, then dv += dk W_k in place. Besides dv and dg, at most three chunk-sized tensors are live at once (do
-    with da, a and q in the gate pass, or with k and dk in the k/v pass)."""
+    it and writes dk over k, then dv += dk W_k in place. At most four (B, N, C) tensors of its own are live at
+    once (da/a, q, do, dg in the gate pass; do, dg, q, dq on the q side; do, dg, dv, k/dk on the k/v side),
+    against seven with qk and dqk whole and a and da apart."""
     dy, v = _token_major(dy), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
     acc = torch.promote_types(qk_weight.dtype, torch.float32)
+    v2 = v.reshape(-1, C)
+    da = _output_grad(dy, out_weight)
+    # a over da where the gate pass may (da is this function's own, and the pass returns do apart from it)
+    a = None if out_weight is None else (da if g is not None else v.new_empty(v.shape))
     if not _split_qk(v):
-        da, a = _output_grad(dy, out_weight), None if out_weight is None else v.new_empty(v.shape)
         dqk, dv, dg, dlepe_w, dlepe_b = _linear_attention_bwd(
             da, _project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu,
             a=a)
@@ -128,59 +131,31 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
         dqk = dqk.view(-1, 2 * C)
         with torch.autocast(v.device.type, enabled=False):
             dv.view(-1, C).addmm_(dqk, qk_weight)
-        return (dv, dg, *_projection_grads(dqk, v.reshape(-1, C), qk_bias is not None, acc), dlepe_w, dlepe_b,
-                *out_grads)
-    dv = v.new_empty(v.shape)
-    dg = v.new_empty((0,)) if g is None else v.new_empty(v.shape)
-    per_chunk = max(1, SPLIT_QK_BYTES // max(1, N * C * v.element_size()))
-    grads = None
-    for b0 in range(0, B, per_chunk):
-        b = slice(b0, min(b0 + per_chunk, B))
-        bh = slice(b.start * num_heads, b.stop * num_heads)
-        part = _chunk_bwd(dy[b], v[b], None if g is None else g[b], qk_weight, qk_bias, lepe_weight, lepe_bias,
-                          out_weight, out_bias, kv[bh], ksum[bh], H, W, num_heads, gate_silu, dv[b],
-                          None if g is None else dg[b], acc)
-        grads = part if grads is None else [s + p for s, p in zip(grads, part, strict=True)]
-    dqk_w, dqk_b, dlepe_w, dlepe_b, dout_w, dout_b = grads
-    return (dv, dg, dqk_w, dqk_b, dlepe_w.reshape(C, 1, 3, 3).to(lepe_weight.dtype), dlepe_b.to(lepe_bias.dtype),
-            dout_w, dout_b)
-
-
-def _chunk_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
-               lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None, out_bias: Tensor | None,
-               kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, dv: Tensor, dg: Tensor | None,
-               acc: torch.dtype) -> list[Tensor]:
-    """The large-v backward of some samples (dv and dg written into the given contiguous chunks): their fp32
-    parameter-gradient contributions [d qk_weight, d qk_bias, d lepe_weight (C, 9), d lepe_bias, d out_weight,
-    d out_bias] (empty where there is no such parameter)."""
-    C = v.shape[2]
-    v2 = v.reshape(-1, C)
+        return (dv, dg, *_projection_grads(dqk, v2, qk_bias is not None, acc), dlepe_w, dlepe_b, *out_grads)
     (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
-    da, a = _output_grad(dy, out_weight), None if out_weight is None else v.new_empty(v.shape)
     q = _project(v, wq, bq)
-    do, _ = gated_output_grad(da, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads,
-                              gate_silu, dg=dg, a=a)
+    do, dg = gated_output_grad(da, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a)
     del da
     out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
     del a
-    dq = v.new_empty(v.shape)
+    dq = torch.empty_like(v)
     dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dq)
     del q
     dq = dq.view(-1, C)
     with torch.autocast(v.device.type, enabled=False):
-        torch.mm(dq, wq, out=dv.view(-1, C))
+        dv = (dq @ wq).view(B, N, C)
     grads_q = _projection_grads(dq, v2, qk_bias is not None, acc)
     del dq
     k = _project(v, wk, bk)
-    dk = v.new_empty(v.shape)
-    kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dk, dv, accumulate=True)
-    dlepe_w, dlepe_b = depthwise_param_grads(do, v, (H, W))
-    del k, do
-    dk = dk.view(-1, C)
+    kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, k, dv, accumulate=True)  # dk over k
+    dlepe_w, dlepe_b = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
+    del do
+    dk = k.view(-1, C)
     with torch.autocast(v.device.type, enabled=False):
         dv.view(-1, C).addmm_(dk, wk)
     grads_k = _projection_grads(dk, v2, qk_bias is not None, acc)
-    return [torch.cat([grads_q[0], grads_k[0]]), torch.cat([grads_q[1], grads_k[1]]), dlepe_w, dlepe_b, *out_grads]
+    return (dv, dg, torch.cat([grads_q[0], grads_k[0]]), torch.cat([grads_q[1], grads_k[1]]), dlepe_w, dlepe_b,
+            *out_grads)
 
 
 def _output_grad(dy: Tensor, out_weight: Tensor | None) -> Tensor:
