@@ -18,7 +18,9 @@ Backward (``g`` is the gradient with respect to the convolution's output, ``w`` 
   ``dw[tap] = sum_p g[p] * x[p + tap]``, ``db = sum_p g[p]``;
 * cpe: ``g = dr + rstd * (gamma * dh - mean_c(gamma * dh) - xhat * mean_c(gamma * dh * xhat))``
   with ``xhat = (r - mean) * rstd`` and ``r`` itself recomputed from the saved ``x`` (the forward's
-  tap order and rounding), so the op keeps only its input for the backward;
+  tap order and rounding), so the op keeps only its input for the backward; the same kernel can
+  write ``h = LayerNorm(r)`` again on the way (``cpe_residual_norm_bwd_h``), for a consumer of h
+  that keeps only x (``mlla_fast/norm_linear.py``);
 * silu: ``g = dy * s * (1 + pre * (1 - s))`` with ``s = sigmoid(pre)`` and ``pre`` recomputed.
 
 A first kernel computes ``g`` per tile (stored in the activation dtype, as PyTorch's own
