@@ -725,15 +725,15 @@ def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
 
 def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
                       kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
-                      dg: Tensor | None = None, a: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      a: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The backward's first pass: (do, dg), the gated output gradient do = dy * gate and the gate's gradient
-    (recomputing the pre-gate output), dg written into the given (B, N, C) contiguous dg if any; without a gate
-    (dy, an empty dg). With a (B, N, C) contiguous a, the forward's output y is written into it as well."""
+    (recomputing the pre-gate output); without a gate (dy, an empty dg). With a (B, N, C) contiguous a, the
+    forward's output y is written into it as well."""
     if g is None:
         if a is not None:
             _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a)
         return dy, _empty((0,), v.dtype, v.device)
-    dg = _empty(v.shape, v.dtype, v.device) if dg is None else dg
+    dg = _empty(v.shape, v.dtype, v.device)
     do = _empty(v.shape, v.dtype, v.device)
     _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg, a=a)
     return do, dg

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import _describe
 from .kernels.dwconv import MAX_NORM_CHANNELS, _check_stencil_inputs, cpe_residual_norm_bwd_h, cpe_residual_norm_fwd
 from .linear import bias_grad, compute_dtype, matmul_to
 
@@ -102,7 +103,7 @@ class _CpeNormLinear(torch.autograd.Function):
             return (None,) * 10
         dx, dcw, dcb, dnw, dnb, dweight, dbias = cpe_norm_linear_bwd_op(
             dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, *ctx.grid, ctx.eps, bias_dtype is not None)
-        grads = [g if needed else None for g, needed in zip((dx, dcw, dcb, dnw, dnb), need, strict=False)]
+        grads = [g if needed else None for g, needed in zip((dx, dcw, dcb, dnw, dnb), need[:5], strict=True)]
         return (*grads, dweight.to(weight_dtype) if need[5] else None,
                 dbias.to(bias_dtype) if bias_dtype is not None and need[6] else None, None, None, None)
 
@@ -136,7 +137,3 @@ def cpe_norm_linear(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight
                              f"on {t.device}")
     return _CpeNormLinear.apply(x, cpe_weight, cpe_bias, norm_weight, norm_bias, linear_weight, linear_bias, H, W,
                                 float(eps))
-
-
-def _describe(t) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
