@@ -20,7 +20,9 @@ Backward (``g`` is the gradient with respect to the convolution's output, ``w`` 
   with ``xhat = (r - mean) * rstd`` and ``r`` itself recomputed from the saved ``x`` (the forward's
   tap order and rounding), so the op keeps only its input for the backward; the same kernel can
   write ``h = LayerNorm(r)`` again on the way (``cpe_residual_norm_bwd_h``), for a consumer of h
-  that keeps only x (``mlla_fast/norm_linear.py``);
+  that keeps only x (``mlla_fast/norm_linear.py``), and sum dr over tokens, the gradient of a bias the
+  forward added to the r it stores (``residual_bias``: the block's out_proj bias, carried by the residual
+  stream so that out_proj's GEMM adds the branch to it);
 * silu: ``g = dy * s * (1 + pre * (1 - s))`` with ``s = sigmoid(pre)`` and ``pre`` recomputed.
 
 A first kernel computes ``g`` per tile (stored in the activation dtype, as PyTorch's own
@@ -162,10 +164,12 @@ def _masked_load(p, m, MASKED: tl.constexpr):
 
 @triton.jit
 def _cpe_residual_norm_fwd_kernel(
-    x, cpe_w, cpe_b, norm_w, norm_b, r, h,
+    x, cpe_w, cpe_b, rbias, norm_w, norm_b, r, h,
     H, W, C, n_tiles_w, sx_b, sx_n, so_b, so_n, eps,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RBIAS: tl.constexpr,
 ):
+    """r = x + dwconv(x) and h = LayerNorm(r) of one tile; with HAS_RBIAS the stored r is r + rbias (rounded
+    once), while h stays the LayerNorm of r without it."""
     i_t, i_b = tl.program_id(0), tl.program_id(1)
     row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
     o_c = tl.arange(0, BLOCK_C)
@@ -175,10 +179,15 @@ def _cpe_residual_norm_fwd_kernel(
     b_r = _stencil3x3(x + i_b.to(tl.int64) * sx_b, sx_n, cpe_w, row, col, m_t, o_c, m_c, H, W,
                       TH * TW, BLOCK_C, False, True)
     b_r += tl.load(cpe_b + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    # h is the LayerNorm of r as stored, which is also what the backward recomputes it from.
-    b_r = b_r.to(r.dtype.element_ty)
     o_out = i_b.to(tl.int64) * so_b + (row * W + col).to(tl.int64)[:, None] * so_n + o_c[None, :]
-    tl.store(r + o_out, b_r, mask=m)
+    if HAS_RBIAS:
+        b_rbias = tl.load(rbias + o_c, mask=m_c, other=0.0).to(tl.float32)
+        tl.store(r + o_out, (b_r + b_rbias[None, :]).to(r.dtype.element_ty), mask=m)
+    # h is the LayerNorm of r rounded to r's dtype (as stored without rbias), which is also what the backward
+    # recomputes it from.
+    b_r = b_r.to(r.dtype.element_ty)
+    if not HAS_RBIAS:
+        tl.store(r + o_out, b_r, mask=m)
 
     b_xhat, _ = _normalize(b_r.to(tl.float32), m_c, 1.0 / C, eps)
     b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
@@ -188,15 +197,15 @@ def _cpe_residual_norm_fwd_kernel(
 
 @triton.jit
 def _reduce_partials_kernel(
-    part, n_rows, s_row, out0, out1, out2, out3, end0, end1, end2, end3, scale,
+    part, n_rows, s_row, out0, out1, out2, out3, out4, end0, end1, end2, end3, end4, scale,
     BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    """Column sums of the fp32 partials (n_rows, end3), in a fixed order, written into up to four outputs:
-    columns [0, end0) to out0, [end0, end1) to out1, [end1, end2) to out2, [end2, end3) to out3 (each in
-    its own dtype), times scale. One launch replaces a torch.sum per gradient, and the outputs are separate
-    tensors."""
+    """Column sums of the fp32 partials (n_rows, end4), in a fixed order, written into up to five outputs:
+    columns [0, end0) to out0, [end0, end1) to out1, [end1, end2) to out2, [end2, end3) to out3, [end3, end4)
+    to out4 (each in its own dtype), times scale. One launch replaces a torch.sum per gradient, and the
+    outputs are separate tensors."""
     o_j = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    m_j = o_j < end3
+    m_j = o_j < end4
     acc = tl.zeros([BLOCK_R, BLOCK_COLS], dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_R):
         o_r = r0 + tl.arange(0, BLOCK_R)
@@ -206,7 +215,8 @@ def _reduce_partials_kernel(
     tl.store(out0 + o_j, total.to(out0.dtype.element_ty), mask=o_j < end0)
     tl.store(out1 + (o_j - end0), total.to(out1.dtype.element_ty), mask=(o_j >= end0) & (o_j < end1))
     tl.store(out2 + (o_j - end1), total.to(out2.dtype.element_ty), mask=(o_j >= end1) & (o_j < end2))
-    tl.store(out3 + (o_j - end2), total.to(out3.dtype.element_ty), mask=(o_j >= end2) & m_j)
+    tl.store(out3 + (o_j - end2), total.to(out3.dtype.element_ty), mask=(o_j >= end2) & (o_j < end3))
+    tl.store(out4 + (o_j - end3), total.to(out4.dtype.element_ty), mask=(o_j >= end3) & m_j)
 
 
 @triton.jit
@@ -300,14 +310,16 @@ def _window_taps(a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g,
 
 @triton.jit
 def _cpe_residual_norm_bwd_kernel(
-    x, cpe_w, cpe_b, dr, dh, norm_w, norm_b, g, h, dw_part, db_part, dgamma_part, dbeta_part,
+    x, cpe_w, cpe_b, dr, dh, norm_w, norm_b, g, h, dw_part, db_part, dgamma_part, dbeta_part, drbias_part,
     H, W, C, n_tiles_w, n_rows,
     sx_b, sx_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps, s_part,
     TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
-    HAS_DR: tl.constexpr, HAS_DH: tl.constexpr, WRITE_H: tl.constexpr,
+    HAS_DR: tl.constexpr, HAS_DH: tl.constexpr, WRITE_H: tl.constexpr, RBIAS_GRAD: tl.constexpr,
 ):
     """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients; with
-    WRITE_H (and HAS_DH) also the forward's h = LayerNorm(r), from the recomputed r, into h (strided like g).
+    WRITE_H (and HAS_DH) also the forward's h = LayerNorm(r), from the recomputed r, into h (strided like g);
+    with RBIAS_GRAD also the partials of dr's sum over tokens (the gradient of a bias added to r, the
+    forward's HAS_RBIAS; zero without HAS_DR), into drbias_part.
 
     A tile is TW tokens of one grid row (all C channels). The tiles are numbered strip by strip (a strip:
     one batch sample's TW-wide column block, top row to bottom row) and each program walks down a
@@ -318,7 +330,8 @@ def _cpe_residual_norm_bwd_kernel(
     backward) and the weight gradient dw[tap] = sum_p g[p] * x[p + tap]. The window is refilled where a
     run starts and where it enters a new strip.
     The parameter gradients are accumulated element-wise over the program's tiles and summed over
-    tokens once at the end: a cross-warp reduction per tile would dominate the kernel's time.
+    tokens once at the end: a cross-warp reduction per tile would dominate the kernel's time. dr's sum has
+    an accumulator of its own only with RBIAS_GRAD (one more [TW, BLOCK_C] tile of registers).
     """
     i_p, n_p = tl.program_id(0), tl.num_programs(0)
     start, end = _run_bounds(i_p, n_p, n_rows)
@@ -333,7 +346,7 @@ def _cpe_residual_norm_bwd_kernel(
         b_beta = tl.load(norm_b + o_c, mask=m_c, other=0.0).to(tl.float32)
     zero = tl.zeros([TW, BLOCK_C], dtype=tl.float32)
     a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
-    a_db, a_dgamma, a_dbeta = zero, zero, zero
+    a_db, a_dgamma, a_dbeta, a_drbias = zero, zero, zero, zero
     x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = zero, zero, zero, zero, zero, zero  # rows y - 1 and y
     i_s = start // H  # strip
     y = start - i_s * H
@@ -375,7 +388,10 @@ def _cpe_residual_norm_bwd_kernel(
             if MASKED:
                 b_g = tl.where(m, b_g, 0.0)
         if HAS_DR:
-            b_g += _masked_load(dr + i_b64 * sdr_b + o_y * sdr_n + (col * sdr_n)[:, None] + o_c[None, :], m, MASKED)
+            b_dr = _masked_load(dr + i_b64 * sdr_b + o_y * sdr_n + (col * sdr_n)[:, None] + o_c[None, :], m, MASKED)
+            b_g += b_dr
+            if RBIAS_GRAD:
+                a_drbias += b_dr
         p_g = g + i_b64 * sg_b + o_y * sg_n + (col * sg_n)[:, None] + o_c[None, :]
         if MASKED:
             tl.store(p_g, b_g.to(g.dtype.element_ty), mask=m)
@@ -393,6 +409,8 @@ def _cpe_residual_norm_bwd_kernel(
     tl.store(db_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_db, 0), mask=m_c)
     tl.store(dgamma_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_dgamma, 0), mask=m_c)
     tl.store(dbeta_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_dbeta, 0), mask=m_c)
+    if RBIAS_GRAD:
+        tl.store(drbias_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_drbias, 0), mask=m_c)
 
 
 @triton.jit
@@ -534,7 +552,8 @@ def _num_warps(elements: int) -> int:
 
 def _bwd_num_warps(elements: int) -> int:
     """About 4 elements per thread for the backward kernels, whose 12 fp32 accumulators (9 taps, bias, norm
-    weight and bias) live in registers across the tile loop: 128 registers per thread on sm_90, no spills."""
+    weight and bias; 13 with a residual bias) live in registers across the tile loop: 128 registers per thread
+    on sm_90, no spills."""
     return max(1, min(16, elements // 128))
 
 
@@ -641,15 +660,15 @@ def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dty
     """Sum the fp32 partials part (rows, columns) over rows, times scale, into new tensors of the given
     shapes and dtypes, which take the columns in order (their sizes add up to the columns): one kernel
     launch, a fixed summation order (deterministic), and results that share no memory (a custom op may
-    not return aliases). Up to four outputs."""
+    not return aliases). Up to five outputs."""
     sizes = [math.prod(shape) for shape, _ in outputs]
-    if not 1 <= len(outputs) <= 4 or sum(sizes) != part.shape[1] or part.stride(1) != 1:
+    if not 1 <= len(outputs) <= 5 or sum(sizes) != part.shape[1] or part.stride(1) != 1:
         raise ValueError(f"reduce_partials: {len(outputs)} outputs of sizes {sizes} for partials of shape "
                          f"{tuple(part.shape)} with strides {part.stride()}")
     tensors = [_empty(shape, dtype, part.device) for shape, dtype in outputs]
     ends = list(itertools.accumulate(sizes))
-    args = tensors + [tensors[-1]] * (4 - len(tensors))
-    ends = ends + [ends[-1]] * (4 - len(ends))
+    args = tensors + [tensors[-1]] * (5 - len(tensors))
+    ends = ends + [ends[-1]] * (5 - len(ends))
     block_cols = REDUCE_COLS if part.is_cuda else INTERPRETER_REDUCE_COLS
     _reduce_partials_kernel[(triton.cdiv(part.shape[1], block_cols),)](
         part, part.shape[0], part.stride(0), *args, *ends, float(scale),
@@ -659,10 +678,18 @@ def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dty
 
 
 def cpe_residual_norm_fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-                          hw: tuple[int, int], eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """Launch the forward of ``cpe_residual_norm``: x (B, N, C) -> r, h, both (B, N, C) contiguous in x's dtype."""
-    H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
-                                                     "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
+                          hw: tuple[int, int], eps: float = 1e-5,
+                          residual_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Launch the forward of ``cpe_residual_norm``: x (B, N, C) -> r, h, both (B, N, C) contiguous in x's dtype.
+
+    With residual_bias (C,), the r returned is ``r + residual_bias`` (rounded once to x's dtype) while h is
+    still the LayerNorm of r, bitwise as without it: a bias that the consumer of r would otherwise add (its
+    gradient: ``cpe_residual_norm_bwd_h``'s residual_bias_grad).
+    """
+    params = {"cpe_bias": cpe_bias, "norm_weight": norm_weight, "norm_bias": norm_bias}
+    if residual_bias is not None:
+        params["residual_bias"] = residual_bias
+    H, W = _check_stencil_inputs(x, hw, cpe_weight, params, MAX_NORM_CHANNELS)
     x = _tokens_major(x)
     B, N, C = x.shape
     r = _empty((B, N, C), x.dtype, x.device)
@@ -671,25 +698,29 @@ def cpe_residual_norm_fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_
     th, tw = _tile_shape(H, W, max(1, TILE_ELEMENTS // block_c))
     n_tiles_w = triton.cdiv(W, tw)
     grid = (triton.cdiv(H, th) * n_tiles_w, B)
+    cpe_bias = cpe_bias.contiguous()
     _cpe_residual_norm_fwd_kernel[grid](
-        x, cpe_weight.contiguous(), cpe_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), r, h,
+        x, cpe_weight.contiguous(), cpe_bias, cpe_bias if residual_bias is None else residual_bias.contiguous(),
+        norm_weight.contiguous(), norm_bias.contiguous(), r, h,
         H, W, C, n_tiles_w, x.stride(0), x.stride(1), N * C, C, eps,
-        TH=th, TW=tw, BLOCK_C=block_c, num_warps=_num_warps(th * tw * block_c),
+        TH=th, TW=tw, BLOCK_C=block_c, HAS_RBIAS=residual_bias is not None, num_warps=_num_warps(th * tw * block_c),
     )
     return r, h
 
 
-def _dwconv_transpose(g: Tensor, weight: Tensor, hw: tuple[int, int], residual: bool) -> Tensor:
-    """dx (B, N, C) = transposed depthwise stencil of the contiguous g (B, N, C), plus g when residual."""
+def _dwconv_transpose(g: Tensor, weight: Tensor, hw: tuple[int, int], residual: bool,
+                      out: Tensor | None = None) -> Tensor:
+    """dx (B, N, C) = transposed depthwise stencil of the contiguous g (B, N, C), plus g when residual; into out
+    (channels contiguous, any token and batch strides) when given."""
     H, W = hw
     B, N, C = g.shape
-    dx = _empty((B, N, C), g.dtype, g.device)
+    dx = _empty((B, N, C), g.dtype, g.device) if out is None else out
     block_c = _channel_block(C)
     th, tw = _tile_shape(H, W, TILE_ELEMENTS // block_c)
     n_tiles_w = triton.cdiv(W, tw)
     grid = (triton.cdiv(H, th) * n_tiles_w, C // block_c, B)
     _dwconv_transpose_kernel[grid](
-        g, weight, dx, H, W, C, n_tiles_w, N * C, C, N * C, C,
+        g, weight, dx, H, W, C, n_tiles_w, N * C, C, dx.stride(0), dx.stride(1),
         TH=th, TW=tw, BLOCK_C=block_c, RESIDUAL=residual, num_warps=_num_warps(th * tw * block_c),
     )
     return dx
@@ -709,10 +740,17 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_w
 
 def cpe_residual_norm_bwd_h(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_weight: Tensor,
                             cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, hw: tuple[int, int],
-                            eps: float = 1e-5, write_h: bool = False) -> tuple[Tensor, ...]:
-    """``cpe_residual_norm_bwd``'s five results and, with write_h (and dh given), the forward's h (B, N, C) in x's
-    dtype, written by the same kernel from the r it recomputes (else None): for a consumer of h that keeps
-    only x, such as ``mlla_fast.norm_linear``'s GEMM, whose weight gradient needs h."""
+                            eps: float = 1e-5, write_h: bool = False, residual_bias_grad: bool = False,
+                            residual_bias_dtype: torch.dtype = torch.float32) -> tuple[Tensor, ...]:
+    """``cpe_residual_norm_bwd``'s five results, then two that are None unless asked for:
+
+    * with write_h (and dh given), the forward's h (B, N, C) in x's dtype, written by the same kernel from the
+      r it recomputes: for a consumer of h that keeps only x, such as ``mlla_fast.norm_linear``'s GEMM, whose
+      weight gradient needs h;
+    * with residual_bias_grad, the gradient (C,) in residual_bias_dtype of ``cpe_residual_norm_fwd``'s
+      residual_bias, dr summed over tokens (zero when dr is None): from the same kernel and the same
+      partials reduction, no pass over dr of its own.
+    """
     H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
                                                      "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
     for name, t in (("dr", dr), ("dh", dh)):
@@ -729,23 +767,30 @@ def cpe_residual_norm_bwd_h(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe
     g = _empty((B, N, C), x.dtype, x.device)
     write_h = write_h and dh is not None
     h = _empty((B, N, C), x.dtype, x.device) if write_h else None
-    part = _empty((n_progs, (TAPS + 3) * C), torch.float32, x.device)
-    dw_part, db_part, dgamma_part, dbeta_part = part.split([TAPS * C, C, C, C], dim=1)
+    n_vectors = 4 if residual_bias_grad else 3  # the cpe bias's, the norm's two and residual_bias's
+    part = _empty((n_progs, (TAPS + n_vectors) * C), torch.float32, x.device)
+    parts = part.split([TAPS * C] + [C] * n_vectors, dim=1)
+    dw_part, db_part, dgamma_part, dbeta_part = parts[:4]
+    drbias_part = parts[4] if residual_bias_grad else dbeta_part  # not written without RBIAS_GRAD
     dr_arg = x if dr is None else dr
     dh_arg = x if dh is None else dh
     _cpe_residual_norm_bwd_kernel[(n_progs,)](
         x, weight, cpe_bias.contiguous(), dr_arg, dh_arg, norm_weight.contiguous(), norm_bias.contiguous(), g,
         g if h is None else h, dw_part, db_part,
-        dgamma_part, dbeta_part, H, W, C, n_tiles_w, n_rows,
+        dgamma_part, dbeta_part, drbias_part, H, W, C, n_tiles_w, n_rows,
         x.stride(0), x.stride(1), dr_arg.stride(0), dr_arg.stride(1),
         dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps, part.stride(0),
         TW=tw, BLOCK_C=block_c, EVEN_C=block_c == C, EVEN_W=W % tw == 0, HAS_DR=dr is not None,
-        HAS_DH=dh is not None, WRITE_H=write_h, num_warps=_bwd_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
+        HAS_DH=dh is not None, WRITE_H=write_h, RBIAS_GRAD=residual_bias_grad,
+        num_warps=_bwd_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
     )
     dx = _dwconv_transpose(g, weight, (H, W), residual=True)
-    dw, db, dgamma, dbeta = reduce_partials(part, [((C, 1, 3, 3), cpe_weight.dtype), ((C,), cpe_bias.dtype),
-                                                   ((C,), norm_weight.dtype), ((C,), norm_bias.dtype)])
-    return dx, dw, db, dgamma, dbeta, h
+    outputs = [((C, 1, 3, 3), cpe_weight.dtype), ((C,), cpe_bias.dtype), ((C,), norm_weight.dtype),
+               ((C,), norm_bias.dtype)]
+    if residual_bias_grad:
+        outputs.append(((C,), residual_bias_dtype))
+    grads = reduce_partials(part, outputs)
+    return dx, *grads[:4], h, grads[4] if residual_bias_grad else None
 
 
 def dwconv_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -789,12 +834,14 @@ def _param_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[
     return g, dw, db
 
 
-def dwconv_silu_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
-                    hw: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+def dwconv_silu_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int],
+                    out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward of ``dwconv_silu``.
 
     dy: (B, N, C) gradient of the output; x: the forward input. Returns (dx (B, N, C) in x's dtype,
-    d weight (C, 1, 3, 3), d bias (C,)), each parameter gradient in its parameter's dtype.
+    d weight (C, 1, 3, 3), d bias (C,)), each parameter gradient in its parameter's dtype. With out (B, N, C)
+    in x's dtype, channels contiguous, dx is written into it; out may be dy itself (dy is read only by the
+    first kernel, dx written by the second).
     """
     H, W = _check_stencil_inputs(x, hw, weight, {"bias": bias})
     _check_like("dy", dy, x)
@@ -802,7 +849,10 @@ def dwconv_silu_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
     C = x.shape[-1]
     weight_c = weight.contiguous()
     g, dw, db = _param_grads(dy, x, weight_c, bias.contiguous(), (H, W), silu=True)
-    dx = _dwconv_transpose(g, weight_c, (H, W), residual=False)
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1):
+        raise ValueError(f"out: expected shape {tuple(x.shape)} in {x.dtype} with contiguous channels, got shape "
+                         f"{tuple(out.shape)} in {out.dtype} with strides {out.stride()}")
+    dx = _dwconv_transpose(g, weight_c, (H, W), residual=False, out=out)
     return dx, dw.view(C, 1, 3, 3).to(weight.dtype), db.to(bias.dtype)
 
 

@@ -344,7 +344,7 @@ def _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_n, s_row, DI: tl.constexp
 def _la_fwd_out_kernel(
     p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg, p_a,
     N, H, W, n_pos,
-    s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n,
+    s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n, s_dg_b, s_dg_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
     TRIG: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr, WRITE_A: tl.constexpr,
@@ -398,7 +398,7 @@ def _la_fwd_out_kernel(
         if GATE_GRAD:
             p_dyt = p_dy + i_b * s_dy_b + o_n64[:, None] * s_dy_n + o_c[None, :]
             b_dy = tl.load(p_dyt, mask=m_n[:, None], other=0.0).to(tl.float32)
-            tl.store(p_dg + i_b * N * C + o_n64[:, None] * C + o_c[None, :],
+            tl.store(p_dg + i_b * s_dg_b + o_n64[:, None] * s_dg_n + o_c[None, :],
                      (b_dy * b_o * b_dgate).to(p_dg.dtype.element_ty), mask=m_n[:, None])
             if WRITE_A:
                 if A_OVER_DY:
@@ -486,7 +486,7 @@ def _la_bwd_q_kernel(
 def _la_bwd_kv_kernel(
     p_k, p_do, p_w, p_v, p_trig, p_dkv, p_dksum, p_dk, p_dv,
     N, H, W, n_pos, inv_n,
-    s_k_b, s_k_n, s_v_b, s_v_n, s_do_b, s_do_n, s_dk_b, s_dk_n,
+    s_k_b, s_k_n, s_v_b, s_v_n, s_do_b, s_do_n, s_dk_b, s_dk_n, s_dv_b, s_dv_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
     ACC_DV: tl.constexpr, DK_OVER_K: tl.constexpr,
@@ -544,7 +544,7 @@ def _la_bwd_kv_kernel(
         b_do_src = tl.load(p_dot + o_src, mask=m_src[:, None], other=0.0)
         b_lepe += b_do_src.to(tl.float32) * tl.load(p_w + k * C + o_c).to(tl.float32)[None, :]
     b_dv += b_lepe
-    p_dvt = p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :]
+    p_dvt = p_dv + i_b * s_dv_b + o_n64[:, None] * s_dv_n + o_c[None, :]
     if ACC_DV:
         b_dv += tl.load(p_dvt, mask=m_n[:, None], other=0.0).to(tl.float32)
     tl.store(p_dvt, b_dv.to(p_dv.dtype.element_ty), mask=m_n[:, None])
@@ -710,12 +710,13 @@ def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     g_arg, s_g_b, s_g_n = _gate_args(g, v)
     dy_arg = v if dy is None else dy
+    dg_arg = out if dg is None else dg
     block_n = CONFIG.fwd_out_block_n
     _la_fwd_out_kernel[(triton.cdiv(N, block_n), B * num_heads)](
         q, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
-        out if dg is None else dg, out if a is None else a, N, H, W, n_pos,
+        dg_arg, out if a is None else a, N, H, W, n_pos,
         q.stride(0), q.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
-        dy_arg.stride(0), dy_arg.stride(1),
+        dy_arg.stride(0), dy_arg.stride(1), dg_arg.stride(0), dg_arg.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
         GATE_GRAD=dg is not None, GATE_SILU=gate_silu, WRITE_A=a is not None,
@@ -725,15 +726,16 @@ def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
 
 def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
                       kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
-                      a: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      a: Tensor | None = None, dg: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The backward's first pass: (do, dg), the gated output gradient do = dy * gate and the gate's gradient
     (recomputing the pre-gate output); without a gate (dy, an empty dg). With a (B, N, C) contiguous a, the
-    forward's output y is written into it as well."""
+    forward's output y is written into it as well; with dg (B, N, C, channels contiguous), the gate's gradient
+    is written into it."""
     if g is None:
         if a is not None:
             _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a)
         return dy, _empty((0,), v.dtype, v.device)
-    dg = _empty(v.shape, v.dtype, v.device)
+    dg = _empty(v.shape, v.dtype, v.device) if dg is None else dg
     do = _empty(v.shape, v.dtype, v.device)
     _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg, a=a)
     return do, dg
@@ -767,14 +769,14 @@ def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_hea
 def kv_side_grad(do: Tensor, k: Tensor, v: Tensor, lepe_weight: Tensor, dkv: Tensor, dksum: Tensor, inv_n: float,
                  H: int, W: int, num_heads: int, dk: Tensor, dv: Tensor, accumulate: bool = False) -> None:
     """The k/v side of the backward: dk into dk (which may be k itself: dk is written over it), and dv (through
-    kv and the transposed LePE) into dv (B, N, C, contiguous), added to dv's contents when accumulate."""
+    kv and the transposed LePE) into dv (B, N, C, channels contiguous), added to dv's contents when accumulate."""
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     block_n = CONFIG.bwd_kv_block_n
     _la_bwd_kv_kernel[(triton.cdiv(N, block_n), B * num_heads)](
         k, do, _taps_major(lepe_weight), v, trig, dkv, dksum, dk, dv, N, H, W, n_pos, inv_n,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
-        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
+        dv.stride(0), dv.stride(1), C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
         SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, ACC_DV=accumulate,
         DK_OVER_K=dk.data_ptr() == k.data_ptr(), num_warps=CONFIG.bwd_kv_warps,
     )
@@ -790,17 +792,20 @@ def lepe_param_grads(do: Tensor, v: Tensor, lepe_weight: Tensor, lepe_bias: Tens
 
 def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
                           lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
-                          gate_silu: bool, a: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          gate_silu: bool, a: Tensor | None = None, dv: Tensor | None = None,
+                          dg: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward: returns dqk (B, N, 2C), dv (B, N, C), dg (B, N, C; empty when g is None),
     d lepe_weight (C, 1, 3, 3) and d lepe_bias (C,) in their parameters' dtypes; the forward's output is
-    rewritten into a (B, N, C) contiguous a when given."""
+    rewritten into a (B, N, C) contiguous a when given, and dv and dg are written into the (B, N, C) tensors
+    dv and dg (channels contiguous) when given."""
     dy, qk, v = _token_major(dy), _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
     q, k = qk[..., :C], qk[..., C:]
     dqk = _empty((B, N, 2 * C), qk.dtype, v.device)
-    dv = _empty((B, N, C), v.dtype, v.device)
-    do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a)
+    dv = _empty((B, N, C), v.dtype, v.device) if dv is None else dv
+    do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a,
+                               dg=dg)
     dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dqk[..., :C])
     dw, db = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
     kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dqk[..., C:], dv)

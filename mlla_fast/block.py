@@ -46,30 +46,33 @@ class MLLABlock(ReferenceMLLABlock):
         """The block on fused kernels: stencils + norms, gate/value GEMM, fused attention, the MLP on Triton
         (narrow layers) or cuBLAS, recomputed in the backward; the Linear layers' bias gradients are Triton
         column sums."""
-        from .attention import qk_linear_attention
-        from .kernels.dwconv import cpe_residual_norm, dwconv_silu
+        from .attention import gv_linear_attention
+        from .kernels.dwconv import cpe_residual_norm
+        from .linear import compute_dtype
         from .norm_linear import cpe_norm_linear
 
         hw = resolve_grid(x, hw, self.input_resolution, self.dim)
-        C = self.dim
+        # x + out_proj(attention) as one GEMM (beta = 1) on a residual stream that carries out_proj's bias, added
+        # by the stencil kernel that writes it: no separate add, and the bias's gradient is the residual
+        # gradient's column sum, taken by the stencil's backward; not where drop-path scales the branch, or
+        # where the residual stream's dtype is not the GEMM's
+        fold = (self.drop_path_prob == 0.0 or not self.training) and compute_dtype(x) == x.dtype
         # the gate and value projections as one GEMM on the normed tokens, which are not kept for the backward
         # (mlla_fast/norm_linear.py)
         r, gv = cpe_norm_linear(
             x, self.cpe1.weight, self.cpe1.bias, self.norm1.weight, self.norm1.bias,
             torch.cat([self.act_proj.weight, self.in_proj.weight]), torch.cat([self.act_proj.bias, self.in_proj.bias]),
-            hw, self.norm1.eps,
+            hw, self.norm1.eps, residual_bias=self.out_proj.bias if fold else None,
         )
-        # one split (its backward is one concatenation of the two gradients; two slices would cost two zero
-        # fills, two copies and an add of (B, N, 2C) tensors)
-        g, u = gv.split(C, dim=-1)
-        v = dwconv_silu(u, self.dwc.weight, self.dwc.bias, hw)
-        # qk = v W_qk + b_qk is recomputed in the backward instead of kept (mlla_fast/attention.py), the gate's
-        # SiLU is applied (and differentiated) inside the attention kernels, and out_proj runs inside the same
-        # Function, its input (the attention's output) rewritten by the backward instead of kept
-        y = qk_linear_attention(v, g, self.attn.qk.weight, self.attn.qk.bias, self.attn.lepe.weight,
-                                self.attn.lepe.bias, hw, self.num_heads, gate_silu=True,
-                                out_weight=self.out_proj.weight, out_bias=self.out_proj.bias)
-        x = add_drop_path(r, y, self.drop_path_prob, self.training)
+        # the value's depthwise convolution + SiLU, qk = v W_qk + b_qk (recomputed in the backward instead of
+        # kept), the attention, the gate's SiLU and out_proj in one Function (mlla_fast/attention.py), whose
+        # backward writes the gate's and the value's gradients into the two halves of one d gv, and rewrites
+        # the attention's output for out_proj's weight gradient instead of keeping it
+        y = gv_linear_attention(gv, self.dwc.weight, self.dwc.bias, self.attn.qk.weight, self.attn.qk.bias,
+                                self.attn.lepe.weight, self.attn.lepe.bias, hw, self.num_heads,
+                                out_weight=self.out_proj.weight, out_bias=None if fold else self.out_proj.bias,
+                                residual=r if fold else None)
+        x = y if fold else add_drop_path(r, y, self.drop_path_prob, self.training)
         r, h = cpe_residual_norm(
             x, self.cpe2.weight, self.cpe2.bias, self.norm2.weight, self.norm2.bias, hw, self.norm2.eps
         )

@@ -8,10 +8,17 @@ statistics anyway, also writes h (one more (B, N, C) store in that kernel, ``ker
 dW = dy^T h. On an H100, one block (C=64, batch 2, 512², bf16) holds one unit of B*N*C less at its memory peak
 (the attention's backward).
 
+An optional ``residual_bias`` (C,) is added to the r returned (not to the r that is normed): the block adds the
+attention branch's output-projection bias to its residual stream here, in the stencil's store, so that the
+branch's out_proj GEMM can add its output to r itself (addmm, beta=1) without a bias. Its gradient, dr summed
+over tokens, comes from the stencil's backward kernel, which reads dr anyway (``kernels.dwconv``'s RBIAS_GRAD):
+no separate add kernel in the forward, no column sum of the out bias's gradient in the backward.
+
 The stencil and the GEMMs run inside two custom ops (``mlla_fast::cpe_norm_linear_fwd``/``_bwd``), opaque to
 torch.compile, whose partitioner would otherwise keep h. Autocast is honoured as in ``mlla_fast.linear``: the
 GEMM runs in the autocast dtype (else x's) with the weight and bias cast once per call; r and h are in x's
-dtype. Gradients come back in the dtypes of x and the parameters; the GEMM's are computed in fp32.
+dtype (residual_bias is not cast: it is added in fp32 and the sum rounded once). Gradients come back in the
+dtypes of x and the parameters; the GEMM's are computed in fp32.
 """
 
 from __future__ import annotations
@@ -26,40 +33,46 @@ from .linear import bias_grad, compute_dtype, matmul_to
 
 
 def _fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor,
-         bias: Tensor | None, H: int, W: int, eps: float) -> tuple[Tensor, Tensor]:
-    r, h = cpe_residual_norm_fwd(x, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W), eps)
+         bias: Tensor | None, residual_bias: Tensor | None, H: int, W: int, eps: float) -> tuple[Tensor, Tensor]:
+    r, h = cpe_residual_norm_fwd(x, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W), eps, residual_bias)
     with torch.autocast(x.device.type, enabled=False):
         return r, F.linear(h.to(weight.dtype), weight, bias)
 
 
 def _bwd(dr: Tensor | None, dy: Tensor | None, x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor,
-         norm_bias: Tensor, weight: Tensor, H: int, W: int, eps: float,
-         has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, d cpe_weight, d cpe_bias, d norm_weight, d norm_bias, d weight, d bias): the stencil's and norm's in
-    their parameters' dtypes, the GEMM's in fp32 (d bias empty without a bias; both zero when dy is None)."""
+         norm_bias: Tensor, weight: Tensor, residual_bias: Tensor | None, H: int, W: int, eps: float,
+         has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d cpe_weight, d cpe_bias, d norm_weight, d norm_bias, d weight, d bias, d residual_bias): the
+    stencil's and norm's in their parameters' dtypes, the GEMM's in fp32 (d bias empty without a bias; both
+    zero when dy is None), residual_bias's in its dtype (empty fp32 when residual_bias is None, which the
+    backward passes where its gradient is not needed; zero when dr is None)."""
     acc = torch.promote_types(weight.dtype, torch.float32)
     dh = dy2 = None
     if dy is not None:
         dy2 = dy.reshape(-1, dy.shape[-1]).to(weight.dtype)
         with torch.autocast(x.device.type, enabled=False):
             dh = (dy2 @ weight).to(x.dtype).view(x.shape)
-    dx, dcw, dcb, dnw, dnb, h = cpe_residual_norm_bwd_h(dr, dh, x, cpe_weight, cpe_bias, norm_weight, norm_bias,
-                                                        (H, W), eps, write_h=True)
+    has_rbias = residual_bias is not None
+    dx, dcw, dcb, dnw, dnb, h, drbias = cpe_residual_norm_bwd_h(
+        dr, dh, x, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W), eps, write_h=True,
+        residual_bias_grad=has_rbias, residual_bias_dtype=residual_bias.dtype if has_rbias else torch.float32)
     del dh
+    if drbias is None:
+        drbias = x.new_empty((0,), dtype=torch.float32)
     if dy2 is None:
         dweight = weight.new_zeros(weight.shape, dtype=acc)
         dbias = weight.new_zeros((weight.shape[0],) if has_bias else (0,), dtype=acc)
     else:
         dweight = matmul_to(dy2.t(), h.view(-1, h.shape[-1]).to(weight.dtype), acc)
         dbias = bias_grad(dy2, acc) if has_bias else weight.new_empty((0,), dtype=acc)
-    return dx, dcw, dcb, dnw, dnb, dweight, dbias
+    return dx, dcw, dcb, dnw, dnb, dweight, dbias, drbias
 
 
 _FWD_SCHEMA = "(Tensor x, Tensor cpe_weight, Tensor cpe_bias, Tensor norm_weight, Tensor norm_bias, " \
-    "Tensor weight, Tensor? bias, SymInt H, SymInt W, float eps) -> (Tensor, Tensor)"
+    "Tensor weight, Tensor? bias, Tensor? residual_bias, SymInt H, SymInt W, float eps) -> (Tensor, Tensor)"
 _BWD_SCHEMA = "(Tensor? dr, Tensor? dy, Tensor x, Tensor cpe_weight, Tensor cpe_bias, Tensor norm_weight, " \
-    "Tensor norm_bias, Tensor weight, SymInt H, SymInt W, float eps, bool has_bias) " \
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor norm_bias, Tensor weight, Tensor? residual_bias, SymInt H, SymInt W, float eps, bool has_bias) " \
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 cpe_norm_linear_fwd_op = torch.library.custom_op("mlla_fast::cpe_norm_linear_fwd", _fwd, mutates_args=(),
                                                  schema=_FWD_SCHEMA)
@@ -68,27 +81,29 @@ cpe_norm_linear_bwd_op = torch.library.custom_op("mlla_fast::cpe_norm_linear_bwd
 
 
 @cpe_norm_linear_fwd_op.register_fake
-def _(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, H, W, eps):
+def _(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, residual_bias, H, W, eps):
     return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
 
 
 @cpe_norm_linear_bwd_op.register_fake
-def _(dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, H, W, eps, has_bias):
+def _(dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, residual_bias, H, W, eps, has_bias):
     acc = torch.promote_types(weight.dtype, torch.float32)
     return (x.new_empty(x.shape), torch.empty_like(cpe_weight), torch.empty_like(cpe_bias),
             torch.empty_like(norm_weight), torch.empty_like(norm_bias), weight.new_empty(weight.shape, dtype=acc),
-            weight.new_empty((weight.shape[0],) if has_bias else (0,), dtype=acc))
+            weight.new_empty((weight.shape[0],) if has_bias else (0,), dtype=acc),
+            x.new_empty((0,), dtype=torch.float32) if residual_bias is None else torch.empty_like(residual_bias))
 
 
 class _CpeNormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-                weight: Tensor, bias: Tensor | None, H: int, W: int, eps: float) -> tuple[Tensor, Tensor]:
+                weight: Tensor, bias: Tensor | None, residual_bias: Tensor | None, H: int, W: int,
+                eps: float) -> tuple[Tensor, Tensor]:
         dtype = compute_dtype(x)
         wc = weight.to(dtype)
         r, y = cpe_norm_linear_fwd_op(x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc,
-                                      None if bias is None else bias.to(dtype), H, W, eps)
-        ctx.save_for_backward(x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc)
+                                      None if bias is None else bias.to(dtype), residual_bias, H, W, eps)
+        ctx.save_for_backward(x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias)
         ctx.grid, ctx.eps = (H, W), eps
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.set_materialize_grads(False)
@@ -96,35 +111,44 @@ class _CpeNormLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dr: Tensor | None, dy: Tensor | None):
-        x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc = ctx.saved_tensors
+        x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.param_dtypes
         need = ctx.needs_input_grad
         if dr is None and dy is None:
-            return (None,) * 10
-        dx, dcw, dcb, dnw, dnb, dweight, dbias = cpe_norm_linear_bwd_op(
-            dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, *ctx.grid, ctx.eps, bias_dtype is not None)
+            return (None,) * 11
+        dx, dcw, dcb, dnw, dnb, dweight, dbias, drbias = cpe_norm_linear_bwd_op(
+            dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias if need[7] else None,
+            *ctx.grid, ctx.eps, bias_dtype is not None)
         grads = [g if needed else None for g, needed in zip((dx, dcw, dcb, dnw, dnb), need[:5], strict=True)]
         return (*grads, dweight.to(weight_dtype) if need[5] else None,
-                dbias.to(bias_dtype) if bias_dtype is not None and need[6] else None, None, None, None)
+                dbias.to(bias_dtype) if bias_dtype is not None and need[6] else None,
+                drbias if need[7] else None, None, None, None)
 
 
 def cpe_norm_linear(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-                    linear_weight: Tensor, linear_bias: Tensor | None, hw: tuple[int, int],
-                    eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+                    linear_weight: Tensor, linear_bias: Tensor | None, hw: tuple[int, int], eps: float = 1e-5, *,
+                    residual_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``r, h = cpe_residual_norm(x, cpe_weight, cpe_bias, norm_weight, norm_bias, hw, eps)`` then
     ``(r, linear(h, linear_weight, linear_bias))`` (``kernels.dwconv``, ``mlla_fast.linear``), h not kept for
-    the backward.
+    the backward; with residual_bias, ``(r + residual_bias, linear(h, ...))``, h still the LayerNorm of r.
 
     Args:
         x: (B, N, C) tokens on the grid hw, as for ``cpe_residual_norm``.
         cpe_weight, cpe_bias, norm_weight, norm_bias, hw, eps: as for ``cpe_residual_norm``.
         linear_weight, linear_bias: (M, C) and (M,) or None (any float dtype; cast to the compute dtype).
+        residual_bias: (C,) or None (any float dtype, not cast): a bias added to the residual stream r that is
+            returned (in the stencil's store, rounded once), such as the block's attention out_proj bias, so that
+            the out_proj GEMM can accumulate into r without a bias of its own. Its gradient is dr summed over
+            tokens, from the stencil's backward kernel.
 
     Returns:
-        r (B, N, C) in x's dtype and y (B, N, M) in the compute dtype (autocast's, else x's).
+        r (B, N, C) (plus residual_bias) in x's dtype and y (B, N, M) in the compute dtype (autocast's, else
+        x's).
     """
-    H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
-                                                     "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
+    params = {"cpe_bias": cpe_bias, "norm_weight": norm_weight, "norm_bias": norm_bias}
+    if residual_bias is not None:
+        params["residual_bias"] = residual_bias
+    H, W = _check_stencil_inputs(x, hw, cpe_weight, params, MAX_NORM_CHANNELS)
     C = x.shape[-1]
     if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2 or linear_weight.shape[1] != C:
         raise ValueError(f"linear_weight: expected shape (M, {C}) for x's {C} channels, got {_describe(linear_weight)}")
@@ -135,5 +159,5 @@ def cpe_norm_linear(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight
         if t is not None and (not t.is_floating_point() or t.device != x.device):
             raise ValueError(f"{name}: expected a floating-point tensor on x's device {x.device}, got {t.dtype} "
                              f"on {t.device}")
-    return _CpeNormLinear.apply(x, cpe_weight, cpe_bias, norm_weight, norm_bias, linear_weight, linear_bias, H, W,
-                                float(eps))
+    return _CpeNormLinear.apply(x, cpe_weight, cpe_bias, norm_weight, norm_bias, linear_weight, linear_bias,
+                                residual_bias, H, W, float(eps))

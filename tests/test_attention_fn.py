@@ -5,7 +5,8 @@ their gradients are separate GEMMs, and dv is summed in another order) and under
 low-precision rule against the fp32 result, the two calls in that dtype standing in for PyTorch's own
 low-precision computation: dv is rounded in other places); with the output projection inside, against the
 Function followed by linear; that no (B, N, 2C) tensor is saved for the backward, eager or compiled; partial
-requires_grad, torch.compile, opcheck of the two custom ops and the input checks.
+requires_grad, torch.compile, opcheck of the two custom ops and the input checks. gv_linear_attention against
+dwconv_silu followed by the Function, and a residual added by out_proj's GEMM against one added after it.
 """
 
 import math
@@ -222,17 +223,107 @@ def test_torch_compile_keeps_autocast_after_the_function(device):
     assert torch.equal(y_c, y_e)
 
 
-@pytest.mark.parametrize("out", [True, False], ids=["out_proj", "no_out_proj"])
-@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("out", ["out_proj", "residual", "no_out_proj"])
+@pytest.mark.parametrize("gate", ["gate", "no_gate", "gv"])
 def test_opcheck(gate, out, qk_path, device):
     t = {k: x.detach() for k, x in make_leaves(device).items()}
-    g = t["g"] if gate else None
-    out_w, out_b = (torch.randn(C, C, device=device) / 8, torch.randn(C, device=device)) if out else (None, None)
-    args = (t["v"], g, t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], out_w, out_b)
-    torch.library.opcheck(attention.qk_linear_attention_fwd_op, (*args, H, W, HEADS, True))
-    y, kv, ksum = attention.qk_linear_attention_fwd_op(*args, H, W, HEADS, True)
+    g = t["g"] if gate == "gate" else None
+    x, dwc_w, dwc_b = t["v"], None, None
+    if gate == "gv":
+        x = torch.cat([t["g"], t["v"]], dim=-1)
+        dwc_w, dwc_b = torch.randn(C, 1, 3, 3, device=device) / 3, torch.randn(C, device=device)
+    out_w, out_b = (torch.randn(C, C, device=device) / 8, torch.randn(C, device=device)) \
+        if out != "no_out_proj" else (None, None)
+    residual = torch.randn(B, N, C, device=device) if out == "residual" else None
+    params = (t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], out_w, out_b)
+    args = (x, g, dwc_w, dwc_b, *params, residual, H, W, HEADS, True)
+    torch.library.opcheck(attention.qk_linear_attention_fwd_op, args)
+    y, v, kv, ksum = attention.qk_linear_attention_fwd_op(*args)
     torch.library.opcheck(attention.qk_linear_attention_bwd_op,
-                          (torch.randn_like(y), *args, kv, ksum, H, W, HEADS, True))
+                          (torch.randn_like(y), x, g, v, dwc_w, dwc_b, *params, kv, ksum, H, W, HEADS, True))
+
+
+def gv_leaves(device, bias=True):
+    """out_projected_leaves plus the value's depthwise convolution dwc_weight (C, 1, 3, 3), dwc_bias (C,) and a
+    residual (B, N, C); v stands for u, the convolution's input."""
+    t = out_projected_leaves(device, bias)
+    t["dwc_weight"] = (torch.randn(C, 1, 3, 3, device=device) / 3).requires_grad_()
+    t["dwc_bias"] = torch.randn(C, device=device).requires_grad_()
+    t["residual"] = torch.randn(B, N, C, device=device).requires_grad_()
+    return t
+
+
+def gv_composed(u, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, dwc_weight, dwc_bias,
+                residual):
+    v = dwconv.dwconv_silu(u, dwc_weight, dwc_bias, (H, W))
+    return residual + one_function_out_proj(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias)
+
+
+def gv_one_function(u, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, dwc_weight, dwc_bias,
+                    residual):
+    gv = torch.cat([g, u], dim=-1)
+    return attention.gv_linear_attention(gv, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias, (H, W),
+                                         HEADS, out_weight=out_weight, out_bias=out_bias, residual=residual)
+
+
+def residual_one_function(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, dwc_weight,
+                          dwc_bias, residual):
+    return qk_linear_attention(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, (H, W), HEADS, gate_silu=True,
+                               out_weight=out_weight, out_bias=out_bias, residual=residual)
+
+
+def residual_composed(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, dwc_weight, dwc_bias,
+                      residual):
+    return residual + one_function_out_proj(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias)
+
+
+def _run_with_residual(fn, leaves, dy, dtype=None):
+    """run() with the residual cast to the compute dtype as well (it must be in v's dtype)."""
+    def wrapped(v, g, *rest):
+        *params, residual = rest
+        return fn(v, g, *params, residual.to(v.dtype))
+
+    return run(wrapped, leaves, dy, dtype)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("fn", "ref"), [(gv_one_function, gv_composed), (residual_one_function, residual_composed)],
+                         ids=["gv", "residual"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gv_and_residual(fn, ref, dtype, bias, qk_path, device):
+    """gv_linear_attention (the value's convolution inside the Function, d gv written in place) equals
+    dwconv_silu followed by the Function; a residual added by out_proj's GEMM equals one added after it. Output
+    and every gradient (d gv's halves are d g and d u), fp32 to the fp32 rule, bf16 to the low-precision rule
+    against fp32; the residual's gradient is the output's."""
+    leaves = gv_leaves(device, bias)
+    if fn is residual_one_function:
+        leaves["dwc_weight"] = leaves["dwc_bias"] = None
+    dy = torch.randn(B, N, C, device=device)
+    y_ref, grads_ref = _run_with_residual(ref, leaves, dy, dtype)
+    y, grads = _run_with_residual(fn, leaves, dy, dtype)
+    assert grads.keys() == grads_ref.keys() == {k for k, x in leaves.items() if x is not None}
+    if dtype is None:
+        assert rel_err(y, y_ref) <= FP32_RTOL
+        for name, grad in grads.items():
+            assert grad.dtype == torch.float32, name
+            assert rel_err(grad, grads_ref[name]) <= FP32_RTOL, f"d{name}: one Function != composed"
+        assert torch.equal(grads["residual"], dy)
+        return
+    y32, grads32 = _run_with_residual(ref, leaves, dy)
+    pairs = [("y", y, y_ref, y32)] + [(k, grads[k], grads_ref[k], grads32[k]) for k in grads]
+    for name, out, ref_lowp, ref32 in pairs:
+        assert out.dtype == ref_lowp.dtype, name
+        bound = LOWP_FACTOR * rel_err(ref_lowp, ref32) + LOWP_FLOOR[dtype]
+        assert rel_err(out, ref32) <= bound, f"{name}: {rel_err(out, ref32):.2e} > {bound:.2e}"
+
+
+def test_gv_saves_no_concatenation(device):
+    """gv_linear_attention keeps gv, v and the state for its backward (as dwconv_silu and the Function apart did,
+    gv's halves being views of it), and its d gv is one tensor: no (B, N, C) tensor the size of a half beyond v."""
+    leaves = {k: x for k, x in gv_leaves(device).items() if k != "residual"}
+    shapes = _saved_shapes(lambda u, g, *rest: gv_one_function(u, g, *rest, None), leaves)
+    assert shapes.count((B, N, 2 * C)) == 1, shapes
+    assert shapes.count((B, N, C)) == 1, shapes
 
 
 def test_bad_inputs(device):
@@ -259,3 +350,20 @@ def test_bad_inputs(device):
     with pytest.raises(ValueError, match="token count 35 does not match the grid 5x6"):
         qk_linear_attention(t["v"], t["g"], t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], (5, 6),
                             HEADS)
+    with pytest.raises(ValueError, match="residual: given without out_weight"):
+        qk_linear_attention(t["v"], t["g"], t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], (H, W),
+                            HEADS, residual=t["v"])
+    with pytest.raises(ValueError, match=r"residual: expected shape \(2, 35, 64\) in torch\.float32"):
+        qk_linear_attention(t["v"], t["g"], t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], (H, W),
+                            HEADS, out_weight=t["qk_weight"][:C], residual=t["v"].bfloat16())
+    gv = torch.cat([t["g"], t["v"]], dim=-1)
+    dwc_w, dwc_b = t["lepe_weight"], t["lepe_bias"]
+    with pytest.raises(ValueError, match=r"gv: expected a 3-D \(B, N, 2C\) tensor"):
+        attention.gv_linear_attention(gv[..., 1:], dwc_w, dwc_b, t["qk_weight"], t["qk_bias"], t["lepe_weight"],
+                                      t["lepe_bias"], (H, W), HEADS)
+    with pytest.raises(ValueError, match=r"qk_weight: expected shape \(128, 64\) for gv's 64 channels"):
+        attention.gv_linear_attention(gv, dwc_w, dwc_b, t["qk_weight"][:C], t["qk_bias"], t["lepe_weight"],
+                                      t["lepe_bias"], (H, W), HEADS)
+    with pytest.raises(ValueError, match="dwc_bias"):
+        attention.gv_linear_attention(gv, dwc_w, dwc_b[:32], t["qk_weight"], t["qk_bias"], t["lepe_weight"],
+                                      t["lepe_bias"], (H, W), HEADS)

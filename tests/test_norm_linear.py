@@ -1,10 +1,11 @@
 """cpe_norm_linear (mlla_fast/norm_linear.py) against the two calls it replaces, cpe_residual_norm + linear.
 
 Outputs and every gradient in fp32 (the project's fp32 rule) and under bf16 autocast (the low-precision rule
-against the fp32 result, the two calls in bf16 standing in for PyTorch's own low-precision computation); the
-stencil backward's rewritten h against the forward's; that only x is saved, eager and compiled; gradients of
-r or y alone; opcheck of the two custom ops and the input checks. Every buffer the stencil kernels allocate is
-poisoned with NaN.
+against the fp32 result, the two calls in bf16 standing in for PyTorch's own low-precision computation), with
+and without a residual_bias (against r + residual_bias after the two calls); that residual_bias changes r
+alone (h, y and the other gradients bitwise unchanged, r rounded once); the stencil backward's rewritten h
+against the forward's; that only x is saved, eager and compiled; gradients of r or y alone; opcheck of the two
+custom ops and the input checks. Every buffer the stencil kernels allocate is poisoned with NaN.
 """
 
 import math
@@ -22,7 +23,7 @@ from tolerance import FP32_RTOL, LOWP_FACTOR, LOWP_FLOOR, rel_err
 
 B, H, W, C, M = 2, 5, 7, 64, 128
 N = H * W
-NAMES = ("x", "cpe_weight", "cpe_bias", "norm_weight", "norm_bias", "weight", "bias")
+NAMES = ("x", "cpe_weight", "cpe_bias", "norm_weight", "norm_bias", "weight", "bias", "residual_bias")
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,7 @@ def _poisoned_outputs(poison_outputs):
     poison_outputs(dwconv)
 
 
-def make_leaves(device, bias=True):
+def make_leaves(device, bias=True, residual_bias=False):
     t = {
         "x": torch.randn(B, N, C, device=device) + 0.5,
         "cpe_weight": torch.randn(C, 1, 3, 3, device=device) * 0.3,
@@ -39,17 +40,21 @@ def make_leaves(device, bias=True):
         "norm_bias": 0.5 * torch.randn(C, device=device),
         "weight": torch.randn(M, C, device=device) / 8,
         "bias": torch.randn(M, device=device) if bias else None,
+        "residual_bias": 0.5 * torch.randn(C, device=device) if residual_bias else None,
     }
     return {k: (x.requires_grad_() if x is not None else None) for k, x in t.items()}
 
 
-def two_calls(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias):
+def two_calls(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, residual_bias):
     r, h = cpe_residual_norm(x, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W))
+    if residual_bias is not None:
+        r = (r + residual_bias).to(r.dtype)  # r stays in x's dtype, as cpe_norm_linear's does
     return r, linear(h, weight, bias)
 
 
-def one_function(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias):
-    return cpe_norm_linear(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, (H, W))
+def one_function(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, residual_bias):
+    return cpe_norm_linear(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, (H, W),
+                           residual_bias=residual_bias)
 
 
 def run(fn, leaves, dr, dy, dtype=None, frozen=()):
@@ -70,8 +75,9 @@ def run(fn, leaves, dr, dy, dtype=None, frozen=()):
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_norm_then_linear(dtype, bias, device):
-    leaves = make_leaves(device, bias)
+@pytest.mark.parametrize("residual_bias", [False, True], ids=["no_residual_bias", "residual_bias"])
+def test_matches_norm_then_linear(dtype, bias, residual_bias, device):
+    leaves = make_leaves(device, bias, residual_bias)
     dr, dy = torch.randn(B, N, C, device=device), torch.randn(B, N, M, device=device)
     outs_ref, grads_ref = run(two_calls, leaves, dr, dy, dtype)
     outs, grads = run(one_function, leaves, dr, dy, dtype)
@@ -95,9 +101,11 @@ def test_matches_norm_then_linear(dtype, bias, device):
 
 
 @pytest.mark.parametrize("which", ["r", "y"])
-def test_one_output_takes_gradient(which, device):
-    """Only r or only y takes a gradient (the other's is None in the backward)."""
-    leaves = make_leaves(device)
+@pytest.mark.parametrize("residual_bias", [False, True], ids=["no_residual_bias", "residual_bias"])
+def test_one_output_takes_gradient(which, residual_bias, device):
+    """Only r or only y takes a gradient (the other's is None in the backward); residual_bias's gradient is
+    zero when only y takes one."""
+    leaves = make_leaves(device, residual_bias=residual_bias)
     dr = torch.randn(B, N, C, device=device) if which == "r" else None
     dy = torch.randn(B, N, M, device=device) if which == "y" else None
     _, grads_ref = run(two_calls, leaves, dr, dy)
@@ -105,6 +113,60 @@ def test_one_output_takes_gradient(which, device):
     for name, grad in grads.items():
         ref = grads_ref[name] if grads_ref[name] is not None else torch.zeros_like(grad)
         assert rel_err(grad, ref) <= FP32_RTOL or (ref.abs().max() == 0 and grad.abs().max() == 0), name
+    if residual_bias and which == "y":
+        assert grads["residual_bias"].shape == (C,) and not grads["residual_bias"].any()
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_residual_bias_changes_r_alone(dtype, device):
+    """With residual_bias, y and every other gradient are bitwise those without it (h is the LayerNorm of r
+    without the bias, and dr's sum is an accumulator of its own), and r comes back in x's dtype, in fp32 r +
+    residual_bias exactly (bf16's single rounding: test_forward_kernel_adds_residual_bias_rounded_once)."""
+    leaves = make_leaves(device, residual_bias=True)
+    dr, dy = torch.randn(B, N, C, device=device), torch.randn(B, N, M, device=device)
+    outs, grads = run(one_function, leaves, dr, dy, dtype)
+    outs0, grads0 = run(one_function, {**leaves, "residual_bias": None}, dr, dy, dtype)
+    assert torch.equal(outs[1], outs0[1])
+    assert grads.keys() - grads0.keys() == {"residual_bias"}
+    for name, grad in grads0.items():
+        assert torch.equal(grads[name], grad), f"d{name} changed by residual_bias"
+    assert outs[0].dtype == outs0[0].dtype == (dtype or torch.float32)
+    if dtype is None:
+        assert torch.equal(outs[0], outs0[0] + leaves["residual_bias"].detach())
+
+
+def kernel_round(t, dtype):
+    """The fp32 t rounded to dtype as the Triton kernels round (a GPU to nearest even; Triton's interpreter, at
+    least some versions, towards zero): through ``reduce_partials``, a sum over one row."""
+    (out,) = dwconv.reduce_partials(t.reshape(1, -1), [(tuple(t.shape), dtype)])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forward_kernel_adds_residual_bias_rounded_once(dtype, device):
+    """cpe_residual_norm_fwd with residual_bias: h bitwise as without it, and r the fp32 r plus the bias rounded
+    once to x's dtype (the fp32 r: the same kernel on x in fp32, whose stencil sums the same fp32 values in the
+    same order)."""
+    t = {k: x.detach() for k, x in make_leaves(device, residual_bias=True).items()}
+    x = t["x"].to(dtype)
+    params = [t[k] for k in ("cpe_weight", "cpe_bias", "norm_weight", "norm_bias")]
+    r0, h0 = cpe_residual_norm_fwd(x, *params, (H, W))
+    r, h = cpe_residual_norm_fwd(x, *params, (H, W), residual_bias=t["residual_bias"])
+    assert torch.equal(h, h0)
+    r32, _ = cpe_residual_norm_fwd(x.float(), *params, (H, W))
+    assert torch.equal(kernel_round(r32, dtype), r0)
+    assert r.dtype == dtype and torch.equal(r, kernel_round(r32 + t["residual_bias"], dtype))
+
+
+def test_residual_bias_gradient_in_its_dtype(device):
+    """residual_bias's gradient (dr summed over tokens, in fp32) comes back in residual_bias's dtype."""
+    leaves = make_leaves(device, residual_bias=True)
+    leaves["residual_bias"] = leaves["residual_bias"].detach().to(torch.bfloat16).requires_grad_()
+    dr, dy = torch.randn(B, N, C, device=device), torch.randn(B, N, M, device=device)
+    _, grads = run(one_function, leaves, dr, dy)
+    assert grads["residual_bias"].dtype == torch.bfloat16
+    exact = dr.double().sum((0, 1))
+    assert ((grads["residual_bias"].double() - exact).abs() <= torch.finfo(torch.bfloat16).eps * exact.abs()).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -112,18 +174,18 @@ def test_backward_rewrites_the_forward_h(dtype, device):
     """The stencil backward's h (WRITE_H, from its recomputed r) equals the forward kernel's h: to fp32's
     rule in fp32, and within one rounding step in bf16 (the two kernels sum the LayerNorm statistics in
     different orders)."""
-    t = {k: x.detach() for k, x in make_leaves(device).items()}
+    t = {k: (x.detach() if x is not None else None) for k, x in make_leaves(device).items()}
     x = t["x"].to(dtype)
     params = [t[k] for k in ("cpe_weight", "cpe_bias", "norm_weight", "norm_bias")]
     _, h = cpe_residual_norm_fwd(x, *params, (H, W))
-    *_, h_bwd = cpe_residual_norm_bwd_h(None, torch.randn_like(x), x, *params, (H, W), write_h=True)
+    h_bwd = cpe_residual_norm_bwd_h(None, torch.randn_like(x), x, *params, (H, W), write_h=True)[5]
     assert h_bwd.dtype == dtype
     if dtype == torch.float32:
         assert rel_err(h_bwd, h) <= FP32_RTOL
     else:
         ulp = torch.finfo(dtype).eps * h.float().abs().clamp_min(1e-3)
         assert ((h_bwd.float() - h.float()).abs() <= ulp).all()
-    assert cpe_residual_norm_bwd_h(None, torch.randn_like(x), x, *params, (H, W))[-1] is None
+    assert cpe_residual_norm_bwd_h(None, torch.randn_like(x), x, *params, (H, W))[5] is None
 
 
 def _saved_shapes(fn, leaves):
@@ -152,8 +214,9 @@ def test_only_x_is_saved(compiled, device):
     assert token_tensors(one_function) == 1
 
 
-def test_torch_compile_fullgraph(device):
-    leaves = make_leaves(device)
+@pytest.mark.parametrize("residual_bias", [False, True], ids=["no_residual_bias", "residual_bias"])
+def test_torch_compile_fullgraph(residual_bias, device):
+    leaves = make_leaves(device, residual_bias=residual_bias)
     dr, dy = torch.randn(B, N, C, device=device), torch.randn(B, N, M, device=device)
     outs_c, grads_c = run(torch.compile(one_function, fullgraph=True, backend="aot_eager"), leaves, dr, dy)
     outs_e, grads_e = run(one_function, leaves, dr, dy)
@@ -164,16 +227,18 @@ def test_torch_compile_fullgraph(device):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck(bias, device):
-    t = {k: (x.detach() if x is not None else None) for k, x in make_leaves(device, bias).items()}
+@pytest.mark.parametrize("residual_bias", [False, True], ids=["no_residual_bias", "residual_bias"])
+def test_opcheck(bias, residual_bias, device):
+    t = {k: (x.detach() if x is not None else None) for k, x in make_leaves(device, bias, residual_bias).items()}
     args = [t[k] for k in NAMES]
     torch.library.opcheck(norm_linear.cpe_norm_linear_fwd_op, (*args, H, W, 1e-5))
     dr, dy = torch.randn(B, N, C, device=device), torch.randn(B, N, M, device=device)
-    torch.library.opcheck(norm_linear.cpe_norm_linear_bwd_op, (dr, dy, *args[:6], H, W, 1e-5, bias))
+    torch.library.opcheck(norm_linear.cpe_norm_linear_bwd_op,
+                          (dr, dy, *args[:6], t["residual_bias"], H, W, 1e-5, bias))
 
 
 def test_bad_inputs(device):
-    t = {k: x.detach() for k, x in make_leaves(device).items()}
+    t = {k: (x.detach() if x is not None else None) for k, x in make_leaves(device).items()}
     base = [t[k] for k in NAMES[:5]]
     with pytest.raises(ValueError, match=r"linear_weight: expected shape \(M, 64\)"):
         cpe_norm_linear(*base, t["weight"][:, :32], t["bias"], (H, W))
@@ -183,3 +248,12 @@ def test_bad_inputs(device):
         cpe_norm_linear(*base, t["weight"].long(), t["bias"], (H, W))
     with pytest.raises(ValueError, match="token count 35 does not match the grid 5x6"):
         cpe_norm_linear(*base, t["weight"], t["bias"], (5, 6))
+    rbias = torch.zeros(C, device=device)
+    with pytest.raises(ValueError, match=r"residual_bias: expected shape \(64,\) for 64 channels, got \(32,\)"):
+        cpe_norm_linear(*base, t["weight"], t["bias"], (H, W), residual_bias=rbias[:32])
+    with pytest.raises(ValueError, match=r"residual_bias: expected shape \(64,\) for 64 channels, got \(1, 64\)"):
+        cpe_norm_linear(*base, t["weight"], t["bias"], (H, W), residual_bias=rbias[None])
+    with pytest.raises(ValueError, match=r"residual_bias: expected a floating-point tensor, got dtype torch\.int64"):
+        cpe_norm_linear(*base, t["weight"], t["bias"], (H, W), residual_bias=rbias.long())
+    with pytest.raises(ValueError, match=r"residual_bias: expected a torch\.Tensor, got float"):
+        cpe_norm_linear(*base, t["weight"], t["bias"], (H, W), residual_bias=0.5)
