@@ -9,11 +9,13 @@ same operands: the forward's qk bitwise) before the attention's backward, 2C² o
 multiply-adds per token. One fp32 block (C=64, 16x16 grid, batch 2) saves 8.4x its input for the backward
 instead of 10.4x. The projection's gradients follow the attention's: dv += dqk @ W in place into the
 attention's dv (no second (B, N, C) gradient to sum), dW in fp32 out of the GEMM as in ``mlla_fast.linear``,
-and the bias gradient by the Triton column sum. For a large v (``SPLIT_QK_BYTES``) q and k are projected and
-differentiated one at a time instead, so that the backward's own (B, N, C) tensors peak at five instead of
-seven (qk and dqk whole): on an H100, one block (C=64, batch 2, 512², bf16) peaked 12 units of B*N*C above
-its start instead of 14 (13 in ``benchmarks/profile_block.py --memory``'s count, where the attention's
-backward held do, dg, dv, k and dk). The k/v kernel now writes dk over k, in place, and the peak holds four.
+and the bias gradient summed by the attention's q and k kernels as they write dq and dk (their fp32 values,
+before rounding; fixed-order partials reductions), not by a column sum reading dq and dk again. For a large v
+(``SPLIT_QK_BYTES``) q and k are projected and differentiated one at a time instead, so that the backward's
+own (B, N, C) tensors peak at five instead of seven (qk and dqk whole): on an H100, one block (C=64, batch 2,
+512², bf16) peaked 12 units of B*N*C above its start instead of 14 (13 in ``benchmarks/profile_block.py
+--memory``'s count, where the attention's backward held do, dg, dv, k and dk). The k/v kernel now writes dk over
+k, in place, and the peak holds four.
 
 With ``out_weight`` the block's output projection runs inside the same Function: the attention's output a,
 which the projection's weight gradient needs, is not kept (one (B, N, C) tensor per block) but rewritten by
@@ -127,54 +129,59 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
     With out_weight, the attention's output gradient da = dy W_out exists only inside this function, and the
     gate pass rewrites the forward's output a (bitwise) over it, in place, for d out_weight = dy^T a.
     For a large v (``SPLIT_QK_BYTES``) q and k are recomputed one at a time, and the (B, N, C) dq and dk are
-    folded into dv as soon as they exist: dv = dq W_q (a GEMM), the k/v kernel adds the attention's own dv to
-    it and writes dk over k, then dv += dk W_k in place. At most four (B, N, C) tensors of its own are live at
-    once (da/a, q, do, dg in the gate pass; do, dg, q, dq on the q side; do, dg, dv, k/dk on the k/v side),
-    against seven with qk and dqk whole and a and da apart."""
+    folded into dv as soon as they exist: the q kernel writes dq over q, dv = dq W_q (a GEMM), the k/v kernel
+    adds the attention's own dv to it and writes dk over k, then dv += dk W_k in place. At most four (B, N, C)
+    tensors are live at once (da/a, q, do, dg in the gate pass; do, dg, q/dq, dv after the q side; do, dg, dv,
+    k/dk on the k/v side), against seven with qk and dqk whole and a and da apart. With dv given (d gv's u half
+    in ``gv_linear_attention``, allocated with dg), da and then a live in dv until the q side, so that the four
+    hold there too."""
     dy, v = _token_major(dy), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
     acc = torch.promote_types(qk_weight.dtype, torch.float32)
     v2 = v.reshape(-1, C)
-    da = _output_grad(dy, out_weight)
-    # a over da where the gate pass may (da is this function's own, and the pass returns do apart from it)
+    split = _split_qk(v)
+    # a over da where the gate pass may (da is this function's own, and the pass returns do apart from it); on the
+    # split path in the given dv, which nothing else needs until the q side is done
+    da = _output_grad(dy, out_weight, dv if split and dv is not None and g is not None else None)
     a = None if out_weight is None else (da if g is not None else v.new_empty(v.shape))
-    if not _split_qk(v):
-        dqk, dv, dg, dlepe_w, dlepe_b = _linear_attention_bwd(
+    has_bias = qk_bias is not None
+    if not split:
+        dqk, dv, dg, dlepe_w, dlepe_b, *dbias = _linear_attention_bwd(
             da, _project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu,
-            a=a, dv=dv, dg=dg)
+            a=a, dv=dv, dg=dg, qk_bias_grad=has_bias)
         del da
         out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
         del a
         dqk = dqk.view(-1, 2 * C)
         with torch.autocast(v.device.type, enabled=False):
             dv.view(-1, C).addmm_(dqk, qk_weight)
-        return (dv, dg, *_projection_grads(dqk, v2, qk_bias is not None, acc), dlepe_w, dlepe_b, *out_grads)
+        return (dv, dg, *_projection_grads(dqk, v2, has_bias, acc, *dbias), dlepe_w, dlepe_b, *out_grads)
     (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
     q = _project(v, wq, bq)
     do, dg = gated_output_grad(da, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a, dg=dg)
     del da
     out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
     del a
-    dq = torch.empty_like(v)
-    dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dq)
+    dkv, dksum, inv_n, dbias_q = q_side_grad(do, q, kv, ksum, W, num_heads, q, bias_grad=has_bias)  # dq over q
+    dq = q.view(-1, C)
     del q
-    dq = dq.view(-1, C)
     with torch.autocast(v.device.type, enabled=False):
         if dv is None:
             dv = (dq @ wq).view(B, N, C)
-        else:
-            torch.mm(dq, wq, out=dv.view(-1, C))
-    grads_q = _projection_grads(dq, v2, qk_bias is not None, acc)
+        else:  # beta = 0: dv's contents (a) are not read
+            dv.view(-1, C).addmm_(dq, wq, beta=0)
+    grads_q = _projection_grads(dq, v2, has_bias, acc, dbias_q)
     del dq
     k = _project(v, wk, bk)
-    kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, k, dv, accumulate=True)  # dk over k
+    dbias_k = kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, k, dv, accumulate=True,
+                           bias_grad=has_bias)  # dk over k
     dlepe_w, dlepe_b = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
     del do
     dk = k.view(-1, C)
     with torch.autocast(v.device.type, enabled=False):
         dv.view(-1, C).addmm_(dk, wk)
-    grads_k = _projection_grads(dk, v2, qk_bias is not None, acc)
+    grads_k = _projection_grads(dk, v2, has_bias, acc, dbias_k)
     return (dv, dg, torch.cat([grads_q[0], grads_k[0]]), torch.cat([grads_q[1], grads_k[1]]), dlepe_w, dlepe_b,
             *out_grads)
 
@@ -223,12 +230,17 @@ def _bwd(dy: Tensor, x: Tensor, g: Tensor | None, v: Tensor, dwc_weight: Tensor 
     return (dx, x.new_empty((0,)), ddwc_weight, ddwc_bias, *grads)
 
 
-def _output_grad(dy: Tensor, out_weight: Tensor | None) -> Tensor:
-    """da = dy W_out, the gradient of the attention's output through the output projection (dy without one)."""
+def _output_grad(dy: Tensor, out_weight: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """da = dy W_out, the gradient of the attention's output through the output projection (dy without one),
+    into out (dy's shape, channels contiguous) when given."""
     if out_weight is None:
         return dy
+    dy2 = dy.reshape(-1, dy.shape[-1])
     with torch.autocast(dy.device.type, enabled=False):
-        return (dy.reshape(-1, dy.shape[-1]) @ out_weight).view(dy.shape)
+        if out is None:
+            return (dy2 @ out_weight).view(dy.shape)
+        out.view(-1, out.shape[-1]).addmm_(dy2, out_weight, beta=0)  # in place on a strided view: no copy
+        return out
 
 
 def _out_projection_grads(dy: Tensor, a: Tensor | None, out_weight: Tensor | None, out_bias: Tensor | None,
@@ -241,10 +253,14 @@ def _out_projection_grads(dy: Tensor, a: Tensor | None, out_weight: Tensor | Non
     return _projection_grads(dy2, a.view(-1, a.shape[-1]), out_bias is not None, acc)
 
 
-def _projection_grads(dp: Tensor, v2: Tensor, bias: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(dW, db) in dtype of one projection p = v W^T + b from dp, v (M, C); db empty without a bias."""
+def _projection_grads(dp: Tensor, v2: Tensor, bias: bool, dtype: torch.dtype,
+                      dbias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(dW, db) in dtype of one projection p = v W^T + b from dp, v (M, C); db empty without a bias, else dbias
+    (dp's column sums, already summed by the kernel that wrote dp) when given, or the column sum of dp."""
     dweight = matmul_to(dp.t(), v2, dtype)
-    return dweight, (bias_grad(dp, dtype) if bias else dweight.new_empty((0,)))
+    if not bias:
+        return dweight, dweight.new_empty((0,))
+    return dweight, (bias_grad(dp, dtype) if dbias is None else dbias.to(dtype))
 
 
 _FWD_SCHEMA = "(Tensor x, Tensor? g, Tensor? dwc_weight, Tensor? dwc_bias, Tensor qk_weight, Tensor? qk_bias, " \
