@@ -17,8 +17,7 @@ GATE_GRAD variant (dg and the gated output gradient do = dy * gate); ``_la_bwd_q
 the forward's state and do: dq, and partials of dKV and of the normaliser's k-side vector); the LePE
 weight/bias gradients from do and v by the depthwise-conv parameter-gradient kernel of
 ``kernels/dwconv.py`` (element-wise accumulators over 2-D tiles, one reduction per program); then
-``_la_bwd_kv_kernel`` (dk; dv through kv and the transposed LePE stencil of do). On request the q and k/v
-kernels also sum dq and dk over tokens (DQ_SUM, DK_SUM): the bias gradient of the projection that made qk.
+``_la_bwd_kv_kernel`` (dk; dv through kv and the transposed LePE stencil of do).
 Only the inputs and kv, mean phi(k) (O(B h d^2)) are kept for the backward; everything else is
 recomputed. The derivation is in ``kernels/README.md``.
 """
@@ -414,20 +413,18 @@ def _la_fwd_out_kernel(
 
 @triton.jit
 def _la_bwd_q_kernel(
-    p_q, p_do, p_trig, p_kv, p_ksum, p_dq, p_dkv_part, p_dksum_part, p_dqsum_part,
-    N, W, n_pos, blocks_per_split, state_scale,
+    p_q, p_do, p_trig, p_kv, p_ksum, p_dq, p_dkv_part, p_dksum_part,
+    N, W, n_pos, blocks_per_split,
     s_q_b, s_q_n, s_do_b, s_do_n, s_dq_b, s_dq_n, s_part,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, EPS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
-    DQ_SUM: tl.constexpr, DQ_OVER_Q: tl.constexpr,
+    DQ_OVER_Q: tl.constexpr,
 ):
     """The q side of the backward, which needs only the forward's state and the gated output gradient do:
     per token dq; per program partial sums over its token range of
-    dKV = sum_n z_n q~_n do_n^T and of the normaliser's sum_n u_n phi(q_n) (u_n = -z_n^2 num_n . do_n),
-    both times state_scale. DQ_SUM: also the partial sum over its tokens of dq itself (the q projection's bias
-    gradient), of the fp32 values before their rounding to p_dq's dtype, written to p_dqsum_part in channel
-    order (32 per (b, h)). DQ_OVER_Q: p_dq is p_q (dq written over q in place): a barrier orders every thread's
-    q loads of a block before its dq stores. Grid (splits, B * heads)."""
+    dKV = sum_n z_n q~_n do_n^T and of the normaliser's sum_n u_n phi(q_n) (u_n = -z_n^2 num_n . do_n).
+    DQ_OVER_Q: p_dq is p_q (dq written over q in place): a barrier orders every thread's q loads of a block
+    before its dq stores. Grid (splits, B * heads)."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -445,7 +442,6 @@ def _la_bwd_q_kernel(
     b_dkv_b = tl.zeros([16, 32], dtype=tl.float32)
     b_dks_a = tl.zeros([BLOCK_N, 16], dtype=tl.float32)  # element-wise: summed over tokens once, after the loop
     b_dks_b = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-    b_dqs = tl.zeros([BLOCK_N, 32], dtype=tl.float32)  # DQ_SUM, element-wise in channel order like b_dks_a
     blk_start = i_s * blocks_per_split
     blk_end = tl.minimum(blk_start + blocks_per_split, tl.cdiv(N, BLOCK_N))
     for i_blk in range(blk_start, blk_end):
@@ -475,8 +471,6 @@ def _la_bwd_q_kernel(
         if DQ_OVER_Q:
             tl.debug_barrier()
         _store_pairs(p_dqh, o_n64 * s_dq_n, m_n, b_dqa, b_dqb, SPLIT_PAIRS)
-        if DQ_SUM:  # padding tokens' dq is 0 (their do is: z do and u vanish); the tile _store_pairs stores
-            b_dqs += tl.reshape(tl.join(b_dqa, b_dqb), [BLOCK_N, 32])
         if DOT_DTYPE.is_fp32():
             b_dkv_a = tl.dot(tl.trans(b_qra), b_zdo, b_dkv_a, input_precision=DOT_PRECISION)
             b_dkv_b = tl.dot(tl.trans(b_qrb), b_zdo, b_dkv_b, input_precision=DOT_PRECISION)
@@ -486,31 +480,26 @@ def _la_bwd_q_kernel(
         b_dks_a += b_u[:, None] * b_qa
         b_dks_b += b_u[:, None] * b_qb
 
-    # this split's row of the partials buffer: dkv of every (b, h), then dksum, then (DQ_SUM) the dq sums
-    o_row = i_s.to(tl.int64) * s_part
-    _store_state(p_dkv_part, o_row + i_bh * 1024, b_dkv_a * state_scale, b_dkv_b * state_scale)
-    tl.store(p_dksum_part + o_row + i_bh * 32 + o_p, tl.sum(b_dks_a, axis=0) * state_scale)
-    tl.store(p_dksum_part + o_row + i_bh * 32 + 16 + o_p, tl.sum(b_dks_b, axis=0) * state_scale)
-    if DQ_SUM:
-        tl.store(p_dqsum_part + o_row + i_bh * 32 + o_d, tl.sum(b_dqs, axis=0))
+    o_row = i_s.to(tl.int64) * s_part  # this split's row of the partials buffer: dkv of every (b, h), then dksum
+    _store_state(p_dkv_part, o_row + i_bh * 1024, b_dkv_a, b_dkv_b)
+    tl.store(p_dksum_part + o_row + i_bh * 32 + o_p, tl.sum(b_dks_a, axis=0))
+    tl.store(p_dksum_part + o_row + i_bh * 32 + 16 + o_p, tl.sum(b_dks_b, axis=0))
 
 
 @triton.jit
 def _la_bwd_kv_kernel(
-    p_k, p_do, p_w, p_v, p_trig, p_dkv, p_dksum, p_dk, p_dv, p_dksum_part,
+    p_k, p_do, p_w, p_v, p_trig, p_dkv, p_dksum, p_dk, p_dv,
     N, H, W, n_pos, inv_n,
-    s_k_b, s_k_n, s_v_b, s_v_n, s_do_b, s_do_n, s_dk_b, s_dk_n, s_dv_b, s_dv_n, s_part,
+    s_k_b, s_k_n, s_v_b, s_v_n, s_do_b, s_do_n, s_dk_b, s_dk_n, s_dv_b, s_dv_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
-    ACC_DV: tl.constexpr, DK_OVER_K: tl.constexpr, DK_SUM: tl.constexpr,
+    ACC_DV: tl.constexpr, DK_OVER_K: tl.constexpr,
 ):
     """The k/v side of the backward for one block of tokens and one (batch, head): dk through k~ and
     mean phi(k), and dv through kv plus the transposed LePE stencil of do (the gated output gradient),
     added to p_dv's contents with ACC_DV (a gradient of v from elsewhere, summed in fp32 and rounded once).
     DK_OVER_K: p_dk is p_k (dk written over k in place): a barrier orders every thread's k loads before the dk
-    stores. DK_SUM: also the sum over the block's tokens of dk (the k projection's bias gradient), of the fp32
-    values before their rounding to p_dk's dtype, written in channel order to row i_blk (row stride s_part) of
-    p_dksum_part at column 32 * (b, h); a block past the last token writes zeros. Grid (blocks, B * heads)."""
+    stores. Grid (blocks, B * heads)."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -544,10 +533,6 @@ def _la_bwd_kv_kernel(
     if DK_OVER_K:
         tl.debug_barrier()
     _store_pairs(p_dk + i_b * s_dk_b + i_h * 32, o_n64 * s_dk_n, m_n, b_dka, b_dkb, SPLIT_PAIRS)
-    if DK_SUM:  # in channel order, the tile _store_pairs stores; padding tokens' dk (ds / N) masked out
-        b_dk = tl.reshape(tl.join(b_dka, b_dkb), [BLOCK_N, 32])
-        tl.store(p_dksum_part + i_blk.to(tl.int64) * s_part + i_bh * 32 + o_d,
-                 tl.sum(tl.where(m_n[:, None], b_dk, 0.0), axis=0))
 
     # dv = k~ dKV / N + sum_k w_k do_(n - off_k)
     b_kra = b_ka * b_cos - b_kb * b_sin
@@ -626,19 +611,17 @@ def _trig_args(H: int, W: int, C: int, device: torch.device) -> tuple[Tensor, in
     return _pair_frequencies(C, device), 1, mode
 
 
-def _state_partials(n_split: int, bh: int, device: torch.device, n_vectors: int = 1) -> tuple[Tensor, ...]:
-    """One fp32 buffer for the per-split partials of a (d, d) matrix and n_vectors d-vectors per (batch, head):
-    row s holds split s's matrices of every (b, h), then its first vectors of every (b, h), then its second ones.
-    Returns (buffer, matrix view, vector views...)."""
-    part = _empty((n_split, bh * (HEAD_DIM + n_vectors) * HEAD_DIM), torch.float32, device)
-    return part, *part.split([bh * HEAD_DIM * HEAD_DIM] + [bh * HEAD_DIM] * n_vectors, dim=1)
+def _state_partials(n_split: int, bh: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """One fp32 buffer for the per-split partials of a (d, d) matrix and a d-vector per (batch, head): row
+    s holds split s's matrices of every (b, h), then its vectors. Returns (buffer, matrix view, vector view)."""
+    part = _empty((n_split, bh * (HEAD_DIM + 1) * HEAD_DIM), torch.float32, device)
+    return part, *part.split([bh * HEAD_DIM * HEAD_DIM, bh * HEAD_DIM], dim=1)
 
 
-def _sum_state_partials(part: Tensor, bh: int, scale: float = 1.0, n_vectors: int = 1) -> tuple[Tensor, ...]:
-    """The partials of ``_state_partials`` summed over splits, times scale, in one launch: (bh, d, d) and
-    n_vectors (bh, d), fp32."""
-    outputs = [((bh, HEAD_DIM, HEAD_DIM), torch.float32)] + [((bh, HEAD_DIM), torch.float32)] * n_vectors
-    return tuple(reduce_partials(part, outputs, scale=scale))
+def _sum_state_partials(part: Tensor, bh: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The partials of ``_state_partials`` summed over splits, times scale: (bh, d, d) and (bh, d), fp32."""
+    return tuple(reduce_partials(part, [((bh, HEAD_DIM, HEAD_DIM), torch.float32), ((bh, HEAD_DIM), torch.float32)],
+                                 scale=scale))
 
 
 def _splits(n_tokens: int, block_n: int, columns: int, device: torch.device) -> tuple[int, int]:
@@ -678,15 +661,14 @@ def _gate_args(g: Tensor | None, v: Tensor) -> tuple[Tensor, int, int]:
     return g, g.stride(0), g.stride(1)
 
 
-def _split_launch(shape: torch.Size, W: int, num_heads: int, block_n: int, device: torch.device,
-                  n_vectors: int = 1):
+def _split_launch(shape: torch.Size, W: int, num_heads: int, block_n: int, device: torch.device):
     """What a kernel looping over token ranges and writing per-split state partials is launched with:
-    (trig, n_pos, TRIG, grid, blocks per split, partials buffer, its matrix view, its n_vectors vector views)."""
+    (trig, n_pos, TRIG, grid, blocks per split, partials buffer, its matrix view, its vector view)."""
     B, N, C = shape
     bh = B * num_heads
     trig, n_pos, trig_mode = _trig_args(N // W, W, C, device)
     n_split, per_split = _splits(N, block_n, bh, device)
-    return trig, n_pos, trig_mode, (n_split, bh), per_split, *_state_partials(n_split, bh, device, n_vectors)
+    return trig, n_pos, trig_mode, (n_split, bh), per_split, *_state_partials(n_split, bh, device)
 
 
 def attention_state(k: Tensor, v: Tensor, W: int, num_heads: int) -> tuple[Tensor, Tensor]:
@@ -751,8 +733,8 @@ def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_w
                       kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
                       a: Tensor | None = None, dg: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The backward's first pass: (do, dg), the gated output gradient do = dy * gate and the gate's gradient
-    (recomputing the pre-gate output); without a gate (dy, an empty dg). With a (B, N, C) a (channels contiguous), the
-    forward's output y is written into it as well; with dg (B, N, C, channels contiguous), the gate's gradient
+    (recomputing the pre-gate output); without a gate (dy, an empty dg). With a (B, N, C) a (channels contiguous),
+    the forward's output y is written into it as well; with dg (B, N, C, channels contiguous), the gate's gradient
     is written into it."""
     if g is None:
         if a is not None:
@@ -764,69 +746,46 @@ def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_w
     return do, dg
 
 
-def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_heads: int, dq: Tensor,
-                bias_grad: bool = False) -> tuple[Tensor, Tensor, float, Tensor | None]:
+def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_heads: int,
+                dq: Tensor) -> tuple[Tensor, Tensor, float]:
     """The q side of the backward: dq into dq (B, N, C; channels contiguous; may be q itself: dq is written over
     it); returns the state's gradient
-    (dkv (B*h, 32, 32), dksum (B*h, 32)), the scale the k/v side applies to it, and with bias_grad dq summed
-    over tokens and batch (C,) fp32, the gradient of a bias added to q (else None): from the kernel's fp32 dq
-    (before its rounding to dq's dtype) and the same partials reduction as the state's, no pass over dq."""
+    (dkv (B*h, 32, 32), dksum (B*h, 32)) and the scale the k/v side applies to it."""
     B, N, C = do.shape
     bh = B * num_heads
     block_n = CONFIG.bwd_q_block_n
-    n_vectors = 2 if bias_grad else 1
-    trig, n_pos, trig_mode, grid, per_split, part, dkv_part, dksum_part, *dqsum_part = _split_launch(
-        do.shape, W, num_heads, block_n, do.device, n_vectors)
-    # the k/v kernel scales dKV and ds by 1/N; low-precision operands take them as means instead (dKV, a sum
-    # over N tokens, can pass fp16's range where its mean does not), scaled in the q kernel's partials (the
-    # reduction's one scale would scale the dq sums too)
-    lowp = _lowp_operands(do.dtype)
+    trig, n_pos, trig_mode, grid, per_split, part, dkv_part, dksum_part = _split_launch(
+        do.shape, W, num_heads, block_n, do.device)
     _la_bwd_q_kernel[grid](
-        q, do, trig, kv, ksum, dq, dkv_part, dksum_part, dqsum_part[0] if bias_grad else dksum_part,
-        N, W, n_pos, per_split, 1.0 / N if lowp else 1.0,
+        q, do, trig, kv, ksum, dq, dkv_part, dksum_part, N, W, n_pos, per_split,
         q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        **_dot_args(do.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, DQ_SUM=bias_grad,
+        **_dot_args(do.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
         DQ_OVER_Q=dq.data_ptr() == q.data_ptr(), num_warps=CONFIG.bwd_q_warps,
     )
-    dkv, dksum, *dqsum = _sum_state_partials(part, bh, n_vectors=n_vectors)
-    dbias = dqsum[0].view(B, C).sum(0) if bias_grad else None
-    return dkv, dksum, 1.0 if lowp else 1.0 / N, dbias
-
-
-# The k/v kernel's dk sums (bias_grad) are one row of B*C fp32 partials per token block, and reduce_partials runs
-# down its rows in one program per 32 columns: the rows are folded into about DK_SUM_ROWS rows of several blocks
-# each (the grid padded with blocks past the last token, which write zeros), and the folds summed by torch.
-DK_SUM_ROWS = 256
+    # the k/v kernel scales dKV and ds by 1/N; low-precision operands take them as means instead (dKV, a sum
+    # over N tokens, can pass fp16's range where its mean does not)
+    if _lowp_operands(do.dtype):
+        dkv, dksum = _sum_state_partials(part, bh, scale=1.0 / N)
+        return dkv, dksum, 1.0
+    dkv, dksum = _sum_state_partials(part, bh)
+    return dkv, dksum, 1.0 / N
 
 
 def kv_side_grad(do: Tensor, k: Tensor, v: Tensor, lepe_weight: Tensor, dkv: Tensor, dksum: Tensor, inv_n: float,
-                 H: int, W: int, num_heads: int, dk: Tensor, dv: Tensor, accumulate: bool = False,
-                 bias_grad: bool = False) -> Tensor | None:
+                 H: int, W: int, num_heads: int, dk: Tensor, dv: Tensor, accumulate: bool = False) -> None:
     """The k/v side of the backward: dk into dk (which may be k itself: dk is written over it), and dv (through
-    kv and the transposed LePE) into dv (B, N, C, channels contiguous), added to dv's contents when accumulate.
-    With bias_grad, returns dk summed over tokens and batch (C,) fp32, the gradient of a bias added to k, from the
-    kernel's fp32 dk (before its rounding), in a fixed order; else None."""
+    kv and the transposed LePE) into dv (B, N, C, channels contiguous), added to dv's contents when accumulate."""
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     block_n = CONFIG.bwd_kv_block_n
-    n_blocks = triton.cdiv(N, block_n)
-    part = dksum  # a stand-in, not written without DK_SUM
-    if bias_grad:
-        folds = triton.cdiv(n_blocks, DK_SUM_ROWS)
-        n_blocks = triton.cdiv(n_blocks, folds) * folds
-        part = _empty((n_blocks, B * C), torch.float32, v.device)
-    _la_bwd_kv_kernel[(n_blocks, B * num_heads)](
-        k, do, _taps_major(lepe_weight), v, trig, dkv, dksum, dk, dv, part, N, H, W, n_pos, inv_n,
+    _la_bwd_kv_kernel[(triton.cdiv(N, block_n), B * num_heads)](
+        k, do, _taps_major(lepe_weight), v, trig, dkv, dksum, dk, dv, N, H, W, n_pos, inv_n,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1), part.stride(0), C=C, NUM_HEADS=num_heads, BLOCK_N=block_n,
-        **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, ACC_DV=accumulate,
-        DK_OVER_K=dk.data_ptr() == k.data_ptr(), DK_SUM=bias_grad, num_warps=CONFIG.bwd_kv_warps,
+        dv.stride(0), dv.stride(1), C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
+        SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, ACC_DV=accumulate,
+        DK_OVER_K=dk.data_ptr() == k.data_ptr(), num_warps=CONFIG.bwd_kv_warps,
     )
-    if not bias_grad:
-        return None
-    (sums,) = reduce_partials(part.view(n_blocks // folds, folds * B * C), [((folds, B, C), torch.float32)])
-    return sums.sum((0, 1))
 
 
 def lepe_param_grads(do: Tensor, v: Tensor, lepe_weight: Tensor, lepe_bias: Tensor, H: int,
@@ -840,13 +799,11 @@ def lepe_param_grads(do: Tensor, v: Tensor, lepe_weight: Tensor, lepe_bias: Tens
 def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
                           lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
                           gate_silu: bool, a: Tensor | None = None, dv: Tensor | None = None,
-                          dg: Tensor | None = None, qk_bias_grad: bool = False) -> tuple[Tensor, ...]:
+                          dg: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward: returns dqk (B, N, 2C), dv (B, N, C), dg (B, N, C; empty when g is None),
     d lepe_weight (C, 1, 3, 3) and d lepe_bias (C,) in their parameters' dtypes; the forward's output is
     rewritten into a (B, N, C) contiguous a when given, and dv and dg are written into the (B, N, C) tensors
-    dv and dg (channels contiguous) when given. With qk_bias_grad a sixth result: dqk summed over tokens and
-    batch (2C,) fp32, the gradient of a bias of the projection that made qk, from the q and k kernels' fp32
-    gradients (no pass over dqk)."""
+    dv and dg (channels contiguous) when given."""
     dy, qk, v = _token_major(dy), _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
@@ -855,12 +812,9 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     dv = _empty((B, N, C), v.dtype, v.device) if dv is None else dv
     do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a,
                                dg=dg)
-    dkv, dksum, inv_n, dbias_q = q_side_grad(do, q, kv, ksum, W, num_heads, dqk[..., :C], bias_grad=qk_bias_grad)
+    dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dqk[..., :C])
     dw, db = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
-    dbias_k = kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dqk[..., C:], dv,
-                           bias_grad=qk_bias_grad)
-    if qk_bias_grad:
-        return dqk, dv, dg, dw, db, torch.cat([dbias_q, dbias_k])
+    kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dqk[..., C:], dv)
     return dqk, dv, dg, dw, db
 
 

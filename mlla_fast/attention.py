@@ -9,13 +9,14 @@ same operands: the forward's qk bitwise) before the attention's backward, 2C² o
 multiply-adds per token. One fp32 block (C=64, 16x16 grid, batch 2) saves 8.4x its input for the backward
 instead of 10.4x. The projection's gradients follow the attention's: dv += dqk @ W in place into the
 attention's dv (no second (B, N, C) gradient to sum), dW in fp32 out of the GEMM as in ``mlla_fast.linear``,
-and the bias gradient summed by the attention's q and k kernels as they write dq and dk (their fp32 values,
-before rounding; fixed-order partials reductions), not by a column sum reading dq and dk again. For a large v
-(``SPLIT_QK_BYTES``) q and k are projected and differentiated one at a time instead, so that the backward's
-own (B, N, C) tensors peak at five instead of seven (qk and dqk whole): on an H100, one block (C=64, batch 2,
-512², bf16) peaked 12 units of B*N*C above its start instead of 14 (13 in ``benchmarks/profile_block.py
---memory``'s count, where the attention's backward held do, dg, dv, k and dk). The k/v kernel now writes dk over
-k, in place, and the peak holds four.
+and the bias gradient by the Triton column sum. For a large v (``SPLIT_QK_BYTES``) q and k are projected and
+differentiated one at a time instead, so that the backward's own (B, N, C) tensors peak at five instead of
+seven (qk and dqk whole): on an H100, one block (C=64, batch 2, 512², bf16) peaked 12 units of B*N*C above
+its start instead of 14 (13 in ``benchmarks/profile_block.py --memory``'s count, where the attention's
+backward held do, dg, dv, k and dk). The k/v kernel now writes dk over k, and the q kernel dq over q, in place,
+and the peak holds four. (Summing the qk bias gradient inside the q and k kernels instead of by column sums was
+tried: under Triton 3.6 on an H100 the k/v kernel went from 56 to 130 registers and the q kernel spilled, and
+the 1024² step took 18.1 ms of GPU time against 16.7 ms.)
 
 With ``out_weight`` the block's output projection runs inside the same Function: the attention's output a,
 which the projection's weight gradient needs, is not kept (one (B, N, C) tensor per block) but rewritten by
@@ -147,23 +148,23 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
     a = None if out_weight is None else (da if g is not None else v.new_empty(v.shape))
     has_bias = qk_bias is not None
     if not split:
-        dqk, dv, dg, dlepe_w, dlepe_b, *dbias = _linear_attention_bwd(
+        dqk, dv, dg, dlepe_w, dlepe_b = _linear_attention_bwd(
             da, _project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu,
-            a=a, dv=dv, dg=dg, qk_bias_grad=has_bias)
+            a=a, dv=dv, dg=dg)
         del da
         out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
         del a
         dqk = dqk.view(-1, 2 * C)
         with torch.autocast(v.device.type, enabled=False):
             dv.view(-1, C).addmm_(dqk, qk_weight)
-        return (dv, dg, *_projection_grads(dqk, v2, has_bias, acc, *dbias), dlepe_w, dlepe_b, *out_grads)
+        return (dv, dg, *_projection_grads(dqk, v2, has_bias, acc), dlepe_w, dlepe_b, *out_grads)
     (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
     q = _project(v, wq, bq)
     do, dg = gated_output_grad(da, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a, dg=dg)
     del da
     out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
     del a
-    dkv, dksum, inv_n, dbias_q = q_side_grad(do, q, kv, ksum, W, num_heads, q, bias_grad=has_bias)  # dq over q
+    dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, q)  # dq over q
     dq = q.view(-1, C)
     del q
     with torch.autocast(v.device.type, enabled=False):
@@ -171,17 +172,16 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
             dv = (dq @ wq).view(B, N, C)
         else:  # beta = 0: dv's contents (a) are not read
             dv.view(-1, C).addmm_(dq, wq, beta=0)
-    grads_q = _projection_grads(dq, v2, has_bias, acc, dbias_q)
+    grads_q = _projection_grads(dq, v2, has_bias, acc)
     del dq
     k = _project(v, wk, bk)
-    dbias_k = kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, k, dv, accumulate=True,
-                           bias_grad=has_bias)  # dk over k
+    kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, k, dv, accumulate=True)  # dk over k
     dlepe_w, dlepe_b = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
     del do
     dk = k.view(-1, C)
     with torch.autocast(v.device.type, enabled=False):
         dv.view(-1, C).addmm_(dk, wk)
-    grads_k = _projection_grads(dk, v2, has_bias, acc, dbias_k)
+    grads_k = _projection_grads(dk, v2, has_bias, acc)
     return (dv, dg, torch.cat([grads_q[0], grads_k[0]]), torch.cat([grads_q[1], grads_k[1]]), dlepe_w, dlepe_b,
             *out_grads)
 
@@ -253,14 +253,10 @@ def _out_projection_grads(dy: Tensor, a: Tensor | None, out_weight: Tensor | Non
     return _projection_grads(dy2, a.view(-1, a.shape[-1]), out_bias is not None, acc)
 
 
-def _projection_grads(dp: Tensor, v2: Tensor, bias: bool, dtype: torch.dtype,
-                      dbias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(dW, db) in dtype of one projection p = v W^T + b from dp, v (M, C); db empty without a bias, else dbias
-    (dp's column sums, already summed by the kernel that wrote dp) when given, or the column sum of dp."""
+def _projection_grads(dp: Tensor, v2: Tensor, bias: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(dW, db) in dtype of one projection p = v W^T + b from dp, v (M, C); db empty without a bias."""
     dweight = matmul_to(dp.t(), v2, dtype)
-    if not bias:
-        return dweight, dweight.new_empty((0,))
-    return dweight, (bias_grad(dp, dtype) if dbias is None else dbias.to(dtype))
+    return dweight, (bias_grad(dp, dtype) if bias else dweight.new_empty((0,)))
 
 
 _FWD_SCHEMA = "(Tensor x, Tensor? g, Tensor? dwc_weight, Tensor? dwc_bias, Tensor qk_weight, Tensor? qk_bias, " \

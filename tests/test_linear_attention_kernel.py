@@ -236,44 +236,6 @@ def test_deterministic(config, device):
         assert torch.equal(g1[name], g2[name]), f"d{name} differs between two runs"
 
 
-# (B, H, W, C, config, dtype) for the backward's qk bias gradient: 1xN and odd grids, B = 1 and 3, C = 32 and 96;
-# one token split or many (16-token blocks: 14 k/v blocks at 13x17, 3 at 1x33), bf16/fp16 dot operands
-BIAS_SUM_CASES = [
-    pytest.param(1, 1, 33, 32, DEFAULT, torch.float32, id="1x33-C32"),
-    pytest.param(3, 13, 17, 96, DEFAULT, torch.float32, id="B3-13x17-C96"),
-    pytest.param(3, 1, 33, 96, MANY_SPLITS, torch.float32, id="B3-1x33-C96-many-splits"),
-    pytest.param(1, 13, 17, 32, MANY_SPLITS, torch.float32, id="13x17-C32-many-splits"),
-    pytest.param(3, 13, 17, 32, MANY_SPLITS, torch.bfloat16, id="B3-13x17-C32-many-splits-bf16"),
-    pytest.param(1, 13, 17, 96, DEFAULT, torch.bfloat16, id="13x17-C96-bf16"),
-    pytest.param(3, 1, 33, 32, DEFAULT, torch.float16, id="B3-1x33-C32-fp16"),
-]
-
-
-@pytest.mark.parametrize(("B", "H", "W", "C", "config", "dtype"), BIAS_SUM_CASES, indirect=["config"])
-@pytest.mark.parametrize("dk_sum_rows", [256, 3])
-def test_qk_bias_grad_is_the_column_sum_of_dqk(B, H, W, C, config, dtype, dk_sum_rows, device, monkeypatch):
-    """The backward's qk_bias_grad (the q and k kernels' own sums of dq and dk over tokens, and over the batch)
-    equals dqk summed in float64, per channel within the rounding of dqk to its dtype plus fp32 summation
-    (relative to the channel's sum of |dqk|); the other results are bitwise those of the backward without it.
-    Partial buffers start NaN-poisoned (an unwritten partial fails); dk_sum_rows 3 folds the k/v kernel's block
-    rows (14 blocks at 13x17 with 16 tokens per block: 5 folds of 3 rows, one padding block writing zeros)."""
-    monkeypatch.setattr(la, "DK_SUM_ROWS", dk_sum_rows)
-    t = {k: (x.detach() if x is not None else None) for k, x in make_inputs(B, H, W, C, device, dtype=dtype,
-                                                                          scale=3.0).items()}
-    args = [t[k] for k in GRAD_NAMES]
-    _, kv, ksum = la._linear_attention_fwd(*args, H, W, C // 32, True)
-    dy = torch.randn(B, H * W, C, device=device).to(dtype)
-    plain = la._linear_attention_bwd(dy, *args, kv, ksum, H, W, C // 32, True)
-    *grads, dbias = la._linear_attention_bwd(dy, *args, kv, ksum, H, W, C // 32, True, qk_bias_grad=True)
-    for name, out, ref in zip(("dqk", "dv", "dg", "dlepe_weight", "dlepe_bias"), grads, plain, strict=True):
-        assert torch.equal(out, ref), f"{name} differs with qk_bias_grad"
-    dqk = grads[0].double()
-    assert dbias.dtype == torch.float32 and dbias.shape == (2 * C,)
-    err = (dbias.double() - dqk.sum((0, 1))).abs()
-    bound = (torch.finfo(dtype).eps / 2 + 1e-5) * dqk.abs().sum((0, 1))
-    assert torch.isfinite(dbias).all() and (err <= bound).all(), f"max error / bound {(err / bound).max():.3f}"
-
-
 @pytest.mark.parametrize("config", [TRIG_TABLE], indirect=True)
 def test_rope_table_is_the_reference_table(config, device):
     """trig="table": the kernels gather exactly the reference's float64-computed table, rounded to float32,
