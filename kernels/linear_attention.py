@@ -344,7 +344,7 @@ def _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_n, s_row, DI: tl.constexp
 def _la_fwd_out_kernel(
     p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg, p_a,
     N, H, W, n_pos,
-    s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n, s_dg_b, s_dg_n, s_a_b, s_a_n,
+    s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n, s_dg_b, s_dg_n, s_y_b, s_y_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
     TRIG: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr, WRITE_A: tl.constexpr,
@@ -355,7 +355,7 @@ def _la_fwd_out_kernel(
     GATE_SILU: p_g holds the gate's pre-activation and SiLU(g) gates instead. GATE_GRAD (the first pass of
     the gated backward): the same recomputation of o = (q~ . kv) z + lepe(v), then the gate gradient
     dg = dy * o (times SiLU'(g) with GATE_SILU) and the gated output gradient do = dy * gate are written to
-    p_dg and p_y instead, and with WRITE_A the forward's gated output o * gate, rewritten to p_a (strided; the
+    p_dg and p_y instead, and with WRITE_A the forward's gated output o * gate, rewritten to p_a (contiguous; the
     forward's rounding: a projection of the output, e.g. out_proj, takes its weight gradient from it). A_OVER_DY:
     p_a is p_dy (a written over dy in place): a barrier orders every thread's dy loads before the a stores,
     which may map the tile's elements to threads differently."""
@@ -386,7 +386,7 @@ def _la_fwd_out_kernel(
         b_vn = tl.load(p_vt + o_nb, mask=m_nb[:, None], other=0.0)
         b_lepe += b_vn.to(tl.float32) * tl.load(p_w + k * C + o_c).to(tl.float32)[None, :]
     b_o = b_num * b_z[:, None] + (b_lepe + tl.load(p_bias + o_c).to(tl.float32)[None, :])
-    p_yt = p_y + i_b * N * C + o_n64[:, None] * C + o_c[None, :]
+    p_yt = p_y + i_b * s_y_b + o_n64[:, None] * s_y_n + o_c[None, :]
     if HAS_GATE:
         p_gt = p_g + i_b * s_g_b + o_n64[:, None] * s_g_n + o_c[None, :]
         b_g = tl.load(p_gt, mask=m_n[:, None], other=0.0).to(tl.float32)
@@ -403,7 +403,7 @@ def _la_fwd_out_kernel(
             if WRITE_A:
                 if A_OVER_DY:
                     tl.debug_barrier()
-                tl.store(p_a + i_b * s_a_b + o_n64[:, None] * s_a_n + o_c[None, :],
+                tl.store(p_a + i_b * N * C + o_n64[:, None] * C + o_c[None, :],
                          (b_o * b_g).to(p_a.dtype.element_ty), mask=m_n[:, None])
             b_o = b_dy * b_g
         else:
@@ -418,13 +418,11 @@ def _la_bwd_q_kernel(
     s_q_b, s_q_n, s_do_b, s_do_n, s_dq_b, s_dq_n, s_part,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, EPS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
-    DQ_OVER_Q: tl.constexpr,
 ):
     """The q side of the backward, which needs only the forward's state and the gated output gradient do:
     per token dq; per program partial sums over its token range of
     dKV = sum_n z_n q~_n do_n^T and of the normaliser's sum_n u_n phi(q_n) (u_n = -z_n^2 num_n . do_n).
-    DQ_OVER_Q: p_dq is p_q (dq written over q in place): a barrier orders every thread's q loads of a block
-    before its dq stores. Grid (splits, B * heads)."""
+    Grid (splits, B * heads)."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -468,8 +466,6 @@ def _la_bwd_q_kernel(
             b_dqrb = _dot(b_do, tl.trans(b_kv_b), None, DOT_DTYPE, DOT_PRECISION) * b_z[:, None]
         b_dqa = (b_dqra * b_cos + b_dqrb * b_sin + b_u[:, None] * b_ks_a[None, :]) * tl.minimum(b_qa, 1.0)
         b_dqb = (b_dqrb * b_cos - b_dqra * b_sin + b_u[:, None] * b_ks_b[None, :]) * tl.minimum(b_qb, 1.0)
-        if DQ_OVER_Q:
-            tl.debug_barrier()
         _store_pairs(p_dqh, o_n64 * s_dq_n, m_n, b_dqa, b_dqb, SPLIT_PAIRS)
         if DOT_DTYPE.is_fp32():
             b_dkv_a = tl.dot(tl.trans(b_qra), b_zdo, b_dkv_a, input_precision=DOT_PRECISION)
@@ -715,13 +711,12 @@ def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
     g_arg, s_g_b, s_g_n = _gate_args(g, v)
     dy_arg = v if dy is None else dy
     dg_arg = out if dg is None else dg
-    a_arg = out if a is None else a
     block_n = CONFIG.fwd_out_block_n
     _la_fwd_out_kernel[(triton.cdiv(N, block_n), B * num_heads)](
         q, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
-        dg_arg, a_arg, N, H, W, n_pos,
+        dg_arg, out if a is None else a, N, H, W, n_pos,
         q.stride(0), q.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
-        dy_arg.stride(0), dy_arg.stride(1), dg_arg.stride(0), dg_arg.stride(1), a_arg.stride(0), a_arg.stride(1),
+        dy_arg.stride(0), dy_arg.stride(1), dg_arg.stride(0), dg_arg.stride(1), out.stride(0), out.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
         GATE_GRAD=dg is not None, GATE_SILU=gate_silu, WRITE_A=a is not None,
@@ -731,25 +726,25 @@ def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
 
 def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
                       kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
-                      a: Tensor | None = None, dg: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      a: Tensor | None = None, dg: Tensor | None = None,
+                      do: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The backward's first pass: (do, dg), the gated output gradient do = dy * gate and the gate's gradient
-    (recomputing the pre-gate output); without a gate (dy, an empty dg). With a (B, N, C) a (channels contiguous),
-    the forward's output y is written into it as well; with dg (B, N, C, channels contiguous), the gate's gradient
-    is written into it."""
+    (recomputing the pre-gate output); without a gate (dy, an empty dg). With a (B, N, C) contiguous a, the
+    forward's output y is written into it as well; with dg and do (B, N, C, channels contiguous), the gate's
+    gradient and the gated output gradient are written into them."""
     if g is None:
         if a is not None:
             _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a)
         return dy, _empty((0,), v.dtype, v.device)
     dg = _empty(v.shape, v.dtype, v.device) if dg is None else dg
-    do = _empty(v.shape, v.dtype, v.device)
+    do = _empty(v.shape, v.dtype, v.device) if do is None else do
     _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg, a=a)
     return do, dg
 
 
 def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_heads: int,
                 dq: Tensor) -> tuple[Tensor, Tensor, float]:
-    """The q side of the backward: dq into dq (B, N, C; channels contiguous; may be q itself: dq is written over
-    it); returns the state's gradient
+    """The q side of the backward: dq into dq (B, N, C; channels contiguous); returns the state's gradient
     (dkv (B*h, 32, 32), dksum (B*h, 32)) and the scale the k/v side applies to it."""
     B, N, C = do.shape
     bh = B * num_heads
@@ -761,7 +756,7 @@ def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_hea
         q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         **_dot_args(do.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
-        DQ_OVER_Q=dq.data_ptr() == q.data_ptr(), num_warps=CONFIG.bwd_q_warps,
+        num_warps=CONFIG.bwd_q_warps,
     )
     # the k/v kernel scales dKV and ds by 1/N; low-precision operands take them as means instead (dKV, a sum
     # over N tokens, can pass fp16's range where its mean does not)
@@ -798,20 +793,20 @@ def lepe_param_grads(do: Tensor, v: Tensor, lepe_weight: Tensor, lepe_bias: Tens
 
 def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
                           lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
-                          gate_silu: bool, a: Tensor | None = None, dv: Tensor | None = None,
-                          dg: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          gate_silu: bool, a: Tensor | None = None, dg: Tensor | None = None,
+                          do: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward: returns dqk (B, N, 2C), dv (B, N, C), dg (B, N, C; empty when g is None),
     d lepe_weight (C, 1, 3, 3) and d lepe_bias (C,) in their parameters' dtypes; the forward's output is
-    rewritten into a (B, N, C) contiguous a when given, and dv and dg are written into the (B, N, C) tensors
-    dv and dg (channels contiguous) when given."""
+    rewritten into a (B, N, C) contiguous a when given, and dg and the gated output gradient do (a work tensor of
+    the backward) are written into the (B, N, C) tensors dg and do (channels contiguous) when given."""
     dy, qk, v = _token_major(dy), _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
     q, k = qk[..., :C], qk[..., C:]
     dqk = _empty((B, N, 2 * C), qk.dtype, v.device)
-    dv = _empty((B, N, C), v.dtype, v.device) if dv is None else dv
+    dv = _empty((B, N, C), v.dtype, v.device)
     do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a,
-                               dg=dg)
+                               dg=dg, do=do)
     dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dqk[..., :C])
     dw, db = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
     kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dqk[..., C:], dv)

@@ -13,10 +13,7 @@ and the bias gradient by the Triton column sum. For a large v (``SPLIT_QK_BYTES`
 differentiated one at a time instead, so that the backward's own (B, N, C) tensors peak at five instead of
 seven (qk and dqk whole): on an H100, one block (C=64, batch 2, 512², bf16) peaked 12 units of B*N*C above
 its start instead of 14 (13 in ``benchmarks/profile_block.py --memory``'s count, where the attention's
-backward held do, dg, dv, k and dk). The k/v kernel now writes dk over k, and the q kernel dq over q, in place,
-and the peak holds four. (Summing the qk bias gradient inside the q and k kernels instead of by column sums was
-tried: under Triton 3.6 on an H100 the k/v kernel went from 56 to 130 registers and the q kernel spilled, and
-the 1024² step took 18.1 ms of GPU time against 16.7 ms.)
+backward held do, dg, dv, k and dk). The k/v kernel now writes dk over k, in place, and the peak holds four.
 
 With ``out_weight`` the block's output projection runs inside the same Function: the attention's output a,
 which the projection's weight gradient needs, is not kept (one (B, N, C) tensor per block) but rewritten by
@@ -25,9 +22,13 @@ the backward.
 
 ``gv_linear_attention`` takes the block's gate/value projection gv = [g, u] (B, N, 2C) instead of v and g: the
 value's depthwise convolution + SiLU (``kernels.dwconv``) runs inside the same Function, and its backward writes
-the gate's gradient and u's into the two halves of one d gv (the attention's dv goes into the u half, where the
-convolution's backward reads it and writes d u over it) instead of a concatenation of the two: on an H100, the
-concatenation took 0.38 ms of a 16.9 ms block step (C=64, batch 2, 1024², bf16). With ``residual``, out_proj's
+the gate's gradient and u's into the two halves of one d gv instead of a concatenation of the two: on an H100, the
+concatenation took 0.38 ms of a 16.9 ms block step (C=64, batch 2, 1024², bf16). The u half holds the attention
+backward's gated output gradient do until d u is written there, so that d gv costs no memory at the backward's
+peak. (Two other ways to keep that peak were measured on an H100 and dropped: the q kernel writing dq over q
+behind a barrier took 254 registers instead of 230 and 0.99 ms instead of 0.77 ms at 1024²; summing the qk bias
+gradient inside the q and k kernels instead of by column sums took the k/v kernel from 56 to 130 registers, and
+the step from 16.7 to 18.1 ms of GPU time.) With ``residual``, out_proj's
 GEMM adds the residual stream itself (beta = 1), instead of a separate add kernel.
 
 The GEMMs and their recomputes run inside two custom ops (``mlla_fast::qk_linear_attention_fwd``/``_bwd``),
@@ -121,36 +122,33 @@ def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_
 def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
                              lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
                              out_bias: Tensor | None, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
-                             gate_silu: bool, dv: Tensor | None = None,
-                             dg: Tensor | None = None) -> tuple[Tensor, ...]:
+                             gate_silu: bool, dg: Tensor | None = None,
+                             do: Tensor | None = None) -> tuple[Tensor, ...]:
     """The attention's and the projections' backward: (dv, dg, d qk_weight, d qk_bias, d lepe_weight,
     d lepe_bias, d out_weight, d out_bias), the projections' gradients in fp32 (empty where there is no such
-    parameter); dv and dg are written into the given (B, N, C) tensors (channels contiguous) when given.
+    parameter); dg and the backward's gated output gradient do are written into the given (B, N, C) tensors
+    (channels contiguous) when given.
 
     With out_weight, the attention's output gradient da = dy W_out exists only inside this function, and the
     gate pass rewrites the forward's output a (bitwise) over it, in place, for d out_weight = dy^T a.
     For a large v (``SPLIT_QK_BYTES``) q and k are recomputed one at a time, and the (B, N, C) dq and dk are
-    folded into dv as soon as they exist: the q kernel writes dq over q, dv = dq W_q (a GEMM), the k/v kernel
-    adds the attention's own dv to it and writes dk over k, then dv += dk W_k in place. At most four (B, N, C)
-    tensors are live at once (da/a, q, do, dg in the gate pass; do, dg, q/dq, dv after the q side; do, dg, dv,
-    k/dk on the k/v side), against seven with qk and dqk whole and a and da apart. With dv given (d gv's u half
-    in ``gv_linear_attention``, allocated with dg), da and then a live in dv until the q side, so that the four
-    hold there too."""
+    folded into dv as soon as they exist: dv = dq W_q (a GEMM), the k/v kernel adds the attention's own dv to
+    it and writes dk over k, then dv += dk W_k in place. At most four (B, N, C) tensors of its own are live at
+    once (da/a, q, do, dg in the gate pass; do, dg, q, dq on the q side; do, dg, dv, k/dk on the k/v side),
+    against seven with qk and dqk whole and a and da apart."""
     dy, v = _token_major(dy), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
     acc = torch.promote_types(qk_weight.dtype, torch.float32)
     v2 = v.reshape(-1, C)
-    split = _split_qk(v)
-    # a over da where the gate pass may (da is this function's own, and the pass returns do apart from it); on the
-    # split path in the given dv, which nothing else needs until the q side is done
-    da = _output_grad(dy, out_weight, dv if split and dv is not None and g is not None else None)
+    da = _output_grad(dy, out_weight)
+    # a over da where the gate pass may (da is this function's own, and the pass returns do apart from it)
     a = None if out_weight is None else (da if g is not None else v.new_empty(v.shape))
     has_bias = qk_bias is not None
-    if not split:
+    if not _split_qk(v):
         dqk, dv, dg, dlepe_w, dlepe_b = _linear_attention_bwd(
             da, _project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu,
-            a=a, dv=dv, dg=dg)
+            a=a, dg=dg, do=do)
         del da
         out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
         del a
@@ -160,18 +158,17 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
         return (dv, dg, *_projection_grads(dqk, v2, has_bias, acc), dlepe_w, dlepe_b, *out_grads)
     (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
     q = _project(v, wq, bq)
-    do, dg = gated_output_grad(da, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a, dg=dg)
+    do, dg = gated_output_grad(da, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a, dg=dg,
+                               do=do)
     del da
     out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
     del a
-    dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, q)  # dq over q
-    dq = q.view(-1, C)
+    dq = torch.empty_like(v)
+    dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dq)
     del q
+    dq = dq.view(-1, C)
     with torch.autocast(v.device.type, enabled=False):
-        if dv is None:
-            dv = (dq @ wq).view(B, N, C)
-        else:  # beta = 0: dv's contents (a) are not read
-            dv.view(-1, C).addmm_(dq, wq, beta=0)
+        dv = (dq @ wq).view(B, N, C)
     grads_q = _projection_grads(dq, v2, has_bias, acc)
     del dq
     k = _project(v, wk, bk)
@@ -213,9 +210,9 @@ def _bwd(dy: Tensor, x: Tensor, g: Tensor | None, v: Tensor, dwc_weight: Tensor 
     the dwc gradients without it).
 
     With dwc_weight, dx is d gv (B, N, 2C), written in place by its producers: the gate pass writes dg into its
-    first C channels, the k/v kernel the attention's dv into the last C, and the depthwise stencil's backward
-    reads that dv and writes d u over it (its first kernel reads dv, its second writes d u); no concatenation of
-    dg and d u, and no (B, N, C) dv of its own."""
+    first C channels and do (which the attention's later passes read) into the last C, and once the attention's
+    backward is done, the depthwise stencil's backward writes d u over do there; no concatenation of dg and d u,
+    and no (B, N, C) do of its own."""
     if dwc_weight is None:
         dv, dg, *grads = _qk_linear_attention_bwd(dy, x, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight,
                                                   out_bias, kv, ksum, H, W, num_heads, gate_silu)
@@ -223,24 +220,19 @@ def _bwd(dy: Tensor, x: Tensor, g: Tensor | None, v: Tensor, dwc_weight: Tensor 
     C = v.shape[-1]
     dx = _la._empty(x.shape, x.dtype, x.device)
     du = dx[..., C:]
-    _, _, *grads = _qk_linear_attention_bwd(dy, v, x[..., :C], qk_weight, qk_bias, lepe_weight, lepe_bias,
-                                            out_weight, out_bias, kv, ksum, H, W, num_heads, gate_silu,
-                                            dv=du, dg=dx[..., :C])
-    _, ddwc_weight, ddwc_bias = dwconv_silu_bwd(du, x[..., C:], dwc_weight, dwc_bias, (H, W), out=du)
+    dv, _, *grads = _qk_linear_attention_bwd(dy, v, x[..., :C], qk_weight, qk_bias, lepe_weight, lepe_bias,
+                                             out_weight, out_bias, kv, ksum, H, W, num_heads, gate_silu,
+                                             dg=dx[..., :C], do=du)
+    _, ddwc_weight, ddwc_bias = dwconv_silu_bwd(dv, x[..., C:], dwc_weight, dwc_bias, (H, W), out=du)
     return (dx, x.new_empty((0,)), ddwc_weight, ddwc_bias, *grads)
 
 
-def _output_grad(dy: Tensor, out_weight: Tensor | None, out: Tensor | None = None) -> Tensor:
-    """da = dy W_out, the gradient of the attention's output through the output projection (dy without one),
-    into out (dy's shape, channels contiguous) when given."""
+def _output_grad(dy: Tensor, out_weight: Tensor | None) -> Tensor:
+    """da = dy W_out, the gradient of the attention's output through the output projection (dy without one)."""
     if out_weight is None:
         return dy
-    dy2 = dy.reshape(-1, dy.shape[-1])
     with torch.autocast(dy.device.type, enabled=False):
-        if out is None:
-            return (dy2 @ out_weight).view(dy.shape)
-        out.view(-1, out.shape[-1]).addmm_(dy2, out_weight, beta=0)  # in place on a strided view: no copy
-        return out
+        return (dy.reshape(-1, dy.shape[-1]) @ out_weight).view(dy.shape)
 
 
 def _out_projection_grads(dy: Tensor, a: Tensor | None, out_weight: Tensor | None, out_bias: Tensor | None,
@@ -383,8 +375,7 @@ def gv_linear_attention(gv: Tensor, dwc_weight: Tensor, dwc_bias: Tensor, qk_wei
     ``qk_linear_attention(dwconv_silu(u, dwc_weight, dwc_bias, hw), g, ..., gate_silu=True, ...)``, the
     depthwise convolution (``kernels.dwconv``) inside the same Function, so that the backward writes the gate's
     gradient and u's straight into the halves of one (B, N, 2C) d gv: no concatenation of the two, and the
-    attention's dv is written into d gv's u half, where the convolution's backward reads it and writes d u over
-    it.
+    attention backward's gated output gradient lives in d gv's u half until d u is written there.
 
     Args:
         gv: (B, N, 2C) in the compute dtype (as v for ``qk_linear_attention``), channels contiguous.
