@@ -127,6 +127,25 @@ def test_partial_gradients(frozen, qk_path, device):
         assert rel_err(grad, grads_ref[name]) <= FP32_RTOL, name
 
 
+def assert_matches(got, want, dtype, want32, what):
+    """got and want, (output, gradients by name), of a Function and of the composition it replaces, in dtype:
+    fp32 (dtype None) to the fp32 rule; a low-precision dtype to the low-precision rule against want32(), the
+    composition in fp32."""
+    (y, grads), (y_ref, grads_ref) = got, want
+    if dtype is None:
+        assert rel_err(y, y_ref) <= FP32_RTOL
+        for name, grad in grads.items():
+            assert grad.dtype == torch.float32, name
+            assert rel_err(grad, grads_ref[name]) <= FP32_RTOL, f"d{name}: {what}"
+        return
+    y32, grads32 = want32()
+    pairs = [("y", y, y_ref, y32)] + [(k, grads[k], grads_ref[k], grads32[k]) for k in grads]
+    for name, out, ref_lowp, ref32 in pairs:
+        assert out.dtype == ref_lowp.dtype, name
+        bound = LOWP_FACTOR * rel_err(ref_lowp, ref32) + LOWP_FLOOR[dtype]
+        assert rel_err(out, ref32) <= bound, f"{name}: {rel_err(out, ref32):.2e} > {bound:.2e}"
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_out_projection(dtype, bias, qk_path, device):
@@ -138,18 +157,8 @@ def test_out_projection(dtype, bias, qk_path, device):
     y_ref, grads_ref = run(attention_then_out_proj, leaves, dy, dtype)
     y, grads = run(one_function_out_proj, leaves, dy, dtype)
     assert grads.keys() == grads_ref.keys() == {k for k, x in leaves.items() if x is not None}
-    if dtype is None:
-        assert rel_err(y, y_ref) <= FP32_RTOL
-        for name, grad in grads.items():
-            assert grad.dtype == torch.float32, name
-            assert rel_err(grad, grads_ref[name]) <= FP32_RTOL, f"d{name}: out_proj inside != linear after"
-    else:
-        y32, grads32 = run(attention_then_out_proj, leaves, dy)
-        pairs = [("y", y, y_ref, y32)] + [(k, grads[k], grads_ref[k], grads32[k]) for k in grads]
-        for name, out, ref_lowp, ref32 in pairs:
-            assert out.dtype == ref_lowp.dtype, name
-            bound = LOWP_FACTOR * rel_err(ref_lowp, ref32) + LOWP_FLOOR[dtype]
-            assert rel_err(out, ref32) <= bound, f"{name}: {rel_err(out, ref32):.2e} > {bound:.2e}"
+    assert_matches((y, grads), (y_ref, grads_ref), dtype, lambda: run(attention_then_out_proj, leaves, dy),
+                   "out_proj inside != linear after")
     shapes = _saved_shapes(one_function_out_proj, leaves, dtype)
     assert shapes.count((B, N, C)) == 2, shapes  # v and g; the linear after also keeps the attention's output
     assert _saved_shapes(attention_then_out_proj, leaves, dtype).count((B, N, C)) == 3
@@ -302,19 +311,10 @@ def test_gv_and_residual(fn, ref, dtype, bias, qk_path, device):
     y_ref, grads_ref = _run_with_residual(ref, leaves, dy, dtype)
     y, grads = _run_with_residual(fn, leaves, dy, dtype)
     assert grads.keys() == grads_ref.keys() == {k for k, x in leaves.items() if x is not None}
+    assert_matches((y, grads), (y_ref, grads_ref), dtype, lambda: _run_with_residual(ref, leaves, dy),
+                   "one Function != composed")
     if dtype is None:
-        assert rel_err(y, y_ref) <= FP32_RTOL
-        for name, grad in grads.items():
-            assert grad.dtype == torch.float32, name
-            assert rel_err(grad, grads_ref[name]) <= FP32_RTOL, f"d{name}: one Function != composed"
         assert torch.equal(grads["residual"], dy)
-        return
-    y32, grads32 = _run_with_residual(ref, leaves, dy)
-    pairs = [("y", y, y_ref, y32)] + [(k, grads[k], grads_ref[k], grads32[k]) for k in grads]
-    for name, out, ref_lowp, ref32 in pairs:
-        assert out.dtype == ref_lowp.dtype, name
-        bound = LOWP_FACTOR * rel_err(ref_lowp, ref32) + LOWP_FLOOR[dtype]
-        assert rel_err(out, ref32) <= bound, f"{name}: {rel_err(out, ref32):.2e} > {bound:.2e}"
 
 
 def test_gv_saves_no_concatenation(device):
