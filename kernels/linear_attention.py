@@ -486,7 +486,7 @@ def _la_bwd_q_kernel(
 def _la_bwd_kv_kernel(
     p_k, p_do, p_w, p_v, p_trig, p_dkv, p_dksum, p_dk, p_dv,
     N, H, W, n_pos, inv_n,
-    s_k_b, s_k_n, s_v_b, s_v_n, s_do_b, s_do_n, s_dk_b, s_dk_n, s_dv_b, s_dv_n,
+    s_k_b, s_k_n, s_v_b, s_v_n, s_do_b, s_do_n, s_dk_b, s_dk_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
     ACC_DV: tl.constexpr, DK_OVER_K: tl.constexpr,
@@ -544,7 +544,7 @@ def _la_bwd_kv_kernel(
         b_do_src = tl.load(p_dot + o_src, mask=m_src[:, None], other=0.0)
         b_lepe += b_do_src.to(tl.float32) * tl.load(p_w + k * C + o_c).to(tl.float32)[None, :]
     b_dv += b_lepe
-    p_dvt = p_dv + i_b * s_dv_b + o_n64[:, None] * s_dv_n + o_c[None, :]
+    p_dvt = p_dv + i_b * N * C + o_n64[:, None] * C + o_c[None, :]
     if ACC_DV:
         b_dv += tl.load(p_dvt, mask=m_n[:, None], other=0.0).to(tl.float32)
     tl.store(p_dvt, b_dv.to(p_dv.dtype.element_ty), mask=m_n[:, None])
@@ -770,14 +770,14 @@ def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_hea
 def kv_side_grad(do: Tensor, k: Tensor, v: Tensor, lepe_weight: Tensor, dkv: Tensor, dksum: Tensor, inv_n: float,
                  H: int, W: int, num_heads: int, dk: Tensor, dv: Tensor, accumulate: bool = False) -> None:
     """The k/v side of the backward: dk into dk (which may be k itself: dk is written over it), and dv (through
-    kv and the transposed LePE) into dv (B, N, C, channels contiguous), added to dv's contents when accumulate."""
+    kv and the transposed LePE) into dv (B, N, C, contiguous), added to dv's contents when accumulate."""
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     block_n = CONFIG.bwd_kv_block_n
     _la_bwd_kv_kernel[(triton.cdiv(N, block_n), B * num_heads)](
         k, do, _taps_major(lepe_weight), v, trig, dkv, dksum, dk, dv, N, H, W, n_pos, inv_n,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1), C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
+        C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
         SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, ACC_DV=accumulate,
         DK_OVER_K=dk.data_ptr() == k.data_ptr(), num_warps=CONFIG.bwd_kv_warps,
     )

@@ -391,6 +391,7 @@ def gv_linear_attention(gv: Tensor, dwc_weight: Tensor, dwc_bias: Tensor, qk_wei
     C = gv.shape[-1] // 2
     _check_params(gv, "gv", qk_weight, qk_bias, out_weight, out_bias, residual, C)
     H, W = _check_stencil_inputs(gv[..., C:], hw, dwc_weight, {"dwc_bias": dwc_bias})
+    # the attention's own checks, gv standing in for the (B, N, 2C) qk, its halves for v and g
     _check_inputs(gv, gv[..., C:], gv[..., :C], lepe_weight, lepe_bias, hw, num_heads)
     return _QKLinearAttention.apply(gv, None, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias,
                                     out_weight, out_bias, residual, H, W, num_heads, True)
