@@ -132,8 +132,8 @@ def sass_counts(cubin: bytes) -> dict[str, int]:
 def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bool, sms: int, config=None,
                        projected: bool = False):
     """The kernel launches of the attention's forward and backward at this shape (meta tensors), under config
-    (default: ``linear_attention.CONFIG``); projected: q and k computed inside the kernels from v
-    (``linear_attention.Projected``, as ``mlla_fast.attention`` launches them) instead of read from qk."""
+    (default: ``linear_attention.CONFIG``); projected: the forward's reduction once more with k computed inside
+    it from v (``linear_attention.Projected``, as ``mlla_fast.attention`` launches it for a large v)."""
     import torch
 
     from mlla_fast.kernels import dwconv
@@ -152,13 +152,8 @@ def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bo
 
     def run():
         if projected:
-            w_qk = torch.empty(2 * C, C, dtype=dtype, device=meta)
-            b_qk = torch.empty(2 * C, dtype=dtype, device=meta)
-            q, k = la.Projected(v, w_qk[:C], b_qk[:C]), la.Projected(v, w_qk[C:], b_qk[C:])
-            la.attention_state(k, v, W, C // 32)
-            la.attention_output(q, v, g, weight, bias, kv, ksum, H, W, C // 32, False)
-            la.attention_bwd(torch.empty_like(v), q, k, v, g, weight, bias, kv, ksum, H, W, C // 32, False)
-            return
+            w_k = torch.empty(C, C, dtype=dtype, device=meta)
+            la.attention_state(la.Projected(v, w_k, torch.empty(C, dtype=dtype, device=meta)), v, W, C // 32)
         la._linear_attention_fwd(qk, v, g, weight, bias, H, W, C // 32, False)
         la._linear_attention_bwd(torch.empty_like(v), qk, v, g, weight, bias, kv, ksum, H, W, C // 32, False)
 
@@ -182,7 +177,7 @@ def main() -> int:
     parser.add_argument("--hw", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"))
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--no-gate", action="store_true", help="launch without a gate (no GATE_GRAD pass)")
-    parser.add_argument("--projected", action="store_true", help="q and k projected inside the kernels")
+    parser.add_argument("--projected", action="store_true", help="also the reduction projecting k itself")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     parser.add_argument("--sms", type=int, default=132, help="SM count assumed by the launchers' token splits")
     parser.add_argument("--all", action="store_true", help="also the dwconv kernels the attention launches")
@@ -204,7 +199,7 @@ def main() -> int:
         raise SystemExit(f"--config: {exc}") from exc
     print(f"Triton {triton.__version__}, sm_{args.arch}a, C={args.channels}, B={args.batch}, grid "
           f"{args.hw[0]}x{args.hw[1]}, {'no gate' if args.no_gate else 'gated'}"
-          f"{', q and k projected in the kernels' if args.projected else ''}, {args.sms} SMs "
+          f"{', plus the k-projecting reduction' if args.projected else ''}, {args.sms} SMs "
           "(offline compilation; GPU builds with another Triton may differ)")
     print(f"config: {', '.join(args.config) if args.config else 'default'}")
     print(f"{'dtype':5s} {'kernel':28s} {'variant':12s} {'block':>5s} {'warps':>5s} {'regs':>4s} "
@@ -218,7 +213,7 @@ def main() -> int:
             name = fn.__name__
             if not (args.all or name.startswith("_la_")):
                 continue
-            variant = "GATE_GRAD" if kwargs.get("GATE_GRAD") else ""
+            variant = "GATE_GRAD" if kwargs.get("GATE_GRAD") else "PROJECT" if kwargs.get("PROJECT") else ""
             key = (dtype_name, name, variant)
             if key in seen:
                 continue

@@ -208,13 +208,13 @@ def _load_pairs(p_head, o_row, m_n, SPLIT_PAIRS: tl.constexpr):
 @triton.jit
 def _qk_pairs(p_x, o_row, m_n, i_h, p_w, p_b, C: tl.constexpr, BLOCK_N: tl.constexpr, PROJECT: tl.constexpr,
               HAS_PBIAS: tl.constexpr, SPLIT_PAIRS: tl.constexpr):
-    """Head i_h's even ("a") and odd ("b") channels [BN, 16] of q (or k) at the tokens whose rows start at the
-    element offsets o_row [BN] from p_x (the batch's base pointer), as fp32, 0 where masked.
+    """Head i_h's even ("a") and odd ("b") channels [BN, 16] of k at the tokens whose rows start at the element
+    offsets o_row [BN] from p_x (the batch's base pointer), as fp32, 0 where masked.
 
-    Without PROJECT, loaded from the (B, N, C) q. With PROJECT, p_x is the attention input v (B, N, C) and q is
-    projected here: the head's channels of v W^T + b (W (C, C) contiguous at p_w, b (C,) at p_b), C/32 dots of
-    32 input channels with fp32 accumulation, rounded to v's dtype as a GEMM's output would be; no (B, N, C) q
-    is written or read."""
+    Without PROJECT, loaded from the (B, N, C) k. With PROJECT (``Projected``), p_x is the attention input v
+    (B, N, C) and k is projected here: the head's channels of v W^T + b (W (C, C) contiguous at p_w, b (C,) at
+    p_b), C/32 dots of 32 input channels with fp32 accumulation, rounded to v's dtype as a GEMM's output would
+    be; no (B, N, C) k is written or read."""
     if PROJECT:
         o_p = tl.arange(0, 16)
         o_k = tl.arange(0, 32)
@@ -323,18 +323,15 @@ def _la_fwd_reduce_kernel(
 
 
 @triton.jit
-def _attention_numerator(p_q, s_q_n, p_wq, p_bq, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
-                         C: tl.constexpr, BLOCK_N: tl.constexpr, EPS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
-                         PROJECT: tl.constexpr, HAS_PBIAS: tl.constexpr):
-    """Recompute q's features at tokens o_n (p_q: the batch's base pointer of q, or of v with PROJECT;
-    ``_qk_pairs``): returns phi(q) halves, their ELU' halves, q~ halves, cos, sin [BN, 16], the numerator
-    q~ . kv [BN, 32] and the normaliser z [BN]."""
-    b_qa, b_qb = _qk_pairs(p_q, o_n.to(tl.int64) * s_q_n, m_n, i_h, p_wq, p_bq, C, BLOCK_N, PROJECT, HAS_PBIAS,
-                           SPLIT_PAIRS)
+def _attention_numerator(p_q, s_q_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
+                         C_QUARTER: tl.constexpr, EPS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr):
+    """Recompute q's features at tokens o_n: returns phi(q) halves, their ELU' halves, q~ halves,
+    cos, sin [BN, 16], the numerator q~ . kv [BN, 32] and the normaliser z [BN]."""
+    b_qa, b_qb = _load_pairs(p_q, o_n.to(tl.int64) * s_q_n, m_n, SPLIT_PAIRS)
     b_qa, b_dqa = _phi(b_qa)
     b_qb, b_dqb = _phi(b_qb)
-    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C // 4, TRIG)
+    b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C_QUARTER, TRIG)
     b_qra = b_qa * b_cos - b_qb * b_sin
     b_qrb = b_qa * b_sin + b_qb * b_cos
     b_kv_a, b_kv_b = _load_state(p_kv, i_bh)
@@ -377,13 +374,13 @@ def _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_n, s_row, DI: tl.constexp
 
 @triton.jit
 def _la_fwd_out_kernel(
-    p_q, p_wq, p_bq, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg, p_a,
+    p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg, p_a,
     N, H, W, n_pos,
     s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n, s_dg_b, s_dg_n, s_y_b, s_y_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
     TRIG: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr, WRITE_A: tl.constexpr,
-    A_OVER_DY: tl.constexpr, PROJECT: tl.constexpr, HAS_PBIAS: tl.constexpr,
+    A_OVER_DY: tl.constexpr,
 ):
     """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads).
 
@@ -393,8 +390,7 @@ def _la_fwd_out_kernel(
     p_dg and p_y instead, and with WRITE_A the forward's gated output o * gate, rewritten to p_a (contiguous; the
     forward's rounding: a projection of the output, e.g. out_proj, takes its weight gradient from it). A_OVER_DY:
     p_a is p_dy (a written over dy in place): a barrier orders every thread's dy loads before the a stores,
-    which may map the tile's elements to threads differently. PROJECT: q = v W_q^T + b_q is computed here (p_q is
-    v, p_wq and p_bq the projection; ``_qk_pairs``)."""
+    which may map the tile's elements to threads differently."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -407,8 +403,8 @@ def _la_fwd_out_kernel(
     o_c = i_h * 32 + o_d
 
     _, _, _, _, _, _, _, _, b_num, b_z = _attention_numerator(
-        p_q + i_b * s_q_b, s_q_n, p_wq, p_bq, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
-        C, BLOCK_N, EPS, DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG, PROJECT, HAS_PBIAS)
+        p_q + i_b * s_q_b + i_h * 32, s_q_n, p_trig, n_pos, p_kv, p_ksum, o_n, b_row, b_col, m_n, i_bh, i_h,
+        C // 4, EPS, DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG)
     # the LePE sums its taps in the loads' layout and meets the dot's output once (adding each tap to the dot's
     # accumulator would convert every tap's product to the MMA layout through shared memory)
     # one pointer tile of the tokens' own rows; each tap adds a scalar offset and combines precomputed masks
@@ -449,17 +445,16 @@ def _la_fwd_out_kernel(
 
 @triton.jit
 def _la_bwd_q_kernel(
-    p_q, p_wq, p_bq, p_do, p_trig, p_kv, p_ksum, p_dq, p_dkv_part, p_dksum_part,
+    p_q, p_do, p_trig, p_kv, p_ksum, p_dq, p_dkv_part, p_dksum_part,
     N, W, n_pos, blocks_per_split,
     s_q_b, s_q_n, s_do_b, s_do_n, s_dq_b, s_dq_n, s_part,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, EPS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
-    PROJECT: tl.constexpr, HAS_PBIAS: tl.constexpr,
 ):
     """The q side of the backward, which needs only the forward's state and the gated output gradient do:
     per token dq; per program partial sums over its token range of
     dKV = sum_n z_n q~_n do_n^T and of the normaliser's sum_n u_n phi(q_n) (u_n = -z_n^2 num_n . do_n).
-    Grid (splits, B * heads). PROJECT: q computed from v as in the output pass."""
+    Grid (splits, B * heads)."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -467,7 +462,7 @@ def _la_bwd_q_kernel(
     o_t = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, 32)
     o_p = tl.arange(0, 16)
-    p_qb = p_q + i_b * s_q_b
+    p_qh = p_q + i_b * s_q_b + i_h * 32
     p_dob = p_do + i_b * s_do_b + i_h * 32
     p_dqh = p_dq + i_b * s_dq_b + i_h * 32
 
@@ -484,8 +479,8 @@ def _la_bwd_q_kernel(
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
         b_qa, b_qb, _, _, b_qra, b_qrb, b_cos, b_sin, b_num, b_z = _attention_numerator(
-            p_qb, s_q_n, p_wq, p_bq, p_trig, n_pos, p_kv, p_ksum, o_n, o_n // W, o_n % W, m_n, i_bh, i_h, C,
-            BLOCK_N, EPS, DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG, PROJECT, HAS_PBIAS)
+            p_qh, s_q_n, p_trig, n_pos, p_kv, p_ksum, o_n, o_n // W, o_n % W, m_n, i_bh, i_h, C // 4, EPS,
+            DOT_DTYPE, DOT_PRECISION, SPLIT_PAIRS, TRIG)
         b_do = tl.load(p_dob + o_n64[:, None] * s_do_n + o_d[None, :], mask=m_n[:, None], other=0.0).to(tl.float32)
 
         b_u = -b_z * b_z * tl.sum(b_num * b_do, axis=1)  # [BN]
@@ -521,19 +516,18 @@ def _la_bwd_q_kernel(
 
 @triton.jit
 def _la_bwd_kv_kernel(
-    p_k, p_wk, p_bk, p_do, p_w, p_v, p_trig, p_dkv, p_dksum, p_dk, p_dv,
+    p_k, p_do, p_w, p_v, p_trig, p_dkv, p_dksum, p_dk, p_dv,
     N, H, W, n_pos, inv_n,
     s_k_b, s_k_n, s_v_b, s_v_n, s_do_b, s_do_n, s_dk_b, s_dk_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr, TRIG: tl.constexpr,
-    ACC_DV: tl.constexpr, DK_OVER_K: tl.constexpr, PROJECT: tl.constexpr, HAS_PBIAS: tl.constexpr,
+    ACC_DV: tl.constexpr, DK_OVER_K: tl.constexpr,
 ):
     """The k/v side of the backward for one block of tokens and one (batch, head): dk through k~ and
     mean phi(k), and dv through kv plus the transposed LePE stencil of do (the gated output gradient),
     added to p_dv's contents with ACC_DV (a gradient of v from elsewhere, summed in fp32 and rounded once).
     DK_OVER_K: p_dk is p_k (dk written over k in place): a barrier orders every thread's k loads before the dk
-    stores. PROJECT: k = v W_k^T + b_k is computed here (p_k is v, p_wk and p_bk the projection; dk goes to a
-    tensor of its own). Grid (blocks, B * heads)."""
+    stores. Grid (blocks, B * heads)."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -546,10 +540,10 @@ def _la_bwd_kv_kernel(
     o_n64 = o_n.to(tl.int64)
     b_row = o_n // W
     b_col = o_n % W
+    p_kh = p_k + i_b * s_k_b + i_h * 32
     p_dob = p_do + i_b * s_do_b + i_h * 32
 
-    b_ka, b_kb = _qk_pairs(p_k + i_b * s_k_b, o_n64 * s_k_n, m_n, i_h, p_wk, p_bk, C, BLOCK_N, PROJECT, HAS_PBIAS,
-                           SPLIT_PAIRS)
+    b_ka, b_kb = _load_pairs(p_kh, o_n64 * s_k_n, m_n, SPLIT_PAIRS)
     b_ka, b_eka = _phi(b_ka)
     b_kb, b_ekb = _phi(b_kb)
     b_cos, b_sin = _rope_cos_sin(b_row, b_col, p_trig, n_pos, i_h, C // 4, TRIG)
@@ -706,9 +700,14 @@ def _split_launch(shape: torch.Size, W: int, num_heads: int, block_n: int, devic
 
 
 class Projected(NamedTuple):
-    """q or k as the kernels' projection of the attention input: x W^T + b for x (B, N, C) (channels contiguous),
-    W (C, C) and b (C,) or None in x's dtype, computed inside each kernel that reads it (``_qk_pairs``) instead
-    of read from a (B, N, C) tensor. The launchers take one wherever they take q or k."""
+    """k as the projection of the attention input, x W^T + b for x (B, N, C) (channels contiguous), W (C, C)
+    and b (C,) or None in x's dtype, computed inside the forward's reduction kernel (``_qk_pairs``) instead of
+    read from a (B, N, C) tensor: ``attention_state`` takes one for k.
+
+    Measured on an H100 (C=64, batch 2, 1024², bf16; session 12): projecting k there costs the reduction 0.03 ms
+    and saves the k GEMM's 0.18 ms. The other kernels can take the same projection, but there it cost more than
+    the GEMM it saves: the output pass (forward and gate pass) 1.86 -> 2.86 ms, the k/v backward 0.95 -> 1.38 ms
+    (the q backward 0.77 -> 0.68 ms), 0.64 ms more per step in all; they read q and k from tensors."""
 
     x: Tensor
     weight: Tensor
@@ -716,7 +715,7 @@ class Projected(NamedTuple):
 
 
 def _qk_args(t: Tensor | Projected) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """(pointer tensor, weight, bias, constexprs) of a kernel's q or k argument, a tensor or a ``Projected``;
+    """(pointer tensor, weight, bias, constexprs) of a kernel's k argument, a tensor or a ``Projected``;
     the tensor itself stands in (never read) for a missing weight or bias."""
     if not isinstance(t, Projected):
         return t, t, t, {"PROJECT": False, "HAS_PBIAS": False}
@@ -754,17 +753,16 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
     return attention_output(qk[..., :C], v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu), kv, ksum
 
 
-def attention_output(q: Tensor | Projected, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-                     kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool) -> Tensor:
-    """The forward's output pass: y (B, N, C) from q (or its ``Projected``), v, g (channels contiguous) and the
-    state."""
+def attention_output(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
+                     ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool) -> Tensor:
+    """The forward's output pass: y (B, N, C) from q, v, g (channels contiguous) and the state."""
     y = _empty(v.shape, v.dtype, v.device)
     _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, y)
     return y
 
 
-def _launch_out_pass(q: Tensor | Projected, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-                     kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, out: Tensor,
+def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
+                     ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, out: Tensor,
                      dy: Tensor | None = None, dg: Tensor | None = None, a: Tensor | None = None) -> None:
     """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out,
     and the forward's y again into a when given (a may be dy itself: y is written over it)."""
@@ -774,22 +772,20 @@ def _launch_out_pass(q: Tensor | Projected, v: Tensor, g: Tensor | None, lepe_we
     dy_arg = v if dy is None else dy
     dg_arg = out if dg is None else dg
     block_n = CONFIG.fwd_out_block_n
-    q, wq, bq, proj = _qk_args(q)
     _la_fwd_out_kernel[(triton.cdiv(N, block_n), B * num_heads)](
-        q, wq, bq, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
+        q, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
         dg_arg, out if a is None else a, N, H, W, n_pos,
         q.stride(0), q.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
         dy_arg.stride(0), dy_arg.stride(1), dg_arg.stride(0), dg_arg.stride(1), out.stride(0), out.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
         GATE_GRAD=dg is not None, GATE_SILU=gate_silu, WRITE_A=a is not None,
-        A_OVER_DY=a is not None and dy is not None and a.data_ptr() == dy.data_ptr(), **proj,
-        num_warps=CONFIG.fwd_out_warps,
+        A_OVER_DY=a is not None and dy is not None and a.data_ptr() == dy.data_ptr(), num_warps=CONFIG.fwd_out_warps,
     )
 
 
-def gated_output_grad(dy: Tensor, q: Tensor | Projected, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
-                      lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
+def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
+                      kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
                       a: Tensor | None = None, dg: Tensor | None = None,
                       do: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The backward's first pass: (do, dg), the gated output gradient do = dy * gate and the gate's gradient
@@ -806,21 +802,20 @@ def gated_output_grad(dy: Tensor, q: Tensor | Projected, v: Tensor, g: Tensor | 
     return do, dg
 
 
-def q_side_grad(do: Tensor, q: Tensor | Projected, kv: Tensor, ksum: Tensor, W: int, num_heads: int,
+def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_heads: int,
                 dq: Tensor) -> tuple[Tensor, Tensor, float]:
     """The q side of the backward: dq into dq (B, N, C; channels contiguous); returns the state's gradient
-    (dkv (B*h, 32, 32), dksum (B*h, 32)) and the scale the k/v side applies to it. q may be a ``Projected``."""
+    (dkv (B*h, 32, 32), dksum (B*h, 32)) and the scale the k/v side applies to it."""
     B, N, C = do.shape
     bh = B * num_heads
     block_n = CONFIG.bwd_q_block_n
     trig, n_pos, trig_mode, grid, per_split, part, dkv_part, dksum_part = _split_launch(
         do.shape, W, num_heads, block_n, do.device)
-    q, wq, bq, proj = _qk_args(q)
     _la_bwd_q_kernel[grid](
-        q, wq, bq, do, trig, kv, ksum, dq, dkv_part, dksum_part, N, W, n_pos, per_split,
+        q, do, trig, kv, ksum, dq, dkv_part, dksum_part, N, W, n_pos, per_split,
         q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
-        **_dot_args(do.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, **proj,
+        **_dot_args(do.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
         num_warps=CONFIG.bwd_q_warps,
     )
     # the k/v kernel scales dKV and ds by 1/N; low-precision operands take them as means instead (dKV, a sum
@@ -832,22 +827,19 @@ def q_side_grad(do: Tensor, q: Tensor | Projected, kv: Tensor, ksum: Tensor, W: 
     return dkv, dksum, 1.0 / N
 
 
-def kv_side_grad(do: Tensor, k: Tensor | Projected, v: Tensor, lepe_weight: Tensor, dkv: Tensor, dksum: Tensor,
-                 inv_n: float, H: int, W: int, num_heads: int, dk: Tensor, dv: Tensor,
-                 accumulate: bool = False) -> None:
-    """The k/v side of the backward: dk into dk (which may be k itself: dk is written over it; k may be a
-    ``Projected``), and dv (through kv and the transposed LePE) into dv (B, N, C, contiguous), added to dv's
-    contents when accumulate."""
+def kv_side_grad(do: Tensor, k: Tensor, v: Tensor, lepe_weight: Tensor, dkv: Tensor, dksum: Tensor, inv_n: float,
+                 H: int, W: int, num_heads: int, dk: Tensor, dv: Tensor, accumulate: bool = False) -> None:
+    """The k/v side of the backward: dk into dk (which may be k itself: dk is written over it), and dv (through
+    kv and the transposed LePE) into dv (B, N, C, contiguous), added to dv's contents when accumulate."""
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     block_n = CONFIG.bwd_kv_block_n
-    k, wk, bk, proj = _qk_args(k)
     _la_bwd_kv_kernel[(triton.cdiv(N, block_n), B * num_heads)](
-        k, wk, bk, do, _taps_major(lepe_weight), v, trig, dkv, dksum, dk, dv, N, H, W, n_pos, inv_n,
+        k, do, _taps_major(lepe_weight), v, trig, dkv, dksum, dk, dv, N, H, W, n_pos, inv_n,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
         SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, ACC_DV=accumulate,
-        DK_OVER_K=dk.data_ptr() == k.data_ptr() and not proj["PROJECT"], **proj, num_warps=CONFIG.bwd_kv_warps,
+        DK_OVER_K=dk.data_ptr() == k.data_ptr(), num_warps=CONFIG.bwd_kv_warps,
     )
 
 
@@ -861,27 +853,17 @@ def lepe_param_grads(do: Tensor, v: Tensor, lepe_weight: Tensor, lepe_bias: Tens
 
 def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
                           lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
-                          gate_silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          gate_silu: bool, a: Tensor | None = None, dg: Tensor | None = None,
+                          do: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward: returns dqk (B, N, 2C), dv (B, N, C), dg (B, N, C; empty when g is None),
-    d lepe_weight (C, 1, 3, 3) and d lepe_bias (C,) in their parameters' dtypes."""
-    qk = _token_major(qk)
-    C = v.shape[2]
-    return attention_bwd(dy, qk[..., :C], qk[..., C:], v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads,
-                         gate_silu)
-
-
-def attention_bwd(dy: Tensor, q: Tensor | Projected, k: Tensor | Projected, v: Tensor, g: Tensor | None,
-                  lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
-                  gate_silu: bool, a: Tensor | None = None, dg: Tensor | None = None,
-                  do: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``_linear_attention_bwd`` from q and k (tensors with contiguous channels, or ``Projected``): (dqk, dv, dg,
-    d lepe_weight, d lepe_bias); the forward's output is rewritten into a (B, N, C) contiguous a when given, and
-    dg and the gated output gradient do (a work tensor of the backward) are written into the (B, N, C) tensors dg
-    and do (channels contiguous) when given."""
-    dy, v = _token_major(dy), _token_major(v)
+    d lepe_weight (C, 1, 3, 3) and d lepe_bias (C,) in their parameters' dtypes; the forward's output is
+    rewritten into a (B, N, C) contiguous a when given, and dg and the gated output gradient do (a work tensor of
+    the backward) are written into the (B, N, C) tensors dg and do (channels contiguous) when given."""
+    dy, qk, v = _token_major(dy), _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
-    dqk = _empty((B, N, 2 * C), v.dtype, v.device)
+    q, k = qk[..., :C], qk[..., C:]
+    dqk = _empty((B, N, 2 * C), qk.dtype, v.device)
     dv = _empty((B, N, C), v.dtype, v.device)
     do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a,
                                dg=dg, do=do)

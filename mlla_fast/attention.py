@@ -1,19 +1,21 @@
-"""The block's qk projection and fused linear attention as one autograd Function that never writes qk.
+"""The block's qk projection and fused linear attention as one autograd Function that recomputes qk.
 
 ``linear(v, W_qk, b_qk)`` followed by ``kernels.linear_attention.linear_attention`` keeps the (B, N, 2C)
 projection qk from the forward until the attention's backward, as the attention's input: in a GPU memory
 snapshot of an MLLA-UNet-T training step (224², batch 48, bf16) these qk tensors were about 20 of the 245
 units live at the peak (the end of the forward). ``qk_linear_attention`` keeps v, g, the cast qk weight and
-bias and the attention's O(B h d²) state instead. q and k are not written to memory at all, in the forward or
-the backward: every attention kernel that reads them computes its head's 32 channels of v W^T + b from v's
-tokens itself (``kernels.linear_attention.Projected``: C/32 small dots per token block, fp32 accumulation,
-rounded to v's dtype as the GEMM's output was). Until session 12 a cuBLAS GEMM wrote q and k and the kernels
-read them back: on an H100 those four GEMMs (k and q in the forward, again in the backward) took 0.73 ms of a
-16.6 ms block step (C=64, batch 2, 1024², bf16). The projection's gradients follow the attention's: dv += dqk @ W
-in place into the attention's dv (no second (B, N, C) gradient to sum), dW in fp32 out of the GEMM as in
-``mlla_fast.linear``, and the bias gradient by the Triton column sum. For a large v (``SPLIT_QK_BYTES``) dq and
-dk are differentiated one at a time instead of as one (B, N, 2C) dqk, so that the backward's own (B, N, C)
-tensors peak at four.
+bias and the attention's O(B h d²) state instead, and its backward redoes the qk GEMM (the same call on the
+same operands: the forward's qk bitwise) before the attention's backward, 2C² of the block's 13C² forward
+multiply-adds per token. One fp32 block (C=64, 16x16 grid, batch 2) saves 8.4x its input for the backward
+instead of 10.4x. The projection's gradients follow the attention's: dv += dqk @ W in place into the
+attention's dv (no second (B, N, C) gradient to sum), dW in fp32 out of the GEMM as in ``mlla_fast.linear``,
+and the bias gradient by the Triton column sum. For a large v (``SPLIT_QK_BYTES``) q and k are projected and
+differentiated one at a time instead, so that the backward's own (B, N, C) tensors peak at five instead of
+seven (qk and dqk whole): on an H100, one block (C=64, batch 2, 512², bf16) peaked 12 units of B*N*C above
+its start instead of 14 (13 in ``benchmarks/profile_block.py --memory``'s count, where the attention's
+backward held do, dg, dv, k and dk). The k/v kernel now writes dk over k, in place, and the peak holds four.
+On that path the forward's k is never written: the reduction kernel projects it from v itself
+(``kernels.linear_attention.Projected``, ``PROJECTED_K_MAX_CHANNELS``).
 
 With ``out_weight`` the block's output projection runs inside the same Function: the attention's output a,
 which the projection's weight gradient needs, is not kept (one (B, N, C) tensor per block) but rewritten by
@@ -32,8 +34,10 @@ the step from 16.7 to 18.1 ms of GPU time.) With ``residual``, out_proj's GEMM a
 (``torch.addmm``, beta = 1) instead of a separate add kernel; addmm copies the residual into its result first
 (0.17 ms at 1024², against the add's 0.26 ms).
 
-The GEMMs run inside two custom ops (``mlla_fast::qk_linear_attention_fwd``/``_bwd``), opaque to
-torch.compile, whose partitioner would otherwise keep what the backward recomputes.
+The GEMMs and their recomputes run inside two custom ops (``mlla_fast::qk_linear_attention_fwd``/``_bwd``),
+opaque to torch.compile: with the GEMM as graph nodes, AOTAutograd's partitioner merges the backward's
+recompute with the forward's GEMM (common-subexpression elimination) or moves it into the forward (it
+never recomputes matmuls), and saves qk again.
 
 Autocast is honoured as in ``mlla_fast.linear``: the GEMM runs in the autocast dtype (else v's) with the
 weight and bias cast once per call; v and g must already be in that dtype (the attention's activation
@@ -51,8 +55,9 @@ from .kernels.dwconv import _check_stencil_inputs, dwconv_silu_bwd, dwconv_silu_
 from .kernels.linear_attention import (
     Projected,
     _check_inputs,
+    _linear_attention_bwd,
+    _linear_attention_fwd,
     _token_major,
-    attention_bwd,
     attention_output,
     attention_state,
     fake_bwd_outputs,
@@ -72,17 +77,24 @@ def _project(v: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(v, weight, bias)
 
 
-def _projections(v: Tensor, qk_weight: Tensor, qk_bias: Tensor | None) -> tuple[Projected, Projected]:
-    """q and k of v as the kernels' ``Projected``: the q and k rows of the projection."""
-    C = v.shape[-1]
-    return (Projected(v, qk_weight[:C], None if qk_bias is None else qk_bias[:C]),
-            Projected(v, qk_weight[C:], None if qk_bias is None else qk_bias[C:]))
+def _halves(qk_weight: Tensor, qk_bias: Tensor | None, C: int):
+    """(W_q, b_q), (W_k, b_k): the q and k rows of the projection."""
+    return ((qk_weight[:C], None if qk_bias is None else qk_bias[:C]),
+            (qk_weight[C:], None if qk_bias is None else qk_bias[C:]))
 
 
-# From this size of v (bytes) on, the backward takes dq and dk one at a time (its peak holds four (B, N, C)
-# tensors of its own); below it, as one (B, N, 2C) dqk: fewer, larger GEMMs and column sums. On an H100, MLLA-UNet-T's training step (224², batch 48: v of at most 19 MiB, its
+# From this size of v (bytes) on, q and k are projected and differentiated one at a time (the backward's peak
+# holds five (B, N, C) tensors of its own instead of seven); below it, as one (B, N, 2C) qk: fewer, larger
+# GEMMs and column sums. On an H100, MLLA-UNet-T's training step (224², batch 48: v of at most 19 MiB, its
 # memory peak at the end of the forward) took 39.0 ms with every block split, against 38.1 ms with none.
 SPLIT_QK_BYTES = 32 << 20
+
+
+# Up to this many channels the forward's reduction kernel projects k itself (``Projected``) on the large-v path,
+# instead of reading it from a GEMM's output: on an H100 (C=64, batch 2, 1024², bf16) the kernel took 0.24 ms
+# instead of 0.21 ms and the k GEMM's 0.18 ms went. Its token loop is software-pipelined: at C=512 the projection's
+# tiles would need 344 KiB of shared memory (the card has 227 KiB).
+PROJECTED_K_MAX_CHANNELS = 128
 
 
 def _split_qk(v: Tensor) -> bool:
@@ -93,14 +105,22 @@ def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_
                              lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
                              out_bias: Tensor | None, residual: Tensor | None, H: int, W: int, num_heads: int,
                              gate_silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The attention's forward (y, kv, ksum), weights in v's dtype, with q = v W_q + b_q and k = v W_k + b_k
-    computed inside the kernels that read them (``Projected``); with out_weight, y is the attention's output a
-    projected, a W_out^T + b_out (plus residual, added by the GEMM itself), and a is dropped."""
-    v = _token_major(v)
-    g = None if g is None else _token_major(g)
-    q, k = _projections(v, qk_weight, qk_bias)
-    kv, ksum = attention_state(k, v, W, num_heads)
-    y = attention_output(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+    """The attention's forward (y, kv, ksum), weights in v's dtype: qk = v W_qk + b_qk, or for a large v
+    k = v W_k + b_k for the state (projected inside the reduction kernel up to ``PROJECTED_K_MAX_CHANNELS``),
+    then q = v W_q + b_q for the output pass, one (B, N, C) projection live at a time; with out_weight, y is
+    the attention's output a projected, a W_out^T + b_out (plus residual, added by the GEMM itself), and a is
+    dropped."""
+    if not _split_qk(v):
+        y, kv, ksum = _linear_attention_fwd(_project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, H, W,
+                                            num_heads, gate_silu)
+    else:
+        v = _token_major(v)
+        g = None if g is None else _token_major(g)
+        (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, v.shape[2])
+        k = Projected(v, wk, bk) if v.shape[2] <= PROJECTED_K_MAX_CHANNELS else _project(v, wk, bk)
+        kv, ksum = attention_state(k, v, W, num_heads)
+        del k
+        y = attention_output(_project(v, wq, bq), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
     if out_weight is None:
         return y, kv, ksum
     if residual is None:
@@ -121,27 +141,28 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
     """The attention's and the projections' backward: (dv, dg, d qk_weight, d qk_bias, d lepe_weight,
     d lepe_bias, d out_weight, d out_bias), the projections' gradients in fp32 (empty where there is no such
     parameter); dg and the backward's gated output gradient do are written into the given (B, N, C) tensors
-    (channels contiguous) when given. q and k are projected again inside the kernels (``Projected``).
+    (channels contiguous) when given.
 
     With out_weight, the attention's output gradient da = dy W_out exists only inside this function, and the
     gate pass rewrites the forward's output a (bitwise) over it, in place, for d out_weight = dy^T a.
-    For a large v (``SPLIT_QK_BYTES``) dq and dk are (B, N, C) tensors of their own, each folded into dv as soon
-    as it exists: dv = dq W_q (a GEMM), the k/v kernel adds the attention's own dv to it, then dv += dk W_k in
-    place. At most four (B, N, C) tensors of its own are live at once (da/a, do, dg in the gate pass; do, dg,
-    dq on the q side; do, dg, dv, dk on the k/v side), against seven with qk and dqk whole and a and da apart."""
+    For a large v (``SPLIT_QK_BYTES``) q and k are recomputed one at a time, and the (B, N, C) dq and dk are
+    folded into dv as soon as they exist: dv = dq W_q (a GEMM), the k/v kernel adds the attention's own dv to
+    it and writes dk over k, then dv += dk W_k in place. At most four (B, N, C) tensors of its own are live at
+    once (da/a, q, do, dg in the gate pass; do, dg, q, dq on the q side; do, dg, dv, k/dk on the k/v side),
+    against seven with qk and dqk whole and a and da apart."""
     dy, v = _token_major(dy), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
     acc = torch.promote_types(qk_weight.dtype, torch.float32)
     v2 = v.reshape(-1, C)
-    q, k = _projections(v, qk_weight, qk_bias)
     da = _output_grad(dy, out_weight)
     # a over da where the gate pass may (da is this function's own, and the pass returns do apart from it)
     a = None if out_weight is None else (da if g is not None else v.new_empty(v.shape))
     has_bias = qk_bias is not None
     if not _split_qk(v):
-        dqk, dv, dg, dlepe_w, dlepe_b = attention_bwd(da, q, k, v, g, lepe_weight, lepe_bias, kv, ksum, H, W,
-                                                      num_heads, gate_silu, a=a, dg=dg, do=do)
+        dqk, dv, dg, dlepe_w, dlepe_b = _linear_attention_bwd(
+            da, _project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu,
+            a=a, dg=dg, do=do)
         del da
         out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
         del a
@@ -149,25 +170,28 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
         with torch.autocast(v.device.type, enabled=False):
             dv.view(-1, C).addmm_(dqk, qk_weight)
         return (dv, dg, *_projection_grads(dqk, v2, has_bias, acc), dlepe_w, dlepe_b, *out_grads)
+    (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
+    q = _project(v, wq, bq)
     do, dg = gated_output_grad(da, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a, dg=dg,
                                do=do)
     del da
     out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
     del a
-    dq = _la._empty(v.shape, v.dtype, v.device)
+    dq = torch.empty_like(v)
     dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dq)
+    del q
     dq = dq.view(-1, C)
     with torch.autocast(v.device.type, enabled=False):
-        dv = (dq @ q.weight).view(B, N, C)
+        dv = (dq @ wq).view(B, N, C)
     grads_q = _projection_grads(dq, v2, has_bias, acc)
     del dq
-    dk = _la._empty(v.shape, v.dtype, v.device)
-    kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dk, dv, accumulate=True)
+    k = _project(v, wk, bk)
+    kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, k, dv, accumulate=True)  # dk over k
     dlepe_w, dlepe_b = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
     del do
-    dk = dk.view(-1, C)
+    dk = k.view(-1, C)
     with torch.autocast(v.device.type, enabled=False):
-        dv.view(-1, C).addmm_(dk, k.weight)
+        dv.view(-1, C).addmm_(dk, wk)
     grads_k = _projection_grads(dk, v2, has_bias, acc)
     return (dv, dg, torch.cat([grads_q[0], grads_k[0]]), torch.cat([grads_q[1], grads_k[1]]), dlepe_w, dlepe_b,
             *out_grads)

@@ -367,3 +367,23 @@ def test_bad_inputs(device):
     with pytest.raises(ValueError, match="dwc_bias"):
         attention.gv_linear_attention(gv, dwc_w, dwc_b[:32], t["qk_weight"], t["qk_bias"], t["lepe_weight"],
                                       t["lepe_bias"], (H, W), HEADS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels", [64, 96])
+def test_reduction_projects_k(dtype, bias, channels, device):
+    """attention_state with k projected inside the kernel (``Projected``: C/32 input chunks, rounded to the
+    activation dtype as the GEMM's output) equals attention_state of the GEMM's k: in fp32 to the fp32 rule, in
+    bf16/fp16 within the low-precision floor of the state computed from the GEMM's k (the two roundings of k
+    may differ by one unit in the last place)."""
+    heads = channels // 32
+    v = torch.randn(B, N, channels, device=device).to(dtype)
+    weight = (torch.randn(channels, channels, device=device) / 8).to(dtype)
+    b = (torch.randn(channels, device=device) / 4).to(dtype) if bias else None
+    with torch.autocast(device, enabled=False):
+        k = torch.nn.functional.linear(v, weight, b)
+    kv_ref, ksum_ref = la.attention_state(k, v, W, heads)
+    kv, ksum = la.attention_state(la.Projected(v, weight, b), v, W, heads)
+    bound = FP32_RTOL if dtype == torch.float32 else LOWP_FLOOR[dtype]
+    assert rel_err(kv, kv_ref) <= bound and rel_err(ksum, ksum_ref) <= bound
