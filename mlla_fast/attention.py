@@ -92,8 +92,10 @@ SPLIT_QK_BYTES = 32 << 20
 
 # Up to this many channels the forward's reduction kernel projects k itself (``Projected``) on the large-v path,
 # instead of reading it from a GEMM's output: on an H100 (C=64, batch 2, 1024², bf16) the kernel took 0.24 ms
-# instead of 0.21 ms and the k GEMM's 0.18 ms went. Its token loop is software-pipelined: at C=512 the projection's
-# tiles would need 344 KiB of shared memory (the card has 227 KiB).
+# instead of 0.21 ms and the k GEMM's 0.18 ms went. Its token loop is software-pipelined, and the projection's
+# tiles grow its shared memory with C: 34 KiB at C=64, 58 KiB at C=128, 106 KiB at C=256, 202 KiB at C=512
+# (compiled offline for sm_90a by Triton 3.9, ``benchmarks/kernel_registers.py --projected``), too much for more
+# than one program per SM past C=128; only C=64 was timed.
 PROJECTED_K_MAX_CHANNELS = 128
 
 
