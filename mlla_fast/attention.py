@@ -30,9 +30,10 @@ backward's gated output gradient do until d u is written there, so that d gv cos
 peak. (Two other ways to keep that peak were measured on an H100 and dropped: the q kernel writing dq over q
 behind a barrier took 254 registers instead of 230 and 0.99 ms instead of 0.77 ms at 1024²; summing the qk bias
 gradient inside the q and k kernels instead of by column sums took the k/v kernel from 56 to 130 registers, and
-the step from 16.7 to 18.1 ms of GPU time.) With ``residual``, out_proj's GEMM adds the residual stream itself
-(``torch.addmm``, beta = 1) instead of a separate add kernel; addmm copies the residual into its result first
-(0.17 ms at 1024², against the add's 0.26 ms).
+the step from 16.7 to 18.1 ms of GPU time.) With ``residual``, out_proj's GEMM accumulates into the residual
+stream itself, in place (``addmm_``, beta = 1; the residual tensor is updated and returned), instead of a
+separate add kernel (0.26 ms at 1024²) or an addmm into a new tensor, which copies the residual there first
+(0.17 ms).
 
 The GEMMs and their recomputes run inside two custom ops (``mlla_fast::qk_linear_attention_fwd``/``_bwd``),
 opaque to torch.compile: with the GEMM as graph nodes, AOTAutograd's partitioner merges the backward's
@@ -105,13 +106,12 @@ def _split_qk(v: Tensor) -> bool:
 
 def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
                              lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
-                             out_bias: Tensor | None, residual: Tensor | None, H: int, W: int, num_heads: int,
+                             out_bias: Tensor | None, H: int, W: int, num_heads: int,
                              gate_silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The attention's forward (y, kv, ksum), weights in v's dtype: qk = v W_qk + b_qk, or for a large v
     k = v W_k + b_k for the state (projected inside the reduction kernel up to ``PROJECTED_K_MAX_CHANNELS``),
     then q = v W_q + b_q for the output pass, one (B, N, C) projection live at a time; with out_weight, y is
-    the attention's output a projected, a W_out^T + b_out (plus residual, added by the GEMM itself), and a is
-    dropped."""
+    the attention's output a projected, a W_out^T + b_out, and a is dropped."""
     if not _split_qk(v):
         y, kv, ksum = _linear_attention_fwd(_project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, H, W,
                                             num_heads, gate_silu)
@@ -125,14 +125,7 @@ def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_
         y = attention_output(_project(v, wq, bq), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
     if out_weight is None:
         return y, kv, ksum
-    if residual is None:
-        return _project(y, out_weight, out_bias), kv, ksum
-    C = y.shape[-1]
-    with torch.autocast(v.device.type, enabled=False):
-        out = torch.addmm(residual.reshape(-1, C), y.view(-1, C), out_weight.t()).view(residual.shape)
-    if out_bias is not None:
-        out += out_bias
-    return out, kv, ksum
+    return _project(y, out_weight, out_bias), kv, ksum
 
 
 def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
@@ -201,7 +194,7 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
 
 def _fwd(x: Tensor, g: Tensor | None, dwc_weight: Tensor | None, dwc_bias: Tensor | None, qk_weight: Tensor,
          qk_bias: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
-         out_bias: Tensor | None, residual: Tensor | None, H: int, W: int, num_heads: int,
+         out_bias: Tensor | None, H: int, W: int, num_heads: int,
          gate_silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, v, kv, ksum). With dwc_weight, x is the gate/value projection gv (B, N, 2C), g = gv[..., :C] and
     v = SiLU(dwconv(gv[..., C:])), returned for the backward; else x is v itself and an empty tensor stands in
@@ -213,7 +206,7 @@ def _fwd(x: Tensor, g: Tensor | None, dwc_weight: Tensor | None, dwc_bias: Tenso
         g = x[..., :C]
         v = v_out = dwconv_silu_fwd(x[..., C:], dwc_weight, dwc_bias, (H, W))
     y, kv, ksum = _qk_linear_attention_fwd(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias,
-                                           residual, H, W, num_heads, gate_silu)
+                                           H, W, num_heads, gate_silu)
     return y, v_out, kv, ksum
 
 
@@ -268,8 +261,8 @@ def _projection_grads(dp: Tensor, v2: Tensor, bias: bool, dtype: torch.dtype) ->
 
 
 _FWD_SCHEMA = "(Tensor x, Tensor? g, Tensor? dwc_weight, Tensor? dwc_bias, Tensor qk_weight, Tensor? qk_bias, " \
-    "Tensor lepe_weight, Tensor lepe_bias, Tensor? out_weight, Tensor? out_bias, Tensor? residual, SymInt H, " \
-    "SymInt W, int num_heads, bool gate_silu) -> (Tensor, Tensor, Tensor, Tensor)"
+    "Tensor lepe_weight, Tensor lepe_bias, Tensor? out_weight, Tensor? out_bias, SymInt H, SymInt W, " \
+    "int num_heads, bool gate_silu) -> (Tensor, Tensor, Tensor, Tensor)"
 _BWD_SCHEMA = "(Tensor dy, Tensor x, Tensor? g, Tensor v, Tensor? dwc_weight, Tensor? dwc_bias, Tensor qk_weight, " \
     "Tensor? qk_bias, Tensor lepe_weight, Tensor lepe_bias, Tensor? out_weight, Tensor? out_bias, Tensor kv, " \
     "Tensor ksum, SymInt H, SymInt W, int num_heads, bool gate_silu) " \
@@ -282,8 +275,8 @@ qk_linear_attention_bwd_op = torch.library.custom_op(
 
 
 @qk_linear_attention_fwd_op.register_fake
-def _(x, g, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, residual, H, W,
-      num_heads, gate_silu):
+def _(x, g, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, H, W, num_heads,
+      gate_silu):
     if dwc_weight is None:
         y, kv, ksum = fake_fwd_outputs(x, num_heads)
         return y, x.new_empty((0,)), kv, ksum
@@ -319,15 +312,23 @@ class _QKLinearAttention(torch.autograd.Function):
                 num_heads: int, gate_silu: bool) -> Tensor:
         # the weights cast once per call, as F.linear under autocast would (autocast leaves custom ops alone)
         params = [None if p is None else p.to(x.dtype) for p in (qk_weight, qk_bias, out_weight, out_bias)]
+        # with a residual the op returns the attention's output a, and out_proj accumulates into the residual here
+        inside = [None, None] if residual is not None else params[2:]
         y, v, kv, ksum = qk_linear_attention_fwd_op(x, g, dwc_weight, dwc_bias, params[0], params[1], lepe_weight,
-                                                    lepe_bias, params[2], params[3], residual, H, W, num_heads,
-                                                    gate_silu)
+                                                    lepe_bias, *inside, H, W, num_heads, gate_silu)
         ctx.save_for_backward(x, g, v, dwc_weight, dwc_bias, *params, lepe_weight, lepe_bias, kv, ksum)
         ctx.grid = (H, W, num_heads, gate_silu)
         ctx.param_dtypes = [None if p is None else p.dtype for p in (qk_weight, qk_bias, out_weight, out_bias)]
         ctx.residual = residual is not None
         ctx.set_materialize_grads(False)
-        return y
+        if residual is None:
+            return y
+        if torch.compiler.is_compiling():
+            # out of place under torch.compile: Dynamo's autograd.Function capture could drop ctx.mark_dirty and
+            # get the dirty input's gradient silently wrong until May 2026 (pytorch/pytorch#184113, fixed by #184267)
+            return _accumulate_projection(residual.clone(), y, params[2], params[3])
+        ctx.mark_dirty(residual)
+        return _accumulate_projection(residual, y, params[2], params[3])
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):
@@ -350,14 +351,30 @@ class _QKLinearAttention(torch.autograd.Function):
                 dy if ctx.residual and need[10] else None, None, None, None, None)
 
 
+def _accumulate_projection(residual: Tensor, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """residual += a W^T (+ bias), in place, and residual returned: one GEMM with beta = 1 into the residual
+    itself, which cuBLAS reads and writes as its C operand (torch.addmm into a new tensor copies the residual
+    there first: 0.17 ms of a 1024² block step on an H100)."""
+    C = a.shape[-1]
+    with torch.autocast(a.device.type, enabled=False):
+        if residual.is_contiguous():
+            residual.view(-1, C).addmm_(a.reshape(-1, C), weight.t())
+        else:
+            residual.add_(a @ weight.t())
+        if bias is not None:
+            residual.add_(bias)
+    return residual
+
+
 def qk_linear_attention(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None, lepe_weight: Tensor,
                         lepe_bias: Tensor, hw: tuple[int, int], num_heads: int, gate_silu: bool = False,
                         out_weight: Tensor | None = None, out_bias: Tensor | None = None,
                         residual: Tensor | None = None) -> Tensor:
     """``linear_attention(linear(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, hw, num_heads, gate_silu)``
     (``kernels.linear_attention``, ``mlla_fast.linear``) with qk recomputed in the backward instead of saved,
-    followed by ``residual + linear(·, out_weight, out_bias)`` when out_weight is given, whose input (the
-    attention's output) is rewritten by the backward's first pass instead of saved.
+    followed by ``linear(·, out_weight, out_bias)`` when out_weight is given (accumulated into residual, in place,
+    when one is given), whose input (the attention's output) is rewritten by the backward's first pass instead
+    of saved.
 
     Args:
         v: (B, N, C) the attention input, in the compute dtype (autocast's, else its own: float32, bfloat16
@@ -367,11 +384,12 @@ def qk_linear_attention(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias:
         lepe_weight, lepe_bias, hw, num_heads, gate_silu: as for ``linear_attention``.
         out_weight, out_bias: (C, C) and (C,) or None, the output projection (any float dtype; cast to v's);
             out_bias only with out_weight.
-        residual: (B, N, C) in v's dtype or None, added by the output projection's GEMM (beta = 1: no separate
-            add); only with out_weight.
+        residual: (B, N, C) in v's dtype or None; only with out_weight. The output projection's GEMM accumulates
+            into it in place (beta = 1: no separate add, no copy), and it is returned: like ``Tensor.add_``, it
+            must not be a leaf that requires grad, and its old values are gone.
 
     Returns:
-        (B, N, C) in v's dtype.
+        (B, N, C) in v's dtype: residual itself when one is given.
     """
     if not isinstance(v, Tensor) or v.dim() != 3:
         raise ValueError(f"v: expected a 3-D (B, N, C) token tensor, got {_describe(v)}")
@@ -442,6 +460,9 @@ def _check_params(x: Tensor, name: str, qk_weight: Tensor, qk_bias: Tensor | Non
             got = f"{_describe(residual)}" + (f" {residual.dtype} on {residual.device}"
                                               if isinstance(residual, Tensor) else "")
             raise ValueError(f"residual: expected shape {shape} in {x.dtype} on {x.device}, got {got}")
+        if residual.is_leaf and residual.requires_grad:
+            raise ValueError("residual: the output projection accumulates into it in place, so it cannot be a leaf "
+                             "that requires grad (pass residual.clone())")
 
 
 def _describe(t) -> str:

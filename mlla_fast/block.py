@@ -52,10 +52,10 @@ class MLLABlock(ReferenceMLLABlock):
         from .norm_linear import cpe_norm_linear
 
         hw = resolve_grid(x, hw, self.input_resolution, self.dim)
-        # x + out_proj(attention) as one GEMM (beta = 1) on a residual stream that carries out_proj's bias, added
-        # by the stencil kernel that writes it: no separate add, and the bias's gradient is the residual
-        # gradient's column sum, taken by the stencil's backward; not where drop-path scales the branch, or
-        # where the residual stream's dtype is not the GEMM's
+        # x + out_proj(attention) as one GEMM (beta = 1) accumulating in place into the residual stream r, which
+        # carries out_proj's bias, added by the stencil kernel that writes it: no separate add, no copy of r, and
+        # the bias's gradient is the residual gradient's column sum, taken by the stencil's backward; not where
+        # drop-path scales the branch, or where the residual stream's dtype is not the GEMM's
         fold = (self.drop_path_prob == 0.0 or not self.training) and compute_dtype(x) == x.dtype
         # the gate and value projections as one GEMM on the normed tokens, which are not kept for the backward
         # (mlla_fast/norm_linear.py)

@@ -243,9 +243,10 @@ def test_opcheck(gate, out, qk_path, device):
         dwc_w, dwc_b = torch.randn(C, 1, 3, 3, device=device) / 3, torch.randn(C, device=device)
     out_w, out_b = (torch.randn(C, C, device=device) / 8, torch.randn(C, device=device)) \
         if out != "no_out_proj" else (None, None)
-    residual = torch.randn(B, N, C, device=device) if out == "residual" else None
     params = (t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], out_w, out_b)
-    args = (x, g, dwc_w, dwc_b, *params, residual, H, W, HEADS, True)
+    # with a residual, the forward op leaves out_proj to the Function (which accumulates into the residual)
+    fwd_params = (*params[:4], None, None) if out == "residual" else params
+    args = (x, g, dwc_w, dwc_b, *fwd_params, H, W, HEADS, True)
     torch.library.opcheck(attention.qk_linear_attention_fwd_op, args)
     y, v, kv, ksum = attention.qk_linear_attention_fwd_op(*args)
     torch.library.opcheck(attention.qk_linear_attention_bwd_op,
@@ -287,10 +288,11 @@ def residual_composed(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weig
 
 
 def _run_with_residual(fn, leaves, dy, dtype=None):
-    """run() with the residual cast to the compute dtype as well (it must be in v's dtype)."""
+    """run() with the residual cast to the compute dtype as well (it must be in v's dtype), a copy: the Function
+    accumulates into it in place."""
     def wrapped(v, g, *rest):
         *params, residual = rest
-        return fn(v, g, *params, residual.to(v.dtype))
+        return fn(v, g, *params, residual.to(v.dtype).clone())
 
     return run(wrapped, leaves, dy, dtype)
 
@@ -315,6 +317,21 @@ def test_gv_and_residual(fn, ref, dtype, bias, qk_path, device):
                    "one Function != composed")
     if dtype is None:
         assert torch.equal(grads["residual"], dy)
+
+
+def test_residual_is_accumulated_in_place(device):
+    """With a residual the Function returns the residual tensor itself, out_proj's output added into it (no new
+    tensor, no copy); a leaf that requires grad is refused, as Tensor.add_ would refuse it."""
+    t = {k: (x.detach() if x is not None else None) for k, x in gv_leaves(device).items()}
+    residual = t["residual"].clone()
+    args = (t["v"], t["g"], t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], t["out_weight"],
+            t["out_bias"], None, None)
+    y = residual_one_function(*args, residual)
+    assert y is residual
+    want = t["residual"] + one_function_out_proj(*args[:8])
+    assert rel_err(y, want) <= FP32_RTOL
+    with pytest.raises(ValueError, match="residual: the output projection accumulates into it in place"):
+        residual_one_function(*args, t["residual"].clone().requires_grad_())
 
 
 def test_gv_saves_no_concatenation(device):
