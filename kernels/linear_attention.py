@@ -206,7 +206,7 @@ def _load_pairs(p_head, o_row, m_n, SPLIT_PAIRS: tl.constexpr):
 
 
 @triton.jit
-def _qk_pairs(p_x, o_row, m_n, i_h, p_w, p_b, C: tl.constexpr, BLOCK_N: tl.constexpr, PROJECT: tl.constexpr,
+def _k_pairs(p_x, o_row, m_n, i_h, p_w, p_b, C: tl.constexpr, BLOCK_N: tl.constexpr, PROJECT: tl.constexpr,
               HAS_PBIAS: tl.constexpr, SPLIT_PAIRS: tl.constexpr):
     """Head i_h's even ("a") and odd ("b") channels [BN, 16] of k at the tokens whose rows start at the element
     offsets o_row [BN] from p_x (the batch's base pointer), as fp32, 0 where masked.
@@ -279,7 +279,7 @@ def _la_fwd_reduce_kernel(
 
     Grid (splits, B * heads); writes kv_part[split, bh] [32, 32] and ksum_part[split, bh] [32], both views
     into one partials buffer with row stride s_part per split. PROJECT: k = v W_k^T + b_k is computed here
-    (p_k is v, p_wk and p_bk the projection; ``_qk_pairs``).
+    (p_k is v, p_wk and p_bk the projection; ``_k_pairs``).
     """
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -300,7 +300,7 @@ def _la_fwd_reduce_kernel(
         o_n = i_blk * BLOCK_N + o_t
         m_n = o_n < N
         o_n64 = o_n.to(tl.int64)
-        b_ka, b_kb = _qk_pairs(p_kb, o_n64 * s_k_n, m_n, i_h, p_wk, p_bk, C, BLOCK_N, PROJECT, HAS_PBIAS, SPLIT_PAIRS)
+        b_ka, b_kb = _k_pairs(p_kb, o_n64 * s_k_n, m_n, i_h, p_wk, p_bk, C, BLOCK_N, PROJECT, HAS_PBIAS, SPLIT_PAIRS)
         b_ka, _ = _phi(b_ka)
         b_kb, _ = _phi(b_kb)
         # phi(0) = 1: padding tokens must not count in sum phi(k)
@@ -701,7 +701,7 @@ def _split_launch(shape: torch.Size, W: int, num_heads: int, block_n: int, devic
 
 class Projected(NamedTuple):
     """k as the projection of the attention input, x W^T + b for x (B, N, C) (channels contiguous), W (C, C)
-    and b (C,) or None in x's dtype, computed inside the forward's reduction kernel (``_qk_pairs``) instead of
+    and b (C,) or None in x's dtype, computed inside the forward's reduction kernel (``_k_pairs``) instead of
     read from a (B, N, C) tensor: ``attention_state`` takes one for k.
 
     Measured on an H100 (C=64, batch 2, 1024², bf16; session 12): projecting k there costs the reduction 0.03 ms
@@ -714,7 +714,7 @@ class Projected(NamedTuple):
     bias: Tensor | None
 
 
-def _qk_args(t: Tensor | Projected) -> tuple[Tensor, Tensor, Tensor, dict]:
+def _k_args(t: Tensor | Projected) -> tuple[Tensor, Tensor, Tensor, dict]:
     """(pointer tensor, weight, bias, constexprs) of a kernel's k argument, a tensor or a ``Projected``;
     the tensor itself stands in (never read) for a missing weight or bias."""
     if not isinstance(t, Projected):
@@ -733,7 +733,7 @@ def attention_state(k: Tensor | Projected, v: Tensor, W: int, num_heads: int) ->
     block_n = CONFIG.fwd_reduce_block_n
     trig, n_pos, trig_mode, grid, per_split, part, kv_part, ksum_part = _split_launch(
         v.shape, W, num_heads, block_n, v.device)
-    k, wk, bk, proj = _qk_args(k)
+    k, wk, bk, proj = _k_args(k)
     _la_fwd_reduce_kernel[grid](
         k, wk, bk, v, trig, kv_part, ksum_part, N, W, n_pos, per_split,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), part.stride(0),
