@@ -33,6 +33,9 @@ MAX_BLOCK_N = 256
 # reduce over them is a few short steps.
 COLSUM_PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
+# The row loop's software-pipelining depth (tl.range(num_stages=...)): the next row blocks' loads are in flight
+# (cp.async into shared memory) while the current one is summed; 1 turns it off.
+COLSUM_STAGES = 3
 
 __all__ = ["column_sum", "column_sum_fwd"]
 
@@ -40,7 +43,7 @@ __all__ = ["column_sum", "column_sum_fwd"]
 @triton.jit
 def _column_sum_partials_kernel(
     x, part, M, N, s_row, s_part, rows_per_prog,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):
     """part[p, j] = sum of x[i, j] over the rows i of run p, [p * rows_per_prog, (p + 1) * rows_per_prog),
     for the columns j of this program's block, in fp32 (rows_per_prog a multiple of BLOCK_M)."""
@@ -50,7 +53,7 @@ def _column_sum_partials_kernel(
     row_start = i_p * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_M):
+    for r0 in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
         o_r = r0 + tl.arange(0, BLOCK_M)
         offs = o_r.to(tl.int64)[:, None] * s_row + o_j[None, :]
         acc += tl.load(x + offs, mask=(o_r < row_end)[:, None] & m_j[None, :], other=0.0).to(tl.float32)
@@ -101,7 +104,7 @@ def column_sum_fwd(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     part = _empty((n_progs, N), torch.float32, x.device)
     _column_sum_partials_kernel[(n_progs, triton.cdiv(N, block_n))](
         x, part, M, N, x.stride(0), part.stride(0), rows_per_prog,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=COLSUM_NUM_WARPS,
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=COLSUM_STAGES, num_warps=COLSUM_NUM_WARPS,
     )
     (total,) = reduce_partials(part, [((N,), dtype)])
     return total

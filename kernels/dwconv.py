@@ -66,6 +66,11 @@ PARTIAL_PROGRAMS = 1024
 # (spilling 84 bytes a thread): 4 per SM 2.25 ms, 8 per SM 2.97 ms.
 CPE_BWD_PROGRAMS_PER_SM = 3
 CPE_BWD_MAXNREG: int | None = None
+# The loops of the row walks (the cpe backward's and the parameter gradients') and of reduce_partials are
+# software-pipelined by Triton (tl.range(num_stages=...)): the loads of the next steps are issued into shared
+# memory (cp.async) while the current step computes, rather than each step waiting for its own loads; 1 turns
+# the pipelining off (Triton 3.9 for sm_90a, C=64: 168 registers either way, 10 KiB of shared memory at 3).
+CPE_BWD_STAGES = 3
 # The depthwise parameter-gradient kernel walks grid rows like the cpe backward: PARAM_GRAD_PROGRAMS_PER_SM
 # programs per SM, counted over all channel blocks (PARTIAL_PROGRAMS in the interpreter), and
 # PARAM_GRAD_MAXNREG, ptxas's register cap (None: ptxas's choice). Measured on an H200 (the kernel's GPU time
@@ -73,6 +78,7 @@ CPE_BWD_MAXNREG: int | None = None
 # registers, 4 per SM (one wave) 1.36 ms; uncapped, 2 per SM 1.45 ms, 4 per SM 1.66 ms, 8 per SM 2.10 ms.
 PARAM_GRAD_PROGRAMS_PER_SM = 4
 PARAM_GRAD_MAXNREG: int | None = 128
+PARAM_GRAD_STAGES = 3  # its loop's pipelining depth (see CPE_BWD_STAGES)
 TAPS = 9
 
 __all__ = [
@@ -198,7 +204,7 @@ def _cpe_residual_norm_fwd_kernel(
 @triton.jit
 def _reduce_partials_kernel(
     part, n_rows, s_row, out0, out1, out2, out3, out4, end0, end1, end2, end3, end4, scale,
-    BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Column sums of the fp32 partials (n_rows, end4), in a fixed order, written into up to five outputs:
     columns [0, end0) to out0, [end0, end1) to out1, [end1, end2) to out2, [end2, end3) to out3, [end3, end4)
@@ -207,7 +213,7 @@ def _reduce_partials_kernel(
     o_j = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     m_j = o_j < end4
     acc = tl.zeros([BLOCK_R, BLOCK_COLS], dtype=tl.float32)
-    for r0 in range(0, n_rows, BLOCK_R):
+    for r0 in tl.range(0, n_rows, BLOCK_R, num_stages=STAGES):
         o_r = r0 + tl.arange(0, BLOCK_R)
         offs = o_r.to(tl.int64)[:, None] * s_row + o_j[None, :]
         acc += tl.load(part + offs, mask=(o_r < n_rows)[:, None] & m_j[None, :], other=0.0)
@@ -315,6 +321,7 @@ def _cpe_residual_norm_bwd_kernel(
     sx_b, sx_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps, s_part,
     TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
     HAS_DR: tl.constexpr, HAS_DH: tl.constexpr, WRITE_H: tl.constexpr, RBIAS_GRAD: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients; with
     WRITE_H (and HAS_DH) also the forward's h = LayerNorm(r), from the recomputed r, into h (strided like g);
@@ -352,7 +359,7 @@ def _cpe_residual_norm_bwd_kernel(
     y = start - i_s * H
     i_b = i_s * 0
     col = tl.arange(0, TW)
-    for i in range(start, end):
+    for i in tl.range(start, end, num_stages=STAGES):
         if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
             i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
                 x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW)
@@ -438,6 +445,7 @@ def _dwconv_param_grad_kernel(
     H, W, C, n_tiles_w, n_rows,
     sx_b, sx_n, sdy_b, sdy_n, sg_b, sg_n, s_part,
     TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr, SILU: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """fp32 partials of the weight and bias gradients of a depthwise 3x3 convolution of x:
     dw[c, tap] = sum_p g[p, c] * x[p + tap, c] and db[c] = sum_p g[p, c], over channel block
@@ -470,7 +478,7 @@ def _dwconv_param_grad_kernel(
     y = start - i_s * H
     i_b = i_s * 0
     col = tl.arange(0, TW)
-    for i in range(start, end):
+    for i in tl.range(start, end, num_stages=STAGES):
         if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
             i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
                 x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW)
@@ -652,6 +660,7 @@ def _row_walk_programs(n_rows: int, device: torch.device, per_sm: int, n_cblocks
 # whose cost is per program, they take INTERPRETER_REDUCE_COLS columns: a state or weight gradient of tens of
 # thousands of columns would otherwise be a thousand programs, minutes of CPU time per training step.
 REDUCE_ROWS, REDUCE_COLS = 64, 32
+REDUCE_STAGES = 3  # its loop's pipelining depth (see CPE_BWD_STAGES)
 INTERPRETER_REDUCE_COLS = 1024
 
 
@@ -672,7 +681,7 @@ def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dty
     block_cols = REDUCE_COLS if part.is_cuda else INTERPRETER_REDUCE_COLS
     _reduce_partials_kernel[(triton.cdiv(part.shape[1], block_cols),)](
         part, part.shape[0], part.stride(0), *args, *ends, float(scale),
-        BLOCK_R=REDUCE_ROWS, BLOCK_COLS=block_cols, num_warps=4,
+        BLOCK_R=REDUCE_ROWS, BLOCK_COLS=block_cols, STAGES=REDUCE_STAGES, num_warps=4,
     )
     return tensors
 
@@ -781,7 +790,7 @@ def cpe_residual_norm_bwd_h(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe
         x.stride(0), x.stride(1), dr_arg.stride(0), dr_arg.stride(1),
         dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps, part.stride(0),
         TW=tw, BLOCK_C=block_c, EVEN_C=block_c == C, EVEN_W=W % tw == 0, HAS_DR=dr is not None,
-        HAS_DH=dh is not None, WRITE_H=write_h, RBIAS_GRAD=residual_bias_grad,
+        HAS_DH=dh is not None, WRITE_H=write_h, RBIAS_GRAD=residual_bias_grad, STAGES=CPE_BWD_STAGES,
         num_warps=_bwd_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
     )
     dx = _dwconv_transpose(g, weight, (H, W), residual=True)
@@ -827,7 +836,7 @@ def _param_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[
         x, weight, bias, dy, dy if g is None else g, dw_part, db_part,
         H, W, C, n_tiles_w, n_rows,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C, part.stride(0),
-        TW=tw, BLOCK_C=block_c, EVEN_C=C % block_c == 0, EVEN_W=W % tw == 0, SILU=silu,
+        TW=tw, BLOCK_C=block_c, EVEN_C=C % block_c == 0, EVEN_W=W % tw == 0, SILU=silu, STAGES=PARAM_GRAD_STAGES,
         num_warps=_bwd_num_warps(tw * block_c), maxnreg=PARAM_GRAD_MAXNREG,
     )
     dw, db = reduce_partials(part, [((C, TAPS), torch.float32), ((C,), torch.float32)])
