@@ -34,7 +34,8 @@ MAX_BLOCK_N = 256
 COLSUM_PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
 # The row loop's software-pipelining depth (tl.range(num_stages=...)): the next row blocks' loads are in flight
-# (cp.async into shared memory) while the current one is summed; 1 turns it off.
+# (cp.async into shared memory) while the current one is summed; 1 turns it off. Three column sums of a 1024²
+# block step (C=64, B=2, bf16, H200): 0.248 ms at 3 stages, 0.317 ms without (session 13, call B).
 COLSUM_STAGES = 3
 
 __all__ = ["column_sum", "column_sum_fwd"]

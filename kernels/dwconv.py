@@ -66,11 +66,10 @@ PARTIAL_PROGRAMS = 1024
 # (spilling 84 bytes a thread): 4 per SM 2.25 ms, 8 per SM 2.97 ms.
 CPE_BWD_PROGRAMS_PER_SM = 3
 CPE_BWD_MAXNREG: int | None = None
-# The loops of the row walks (the cpe backward's and the parameter gradients') and of reduce_partials are
-# software-pipelined by Triton (tl.range(num_stages=...)): the loads of the next steps are issued into shared
-# memory (cp.async) while the current step computes, rather than each step waiting for its own loads; 1 turns
-# the pipelining off (Triton 3.9 for sm_90a, C=64: 168 registers either way, 10 KiB of shared memory at 3).
-CPE_BWD_STAGES = 3
+# The row walks' loops are not software-pipelined: with tl.range(num_stages=2, 3 or 4) Triton issues the next
+# rows' loads early (cp.async into shared memory), at the same 168 registers, but the cpe backward took 3.60-3.67
+# ms instead of 1.82 ms and the parameter gradients 2.00 instead of 0.90 ms (GPU time of a 1024² block step,
+# C=64, B=2, bf16, H200; benchmarks/results/nvidia-h200/2026-11-28-session13, call B).
 # The depthwise parameter-gradient kernel walks grid rows like the cpe backward: PARAM_GRAD_PROGRAMS_PER_SM
 # programs per SM, counted over all channel blocks (PARTIAL_PROGRAMS in the interpreter), and
 # PARAM_GRAD_MAXNREG, ptxas's register cap (None: ptxas's choice). Measured on an H200 (the kernel's GPU time
@@ -78,7 +77,6 @@ CPE_BWD_STAGES = 3
 # registers, 4 per SM (one wave) 1.36 ms; uncapped, 2 per SM 1.45 ms, 4 per SM 1.66 ms, 8 per SM 2.10 ms.
 PARAM_GRAD_PROGRAMS_PER_SM = 4
 PARAM_GRAD_MAXNREG: int | None = 128
-PARAM_GRAD_STAGES = 3  # its loop's pipelining depth (see CPE_BWD_STAGES)
 TAPS = 9
 
 __all__ = [
@@ -321,7 +319,6 @@ def _cpe_residual_norm_bwd_kernel(
     sx_b, sx_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps, s_part,
     TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
     HAS_DR: tl.constexpr, HAS_DH: tl.constexpr, WRITE_H: tl.constexpr, RBIAS_GRAD: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients; with
     WRITE_H (and HAS_DH) also the forward's h = LayerNorm(r), from the recomputed r, into h (strided like g);
@@ -359,7 +356,7 @@ def _cpe_residual_norm_bwd_kernel(
     y = start - i_s * H
     i_b = i_s * 0
     col = tl.arange(0, TW)
-    for i in tl.range(start, end, num_stages=STAGES):
+    for i in range(start, end):
         if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
             i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
                 x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW)
@@ -445,7 +442,6 @@ def _dwconv_param_grad_kernel(
     H, W, C, n_tiles_w, n_rows,
     sx_b, sx_n, sdy_b, sdy_n, sg_b, sg_n, s_part,
     TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr, SILU: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """fp32 partials of the weight and bias gradients of a depthwise 3x3 convolution of x:
     dw[c, tap] = sum_p g[p, c] * x[p + tap, c] and db[c] = sum_p g[p, c], over channel block
@@ -478,7 +474,7 @@ def _dwconv_param_grad_kernel(
     y = start - i_s * H
     i_b = i_s * 0
     col = tl.arange(0, TW)
-    for i in tl.range(start, end, num_stages=STAGES):
+    for i in range(start, end):
         if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
             i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
                 x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW)
@@ -660,8 +656,11 @@ def _row_walk_programs(n_rows: int, device: torch.device, per_sm: int, n_cblocks
 # whose cost is per program, they take INTERPRETER_REDUCE_COLS columns: a state or weight gradient of tens of
 # thousands of columns would otherwise be a thousand programs, minutes of CPU time per training step.
 REDUCE_ROWS, REDUCE_COLS = 64, 32
-REDUCE_STAGES = 3  # its loop's pipelining depth (see CPE_BWD_STAGES)
 INTERPRETER_REDUCE_COLS = 1024
+# Its row loop is software-pipelined (tl.range(num_stages=REDUCE_STAGES)): the next row blocks' loads are in
+# flight (cp.async) while the current one is summed. The 273 reductions of a MLLA-UNet-T training step (224²,
+# batch 48, bf16, H200) took 1.30 ms at 3 stages, 1.49 ms without (session 13, call B); 1 turns it off.
+REDUCE_STAGES = 3
 
 
 def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dtype]],
@@ -790,7 +789,7 @@ def cpe_residual_norm_bwd_h(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe
         x.stride(0), x.stride(1), dr_arg.stride(0), dr_arg.stride(1),
         dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps, part.stride(0),
         TW=tw, BLOCK_C=block_c, EVEN_C=block_c == C, EVEN_W=W % tw == 0, HAS_DR=dr is not None,
-        HAS_DH=dh is not None, WRITE_H=write_h, RBIAS_GRAD=residual_bias_grad, STAGES=CPE_BWD_STAGES,
+        HAS_DH=dh is not None, WRITE_H=write_h, RBIAS_GRAD=residual_bias_grad,
         num_warps=_bwd_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
     )
     dx = _dwconv_transpose(g, weight, (H, W), residual=True)
@@ -836,7 +835,7 @@ def _param_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[
         x, weight, bias, dy, dy if g is None else g, dw_part, db_part,
         H, W, C, n_tiles_w, n_rows,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C, part.stride(0),
-        TW=tw, BLOCK_C=block_c, EVEN_C=C % block_c == 0, EVEN_W=W % tw == 0, SILU=silu, STAGES=PARAM_GRAD_STAGES,
+        TW=tw, BLOCK_C=block_c, EVEN_C=C % block_c == 0, EVEN_W=W % tw == 0, SILU=silu,
         num_warps=_bwd_num_warps(tw * block_c), maxnreg=PARAM_GRAD_MAXNREG,
     )
     dw, db = reduce_partials(part, [((C, TAPS), torch.float32), ((C,), torch.float32)])
