@@ -695,6 +695,8 @@ class PixelShuffle4LayerNormFunction(torch.autograd.Function):
 
 # Elements of the expand output (16C per input token) per chunk of images of the fused head: 64 MiB in bf16.
 HEAD_CHUNK = 1 << 25
+# The head's logit GEMMs run on CLASS_MULTIPLE-aligned class counts (16-byte rows in bf16; FinalHeadFunction).
+CLASS_MULTIPLE = 8
 
 
 def _head_chunks(batch: int, per_image: int) -> list[tuple[int, int]]:
@@ -718,6 +720,11 @@ class FinalHeadFunction(torch.autograd.Function):
     output cast for the convolution) and projected to the logits, and the backward recomputes the chunk's
     expand output and normalised features instead of keeping them: one more (C -> 16C) GEMM and shuffle +
     LayerNorm pass.
+
+    The logits' GEMMs take the head weight padded with zero rows to a multiple of CLASS_MULTIPLE classes (and
+    the output gradient with zero columns): with 9 classes their rows were 18 bytes, and cuBLAS fell back to
+    kernels for unaligned operands (cutlass_75 ``align1``: 1.0 ms of a MLLA-UNet-T training step at 224²,
+    batch 48, on an H200).
     """
 
     @staticmethod
@@ -726,14 +733,17 @@ class FinalHeadFunction(torch.autograd.Function):
         dtype = compute_dtype(x)
         B, N, C = x.shape
         K = head_weight.shape[0]
+        padded = -(-K // CLASS_MULTIPLE) * CLASS_MULTIPLE
         with torch.autocast(x.device.type, enabled=False):
-            we, wh = expand_weight.to(dtype), head_weight.reshape(K, C).to(dtype)
+            we = expand_weight.to(dtype)
+            wh = F.pad(head_weight.reshape(K, C).to(dtype), (0, 0, 0, padded - K))  # (padded, C), zero rows
             out = torch.empty((B, K, 16 * N), dtype=dtype, device=x.device)
             for s, e in _head_chunks(B, 16 * N * C):
                 _, z = _head_features(x[s:e].to(dtype), we, norm_weight, norm_bias, H, W, eps)
-                out[s:e] = (z.reshape(-1, C) @ wh.t()).view(e - s, 16 * N, K).transpose(1, 2)
+                out[s:e] = (z.reshape(-1, C) @ wh.t()).view(e - s, 16 * N, padded)[..., :K].transpose(1, 2)
         ctx.save_for_backward(x, we, wh, norm_weight, norm_bias)
         ctx.grid = (H, W, eps)
+        ctx.classes = K
         ctx.param_dtypes = (expand_weight.dtype, norm_weight.dtype, norm_bias.dtype, head_weight.dtype)
         return out.view(B, K, 4 * H, 4 * W)
 
@@ -742,7 +752,7 @@ class FinalHeadFunction(torch.autograd.Function):
         x, we, wh, norm_weight, norm_bias = ctx.saved_tensors
         H, W, eps = ctx.grid
         B, N, C = x.shape
-        K = wh.shape[0]
+        K, padded = ctx.classes, wh.shape[0]
         dtype = we.dtype
         acc = torch.promote_types(ctx.param_dtypes[0], torch.float32)
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
@@ -750,7 +760,8 @@ class FinalHeadFunction(torch.autograd.Function):
         for s, e in _head_chunks(B, 16 * N * C):
             xc = x[s:e].to(dtype)
             y, z = _head_features(xc, we, norm_weight, norm_bias, H, W, eps)
-            g = grad_out[s:e].reshape(e - s, K, 16 * N).transpose(1, 2).to(dtype).reshape(-1, K)
+            g = F.pad(grad_out[s:e].reshape(e - s, K, 16 * N).transpose(1, 2).to(dtype), (0, padded - K))
+            g = g.reshape(-1, padded)
             dwh_c = matmul_to(g.t(), z.reshape(-1, C), acc)
             del z
             dz = (g @ wh).view(e - s, 16 * N, C)
@@ -765,7 +776,7 @@ class FinalHeadFunction(torch.autograd.Function):
             else:
                 dwe, dwh, dnw, dnb = dwe + dwe_c, dwh + dwh_c, dnw + dnw_c, dnb + dnb_c
         we_dtype, nw_dtype, nb_dtype, wh_dtype = ctx.param_dtypes
-        return (dx, dwe.to(we_dtype), dnw.to(nw_dtype), dnb.to(nb_dtype), dwh.view(K, C, 1, 1).to(wh_dtype),
+        return (dx, dwe.to(we_dtype), dnw.to(nw_dtype), dnb.to(nb_dtype), dwh[:K].view(K, C, 1, 1).to(wh_dtype),
                 None, None, None)
 
 
