@@ -29,7 +29,8 @@ largest activation of each op is read once and never rewritten.
 Each Triton op is a pair of ``torch.library`` custom ops (forward and backward, with fake
 implementations, so ``torch.compile`` traces around them) called from a ``torch.autograd.Function``.
 The 1x1 convolutions are GEMMs on tokens (``mlla_fast.linear`` on the (out, in) view of the weight) and
-BatchNorm is ``F.batch_norm`` on the (B*N, C) token matrix, neither with a permute.
+BatchNorm is ``F.batch_norm`` on the (B*N, C) token matrix, neither with a permute; EUSM's closing LayerNorm is
+the token LayerNorm of ``kernels/layer_norm.py``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ..backend import fused_supported, multiprocessors
 from ..linear import chunk_ranges, compute_dtype, linear, matmul_to
 from ..reference.ops import check_tokens
 from ..reference.sampling import TokenSampler
+from .layer_norm import layer_norm
 
 __all__ = [
     "dwconv_stride2_relu",
@@ -1006,7 +1008,7 @@ def patch_expand(
     h = linear(x, expand_weight.view(E, C), expand_bias)
     h = DWConvTranspose2xFunction.apply(h, dwt_weight, H, W, True)
     h = _batch_norm_tokens(linear(h, reduce_weight.view(C_out, E), reduce_bias), bn)
-    return F.layer_norm(h, (C_out,), norm_weight, norm_bias, eps)
+    return layer_norm(h, norm_weight, norm_bias, eps)
 
 
 def final_expand(x: Tensor, hw: tuple[int, int], expand_weight: Tensor, norm_weight: Tensor, norm_bias: Tensor,

@@ -15,7 +15,8 @@ import copy
 import pytest
 import torch
 
-from mlla_fast.kernels import sampling
+from mlla_fast.kernels import dwconv, sampling
+from mlla_fast.kernels import layer_norm as ln
 from mlla_fast.kernels.sampling import (
     dwconv_stride2_relu,
     dwconv_transpose2x,
@@ -52,7 +53,7 @@ LOWP = [torch.bfloat16, torch.float16]
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(poison_outputs):
-    poison_outputs(sampling)
+    poison_outputs(sampling, ln, dwconv)
 
 
 def leaves(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
