@@ -1,13 +1,14 @@
-"""Fused versions of the U-Net's sampling parts (stem, EDSM, EUSM, final x4 expand, skip fusion).
+"""Fused versions of the U-Net's parts outside the blocks (stem, EDSM, EUSM, final x4 expand, skip fusion,
+LayerNorm).
 
-Each subclasses the reference module (same parameters and state-dict names) and runs the
-token-major Triton kernel of ``mlla_fast.kernels.sampling`` named ``kernel`` when its backend allows.
+Each subclasses the reference module (same parameters and state-dict names) and runs its token-major Triton
+kernel (for the samplers the op of ``mlla_fast.kernels.sampling`` named ``kernel``) when its backend allows.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .backend import check_backend, use_fused
 from .linear import linear
@@ -74,3 +75,35 @@ class ConcatLinear(ReferenceConcatLinear):
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         C = x.shape[-1]
         return linear(x, self.weight[:, :C], self.bias) + linear(skip, self.weight[:, C:])
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm on the Triton LayerNorm (``kernels/layer_norm.py``) where the fused path runs: same
+    constructor (plus ``backend``), parameters and state-dict names, and the output dtype ``F.layer_norm`` gives.
+
+    (..., C) -> (..., C). Without weight or bias, or normalising over more than the last dimension, it runs
+    nn.LayerNorm; so it does with backend "auto" for more channels than the kernels take.
+    """
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = check_backend(backend)
+
+    @classmethod
+    def from_layer_norm(cls, module: nn.LayerNorm, backend: str | None = None) -> LayerNorm:
+        """A new LayerNorm with module's shape, eps, parameter values, device and dtype."""
+        factory = {} if module.weight is None else {"device": module.weight.device, "dtype": module.weight.dtype}
+        new = cls(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
+                  bias=module.bias is not None, backend=backend, **factory)
+        new.load_state_dict(module.state_dict())
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.weight is None or self.bias is None or len(self.normalized_shape) != 1
+                or not use_fused(self.backend, x)):
+            return super().forward(x)
+        from .kernels.layer_norm import MAX_CHANNELS, layer_norm
+
+        if x.shape[-1] > MAX_CHANNELS and self.backend != "triton":
+            return super().forward(x)
+        return layer_norm(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.bias, self.eps)

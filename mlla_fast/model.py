@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .backend import check_backend, use_fused
 from .block import MLLABlock
-from .layers import ConcatLinear, FinalPatchExpand_X4, PatchExpand, PatchMerging, Stem
+from .layers import ConcatLinear, FinalPatchExpand_X4, LayerNorm, PatchExpand, PatchMerging, Stem
 from .reference.unet import MODEL_CONFIGS
 from .reference.unet import MLLAUNet as ReferenceMLLAUNet
 
@@ -28,6 +28,10 @@ class MLLAUNet(ReferenceMLLAUNet):
         kwargs.update({k: functools.partial(cls, backend=self.backend) for k, cls in parts.items()})
         kwargs["concat_cls"] = ConcatLinear
         super().__init__(*args, **kwargs)
+        # The reference builds the bottleneck norm and norm_up as nn.LayerNorm (no constructor hook): the same
+        # modules on the Triton LayerNorm, with the same parameters and state-dict names.
+        self.norm = LayerNorm.from_layer_norm(self.norm, backend=self.backend)
+        self.norm_up = LayerNorm.from_layer_norm(self.norm_up, backend=self.backend)
 
     def head(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """The output head; on the fused path one op over chunks of images (``kernels.sampling.final_head``)
