@@ -29,8 +29,8 @@ largest activation of each op is read once and never rewritten.
 Each Triton op is a pair of ``torch.library`` custom ops (forward and backward, with fake
 implementations, so ``torch.compile`` traces around them) called from a ``torch.autograd.Function``.
 The 1x1 convolutions are GEMMs on tokens (``mlla_fast.linear`` on the (out, in) view of the weight) and
-BatchNorm is ``F.batch_norm`` on the (B*N, C) token matrix, neither with a permute; EUSM's closing LayerNorm is
-the token LayerNorm of ``kernels/layer_norm.py``.
+BatchNorm runs on the (B*N, C) token matrix (kernels/batch_norm.py, or ``F.batch_norm`` off the fused path),
+neither with a permute; EUSM's closing LayerNorm is the token LayerNorm of ``kernels/layer_norm.py``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from ..backend import fused_supported, multiprocessors
 from ..linear import chunk_ranges, compute_dtype, linear, matmul_to
 from ..reference.ops import check_tokens
 from ..reference.sampling import TokenSampler
+from .batch_norm import BatchNormTokensFunction
 from .layer_norm import layer_norm
 
 __all__ = [
@@ -831,10 +832,12 @@ def _check_batch_norm(bn: nn.Module, channels: int) -> None:
 def _batch_norm_tokens(y: Tensor, bn: nn.Module) -> Tensor:
     """bn applied to tokens y (B, N, C): per-channel statistics over all B*N tokens, as over (B, H, W) on the image.
 
-    An ``nn.BatchNorm2d`` runs as ``F.batch_norm`` on the (B*N, C) token matrix (no copy) with the module's own
+    An ``nn.BatchNorm2d`` computes ``F.batch_norm`` on the (B*N, C) token matrix (no copy) with the module's own
     train/eval logic: batch statistics and a running-statistics update (momentum, or the cumulative average
     when momentum is None, counted by num_batches_tracked) in training mode, the running statistics in eval
-    mode. Other BatchNorm modules (e.g. SyncBatchNorm) run their own forward on the (B*N, C, 1, 1) view.
+    mode. On the fused path it runs on the Triton kernels of kernels/batch_norm.py (the running statistics
+    updated here, in PyTorch, from the batch mean and variance they return), elsewhere on ``F.batch_norm``.
+    Other BatchNorm modules (e.g. SyncBatchNorm) run their own forward on the (B*N, C, 1, 1) view.
     """
     B, N, C = y.shape
     if type(bn) is not nn.BatchNorm2d:
@@ -845,9 +848,37 @@ def _batch_norm_tokens(y: Tensor, bn: nn.Module) -> Tensor:
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     running = not bn.training or bn.track_running_stats
-    out = F.batch_norm(y.reshape(B * N, C), bn.running_mean if running else None, bn.running_var if running else None,
-                       bn.weight, bn.bias, batch_stats, factor, bn.eps)
-    return out.view(B, N, C)
+    running_mean = bn.running_mean if running else None
+    running_var = bn.running_var if running else None
+    x = y.reshape(B * N, C)
+    if not _triton_batch_norm_supported(x, bn, running_mean, running_var, batch_stats):
+        out = F.batch_norm(x, running_mean, running_var, bn.weight, bn.bias, batch_stats, factor, bn.eps)
+        return out.view(B, N, C)
+    if batch_stats:
+        mean, var = torch.ops.mlla_fast.batch_norm_stats(x.detach())
+        if running_mean is not None:
+            # F.batch_norm's update: the unbiased variance, momentum * new + (1 - momentum) * old in fp32.
+            M = x.shape[0]
+            with torch.no_grad():
+                running_mean.copy_(mean * factor + running_mean.float() * (1.0 - factor))
+                running_var.copy_(var * (factor * M / (M - 1)) + running_var.float() * (1.0 - factor))
+    else:
+        mean, var = running_mean, running_var
+    return BatchNormTokensFunction.apply(x, mean, var, bn.weight, bn.bias, bn.eps, batch_stats).view(B, N, C)
+
+
+def _triton_batch_norm_supported(x: Tensor, bn: nn.BatchNorm2d, running_mean: Tensor | None,
+                                 running_var: Tensor | None, batch_stats: bool) -> bool:
+    """Whether ``_batch_norm_tokens`` runs the Triton BatchNorm (kernels/batch_norm.py) on the (M, C) tokens x:
+    on the fused path (``fused_supported``), with parameters and statistics in fp32 or x's dtype on x's device
+    (as PyTorch's mixed-precision BatchNorm takes them), both running statistics or neither, and more than one
+    row where batch statistics are taken (else F.batch_norm raises its own error)."""
+    if fused_supported(x) is not None or (running_mean is None) != (running_var is None):
+        return False
+    if batch_stats and x.shape[0] < 2:
+        return False
+    tensors = [t for t in (bn.weight, bn.bias, running_mean, running_var) if t is not None]
+    return all(t.device == x.device and t.dtype in (torch.float32, x.dtype) for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
