@@ -230,3 +230,29 @@ def test_custom_op_registration(op, args, device):
     """Schema and fake (meta) implementation of each custom op."""
     torch.library.opcheck(getattr(torch.ops.mlla_fast, op).default, args(device),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize(("dtype", "param_dtype"), [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                    (torch.float16, torch.float32)])
+def test_low_precision_without_autocast(dtype, param_dtype, device):
+    """Low-precision tokens with parameters and running statistics in their dtype or in fp32 (both of which
+    PyTorch's BatchNorm takes), in training mode: outputs and gradients in those dtypes, under the
+    low-precision rule against float64."""
+    B, N, C = 2, 29, 64
+    bn = make_bn(C, True, 0.1, True, device).to(param_dtype)
+    ref, lowp = copy.deepcopy(bn).double(), copy.deepcopy(bn)
+    y = (torch.randn(B, N, C, device=device) * 2.0 + 0.7).to(dtype)
+    g = torch.randn(B, N, C, device=device).to(dtype)
+    outs = run(bn, y, g, fused=True)
+    lows = run(lowp, y, g, fused=False)
+    refs = run(ref, y.double(), g.double(), fused=False)
+    for name, o, r, low in zip(NAMES, outs, refs, lows, strict=True):
+        assert o.dtype == low.dtype, name
+        assert_matches(name, o, r, low, dtype)
+    for name in ("running_mean", "running_var"):
+        t, r, low = getattr(bn, name), getattr(ref, name), getattr(lowp, name)
+        assert t.dtype == param_dtype
+        if param_dtype == torch.float32:
+            assert_matches(name, t, r)
+        else:
+            assert_matches(name, t, r, low, param_dtype)
