@@ -57,8 +57,11 @@ NUM_WARPS = 8
 # per program, INTERPRETER_PROGRAMS, few, so that the tests make programs walk several row blocks.
 PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 3
-# Rows of partials the merge kernel takes per step.
+# The merge kernel: one program per COMBINE_BLOCK_C channels (2 to 16 programs for 64..512 channels, rather than
+# one or two), each summing [COMBINE_ROWS, COMBINE_BLOCK_C] tiles of partials, 16 fp32 per thread in 4 warps
+# (with 256 channels per program, 64 rows spilled in an offline sm_90 compile).
 COMBINE_ROWS = 64
+COMBINE_BLOCK_C = 32
 
 __all__ = ["BatchNormTokensFunction", "batch_norm_apply", "batch_norm_bwd", "batch_norm_stats"]
 
@@ -249,9 +252,9 @@ def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     )
     mean = _empty((C,), torch.float32, x.device)
     var = _empty((C,), torch.float32, x.device)
-    _bn_combine_kernel[(n_cblocks,)](
+    _bn_combine_kernel[(triton.cdiv(C, COMBINE_BLOCK_C),)](
         x, part, mean, var, M, C, part.stride(0), rows_per_prog, n_progs,
-        BLOCK_P=COMBINE_ROWS, BLOCK_C=block_c, num_warps=4,
+        BLOCK_P=COMBINE_ROWS, BLOCK_C=COMBINE_BLOCK_C, num_warps=4,
     )
     return mean, var
 
