@@ -206,7 +206,7 @@ def test_falls_back_off_the_fused_path(device):
     """float64 tokens are not on the fused path: F.batch_norm, as before."""
     bn = make_bn(32, True, 0.1, True, device).double()
     ref = copy.deepcopy(bn)
-    y, g = torch.randn(2, 5, 32, device=device, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+    y, g = (torch.randn(2, 5, 32, device=device, dtype=torch.float64) for _ in range(2))
     for name, o, r in zip(NAMES, run(bn, y, g, fused=True), run(ref, y, g, fused=False), strict=True):
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12, msg=name)
     check_state(bn, ref)
