@@ -25,3 +25,11 @@ step() {
     tail -n 1 /tmp/res/steps.txt
     tar czf "$OUT/res.tgz" -C /tmp/res . 2>/dev/null
 }
+# Added in session 13 (the scripts above never called it): tree COMMIT unpacks .gpu/tree_COMMIT.tar (a git archive)
+# into /tmp/t_COMMIT and prints the prefix that runs a command in it, as $B0 does for the base:
+# B1=$(tree X); step name "$B1 python3 ...". T: the compiled tests' pytest command.
+tree() {
+    mkdir -p /tmp/t_$1 && tar xf .gpu/tree_$1.tar -C /tmp/t_$1 && (cd /tmp/t_$1 && cp -r kernels reference mlla_fast/)
+    echo "cd /tmp/t_$1 && PYTHONPATH=/tmp/t_$1:/tmp/site2 MLLA_FAST_COMMIT=$1"
+}
+T="python3 -m pytest -p no:cacheprovider --tb=short -q"
