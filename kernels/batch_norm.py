@@ -41,8 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backend import multiprocessors
-from .dwconv import block_runs, reduce_partials
+from .dwconv import reduce_partials, row_runs, rows
 from .lowp import cast
 
 # Elements of one [BLOCK_M, BLOCK_C] tile, and the widest channel block (256 fp32 = 1 KiB of a row; the U-Net's
@@ -216,12 +215,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """t (M, C) with unit channel stride: itself where it has one, else a contiguous copy (also of a gradient with
-    channel stride 0, as ``out.sum().backward()`` hands the backward)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _tile(C: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, channel blocks) of a tile of about TILE_ELEMENTS elements."""
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(C))
@@ -231,17 +224,12 @@ def _tile(C: int) -> tuple[int, int, int]:
 def _runs(M: int, block_m: int, n_cblocks: int, device: torch.device) -> tuple[int, int]:
     """(programs P along the rows, rows per program) of a reducing launch: P fixed runs of whole row blocks, about
     PROGRAMS_PER_SM per SM over all channel blocks (INTERPRETER_PROGRAMS off CUDA), no run empty."""
-    if device.type == "cuda":
-        target = PROGRAMS_PER_SM * multiprocessors(device) // n_cblocks
-    else:
-        target = INTERPRETER_PROGRAMS
-    n_progs, blocks_per_prog = block_runs(triton.cdiv(M, block_m), target)
-    return n_progs, blocks_per_prog * block_m
+    return row_runs(M, block_m, device, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, n_cblocks)
 
 
 def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Launch the statistics: x (M, C), M >= 1 -> (mean, biased variance), (C,) each in fp32."""
-    x = _rows(x)
+    x = rows(x)
     M, C = x.shape
     block_m, block_c, n_cblocks = _tile(C)
     n_progs, rows_per_prog = _runs(M, block_m, n_cblocks, x.device)
@@ -262,7 +250,7 @@ def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 def batch_norm_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
                      eps: float) -> Tensor:
     """Launch the normalisation: x (M, C) -> (x - mean) / sqrt(var + eps) * weight + bias, (M, C) in x's dtype."""
-    x = _rows(x)
+    x = rows(x)
     M, C = x.shape
     y = _empty((M, C), x.dtype, x.device)
     if M:
@@ -280,7 +268,7 @@ def batch_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Ten
 
     batch_stats: mean and var are x's own batch statistics (training), so dx carries their dependence on x;
     otherwise they are constants (running statistics)."""
-    x, dy = _rows(x), _rows(dy)
+    x, dy = rows(x), rows(dy)
     M, C = x.shape
     dx = _empty((M, C), x.dtype, x.device)
     block_m, block_c, n_cblocks = _tile(C)

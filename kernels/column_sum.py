@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backend import fused_supported, multiprocessors
-from .dwconv import block_runs, reduce_partials
+from ..backend import fused_supported
+from .dwconv import reduce_partials, row_runs
 
 # Elements of one program's [BLOCK_M, BLOCK_N] tile (one loop step) and its warps: 32 elements per thread,
 # 64 bytes of bf16 (four 16-byte loads) in flight per thread and step, 32 fp32 accumulators. BLOCK_N is at
@@ -86,13 +86,9 @@ def _launch_geometry(M: int, N: int, device: torch.device) -> tuple[int, int, in
     least one, and no run empty."""
     block_n = min(MAX_BLOCK_N, triton.next_power_of_2(N))
     block_m = max(1, COLSUM_TILE_ELEMENTS // block_n)
-    n_cblocks = triton.cdiv(N, block_n)
-    if device.type == "cuda":
-        target = COLSUM_PROGRAMS_PER_SM * multiprocessors(device) // n_cblocks
-    else:
-        target = INTERPRETER_PROGRAMS
-    n_progs, blocks_per_prog = block_runs(triton.cdiv(M, block_m), target)
-    return block_m, block_n, n_progs, blocks_per_prog * block_m
+    n_progs, rows_per_prog = row_runs(M, block_m, device, COLSUM_PROGRAMS_PER_SM, INTERPRETER_PROGRAMS,
+                                      triton.cdiv(N, block_n))
+    return block_m, block_n, n_progs, rows_per_prog
 
 
 def column_sum_fwd(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -636,6 +636,27 @@ def block_runs(n_blocks: int, target: int) -> tuple[int, int]:
     return triton.cdiv(n_blocks, per_run), per_run
 
 
+def row_runs(n_rows: int, block_rows: int, device: torch.device, per_sm: int, interpreter_programs: int,
+             n_cblocks: int = 1) -> tuple[int, int]:
+    """(programs P, rows per program) of a launch whose programs each sum a fixed run of whole blocks of
+    block_rows rows into one row of partials: about per_sm programs per SM over all n_cblocks column blocks on
+    a GPU, interpreter_programs elsewhere (few, so that the tests make programs walk several blocks); no run
+    empty (``block_runs``)."""
+    if device.type == "cuda":
+        target = per_sm * multiprocessors(device) // n_cblocks
+    else:
+        target = interpreter_programs
+    n_progs, blocks_per_prog = block_runs(triton.cdiv(n_rows, block_rows), target)
+    return n_progs, blocks_per_prog * block_rows
+
+
+def rows(t: Tensor) -> Tensor:
+    """t (..., C) as an (M, C) matrix with unit channel stride: a view where the leading dimensions allow, else
+    a copy (also of a gradient with channel stride 0, as ``y.sum().backward()`` hands a backward)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.shape[-1] <= 1 or t2.stride(-1) == 1 else t2.contiguous()
+
+
 def _row_walk_programs(n_rows: int, device: torch.device, per_sm: int, n_cblocks: int = 1) -> int:
     """Programs per channel block of a kernel whose programs walk runs of row tiles: per_sm per SM on a GPU,
     PARTIAL_PROGRAMS in the interpreter (so that the tests can make programs walk many rows), in all over the

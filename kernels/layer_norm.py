@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backend import fused_supported, multiprocessors
-from .dwconv import block_runs, reduce_partials
+from ..backend import fused_supported
+from .dwconv import reduce_partials, row_runs, rows
 from .lowp import cast
 
 # The widest row a tile holds (one row of BLOCK_C = 4096 fp32 values per program, 16 per thread in the
@@ -128,13 +128,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """t as an (M, C) matrix with unit channel stride: a view where the leading dimensions allow, else a copy
-    (also of a gradient with channel stride 0, as ``y.sum().backward()`` hands the backward)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _tile(C: int) -> tuple[int, int]:
     """(BLOCK_M rows, BLOCK_C >= C channels) of a tile of about TILE_ELEMENTS elements holding whole rows."""
     block_c = triton.next_power_of_2(C)
@@ -144,15 +137,13 @@ def _tile(C: int) -> tuple[int, int]:
 def _bwd_runs(M: int, block_m: int, device: torch.device) -> tuple[int, int]:
     """(programs P, rows per program) of the backward: P fixed runs of whole row blocks, about
     BWD_PROGRAMS_PER_SM per SM (INTERPRETER_PROGRAMS off CUDA), no run empty and at least one program."""
-    target = BWD_PROGRAMS_PER_SM * multiprocessors(device) if device.type == "cuda" else INTERPRETER_PROGRAMS
-    n_progs, blocks_per_prog = block_runs(triton.cdiv(M, block_m), target)
-    return n_progs, blocks_per_prog * block_m
+    return row_runs(M, block_m, device, BWD_PROGRAMS_PER_SM, INTERPRETER_PROGRAMS)
 
 
 def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float, fp32_out: bool) -> Tensor:
     """Launch the forward: x (..., C) -> y (..., C) contiguous, in fp32 if fp32_out else in x's dtype."""
     C = x.shape[-1]
-    x2 = _rows(x)
+    x2 = rows(x)
     M = x2.shape[0]
     y = _empty(tuple(x.shape), torch.float32 if fp32_out else x.dtype, x.device)
     if M:
@@ -167,7 +158,7 @@ def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float, fp32_out
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward: (dx in x's dtype and shape, dweight in weight's dtype, dbias in bias's dtype)."""
     C = x.shape[-1]
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = rows(x), rows(dy)
     M = x2.shape[0]
     dx = _empty(tuple(x.shape), x.dtype, x.device)
     block_m, block_c = _tile(C)
@@ -251,6 +242,12 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> None:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
 
 
+def returns_fp32(t: Tensor, C: int) -> bool:
+    """Whether ``F.layer_norm`` over C channels of a tensor like t returns fp32 here: autocast runs LayerNorm in
+    fp32 on CUDA (an empty call; no kernel)."""
+    return F.layer_norm(t.new_empty((0, C)), (C,)).dtype == torch.float32
+
+
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the last dimension, ``F.layer_norm(x, (C,), weight, bias, eps)``, on Triton kernels.
 
@@ -268,5 +265,5 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
     """
     _check_inputs(x, weight, bias, eps)
     C = x.shape[-1]
-    fp32_out = F.layer_norm(x.new_empty((0, C)), (C,)).dtype == torch.float32
+    fp32_out = returns_fp32(x, C)
     return layer_norm_fwd_op(x, weight, bias, float(eps), fp32_out)

@@ -29,8 +29,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from ..backend import fused_supported, interpreter_enabled, multiprocessors
-from .dwconv import block_runs, reduce_partials
+from ..backend import fused_supported, interpreter_enabled
+from .dwconv import reduce_partials, row_runs, rows
 from .lowp import cast, mma
 
 # The widest layer the kernels take: x's tile (BLOCK_M x C) and the output accumulator stay in registers.
@@ -238,12 +238,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """t as a 2-D (tokens, channels) matrix with unit channel stride (a view where possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.shape[-1] <= 1 or t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _launch_args(C: int, dtype: torch.dtype) -> dict:
     block_c = max(16, triton.next_power_of_2(C))
     return {"DT": _TL_DTYPES[dtype], "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
@@ -254,12 +248,12 @@ def mlp_fwd(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, residual:
             dtype: torch.dtype) -> Tensor:
     """Launch the forward: x (..., C) -> (..., C) in dtype (the compute dtype, promoted with the residual's)."""
     C, HID = x.shape[-1], w1.shape[0]
-    x2 = _rows(x)
+    x2 = rows(x)
     M = x2.shape[0]
     w1, b1, w2, b2 = (t.to(dtype) for t in (w1, b1, w2, b2))  # the kernels' weight loads are then plain copies
     out_dtype = dtype if residual is None else torch.promote_types(dtype, residual.dtype)
     y = _empty((M, C), out_dtype, x.device)
-    r2 = _rows(residual) if residual is not None else y
+    r2 = rows(residual) if residual is not None else y
     if M:
         _mlp_fwd_kernel[(triton.cdiv(M, FWD_BLOCK_M),)](
             x2, w1, b1, w2, b2, r2, y, M, C, HID, x2.stride(0), r2.stride(0), y.stride(0),
@@ -272,16 +266,14 @@ def mlp_fwd(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, residual:
 def _dw_runs(M: int, n_slices: int, device: torch.device) -> tuple[int, int]:
     """(token runs P, rows per run): whole DW_BLOCK_M blocks, about DW_PROGRAMS_PER_SM programs per SM over
     all hidden slices (INTERPRETER_RUNS off CUDA), no run empty."""
-    target = DW_PROGRAMS_PER_SM * multiprocessors(device) // n_slices if device.type == "cuda" else INTERPRETER_RUNS
-    n_runs, blocks_per_run = block_runs(triton.cdiv(M, DW_BLOCK_M), target)
-    return n_runs, blocks_per_run * DW_BLOCK_M
+    return row_runs(M, DW_BLOCK_M, device, DW_PROGRAMS_PER_SM, INTERPRETER_RUNS, n_slices)
 
 
 def mlp_bwd(dy: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, tanh: bool,
             dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward: (dx in x's dtype, dw1, db1, dw2, db2 in the dtypes of w1, b1, w2, b2)."""
     C, HID = x.shape[-1], w1.shape[0]
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = rows(x), rows(dy)
     M = x2.shape[0]
     dx = _empty((M, C), x.dtype, x.device)
     args = _launch_args(C, dtype)

@@ -48,7 +48,7 @@ from ..linear import chunk_ranges, compute_dtype, linear, matmul_to
 from ..reference.ops import check_tokens
 from ..reference.sampling import TokenSampler
 from .batch_norm import BatchNormTokensFunction
-from .layer_norm import layer_norm
+from .layer_norm import layer_norm, returns_fp32
 
 __all__ = [
     "dwconv_stride2_relu",
@@ -686,7 +686,7 @@ class PixelShuffle4LayerNormFunction(torch.autograd.Function):
         ctx.save_for_backward(y, weight, bias)
         ctx.grid = (H, W, eps)
         # The output dtype F.layer_norm would give here: autocast runs LayerNorm in fp32 on CUDA.
-        fp32_out = F.layer_norm(y.new_empty((0, y.shape[2] // 16)), (y.shape[2] // 16,)).dtype == torch.float32
+        fp32_out = returns_fp32(y, y.shape[2] // 16)
         return torch.ops.mlla_fast.pixel_shuffle4_layernorm_fwd(y, weight, bias, H, W, eps, fp32_out)
 
     @staticmethod
