@@ -44,6 +44,7 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from ..backend import fused_supported, multiprocessors
+from ..casts import cast
 from ..linear import chunk_ranges, compute_dtype, linear, matmul_to
 from ..reference.ops import check_tokens
 from ..reference.sampling import TokenSampler
@@ -738,8 +739,8 @@ class FinalHeadFunction(torch.autograd.Function):
         K = head_weight.shape[0]
         padded = -(-K // CLASS_MULTIPLE) * CLASS_MULTIPLE
         with torch.autocast(x.device.type, enabled=False):
-            we = expand_weight.to(dtype)
-            wh = F.pad(head_weight.reshape(K, C).to(dtype), (0, 0, 0, padded - K))  # (padded, C), zero rows
+            we = cast(expand_weight, dtype)
+            wh = F.pad(cast(head_weight, dtype).reshape(K, C), (0, 0, 0, padded - K))  # (padded, C), zero rows
             out = torch.empty((B, K, 16 * N), dtype=dtype, device=x.device)
             for s, e in _head_chunks(B, 16 * N * C):
                 _, z = _head_features(x[s:e].to(dtype), we, norm_weight, norm_bias, H, W, eps)

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .casts import cast
 from .kernels import linear_attention as _la
 from .kernels.dwconv import _check_stencil_inputs, dwconv_silu_bwd, dwconv_silu_fwd
 from .kernels.linear_attention import (
@@ -311,7 +312,7 @@ class _QKLinearAttention(torch.autograd.Function):
                 out_weight: Tensor | None, out_bias: Tensor | None, residual: Tensor | None, H: int, W: int,
                 num_heads: int, gate_silu: bool) -> Tensor:
         # the weights cast once per call, as F.linear under autocast would (autocast leaves custom ops alone)
-        params = [None if p is None else p.to(x.dtype) for p in (qk_weight, qk_bias, out_weight, out_bias)]
+        params = [None if p is None else cast(p, x.dtype) for p in (qk_weight, qk_bias, out_weight, out_bias)]
         # with a residual the op returns the attention's output a, and out_proj accumulates into the residual here
         inside = [None, None] if residual is not None else params[2:]
         y, v, kv, ksum = qk_linear_attention_fwd_op(x, g, dwc_weight, dwc_bias, params[0], params[1], lepe_weight,

@@ -61,8 +61,8 @@ class MLLABlock(ReferenceMLLABlock):
         # (mlla_fast/norm_linear.py)
         r, gv = cpe_norm_linear(
             x, self.cpe1.weight, self.cpe1.bias, self.norm1.weight, self.norm1.bias,
-            torch.cat([self.act_proj.weight, self.in_proj.weight]), torch.cat([self.act_proj.bias, self.in_proj.bias]),
-            hw, self.norm1.eps, residual_bias=self.out_proj.bias if fold else None,
+            (self.act_proj.weight, self.in_proj.weight), (self.act_proj.bias, self.in_proj.bias), hw, self.norm1.eps,
+            residual_bias=self.out_proj.bias if fold else None,
         )
         # the value's depthwise convolution + SiLU, qk = v W_qk + b_qk (recomputed in the backward instead of
         # kept), the attention, the gate's SiLU and out_proj in one Function (mlla_fast/attention.py), whose

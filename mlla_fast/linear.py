@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import fused_supported
+from .casts import cast
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -33,8 +34,8 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            xc, wc = x.to(dtype), weight.to(dtype)
-            y = F.linear(xc, wc, None if bias is None else bias.to(dtype))
+            xc, wc = x.to(dtype), cast(weight, dtype)
+            y = F.linear(xc, wc, None if bias is None else cast(bias, dtype))
         ctx.save_for_backward(xc, wc)
         ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .casts import cast
 from .linear import bias_grad, chunk_ranges, compute_dtype, matmul_to
 
 # Hidden elements per chunk: 128 MiB in bf16. With chunks of 2^24, a 512² block's fwd+bwd (batch 2, bf16)
@@ -39,7 +40,7 @@ class _ChunkedMLP(torch.autograd.Function):
     def forward(ctx, h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, approximate: str) -> Tensor:
         dtype = compute_dtype(h)
         with torch.autocast(h.device.type, enabled=False):
-            w1c, b1c, w2c, b2c = (t.to(dtype) for t in (w1, b1, w2, b2))
+            w1c, b1c, w2c, b2c = (cast(t, dtype) for t in (w1, b1, w2, b2))
             x = h.reshape(-1, h.shape[-1])
             out = torch.empty(x.shape[0], w2.shape[0], dtype=dtype, device=h.device)
             for s, e in _chunks(x.shape[0], w1.shape[0]):

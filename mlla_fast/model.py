@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .backend import check_backend, use_fused
 from .block import MLLABlock
+from .casts import cast_parameters
 from .layers import ConcatLinear, FinalPatchExpand_X4, LayerNorm, PatchExpand, PatchMerging, Stem
 from .reference.unet import MODEL_CONFIGS
 from .reference.unet import MLLAUNet as ReferenceMLLAUNet
@@ -32,6 +33,17 @@ class MLLAUNet(ReferenceMLLAUNet):
         # modules on the Triton LayerNorm, with the same parameters and state-dict names.
         self.norm = LayerNorm.from_layer_norm(self.norm, backend=self.backend)
         self.norm_up = LayerNorm.from_layer_norm(self.norm_up, backend=self.backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The reference's forward; on the fused path under autocast, every fp32 parameter is cast to autocast's
+        dtype at once on entry (``casts.cast_parameters``), each block's gate and value projections side by side
+        so that their GEMM takes them as one weight without a concatenation."""
+        if not use_fused(self.backend, x):
+            return super().forward(x)
+        stacked = [p for m in self.modules() if isinstance(m, MLLABlock)
+                   for p in (m.act_proj.weight, m.in_proj.weight, m.act_proj.bias, m.in_proj.bias) if p is not None]
+        with cast_parameters(self, x, order=stacked):
+            return super().forward(x)
 
     def head(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """The output head; on the fused path one op over chunks of images (``kernels.sampling.final_head``)

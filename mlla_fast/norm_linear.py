@@ -23,11 +23,14 @@ dtypes of x and the parameters; the GEMM's are computed in fp32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import _describe
+from .casts import cast_cat
 from .kernels.dwconv import MAX_NORM_CHANNELS, _check_stencil_inputs, cpe_residual_norm_bwd_h, cpe_residual_norm_fwd
 from .linear import bias_grad, compute_dtype, matmul_to
 
@@ -95,38 +98,52 @@ def _(dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, residual_
 
 
 class _CpeNormLinear(torch.autograd.Function):
+    """The op and its backward; the Linear's weight and bias come as ``n_weights`` row blocks each (stacked along
+    dim 0, the biases' blocks after the weights'), so that a layer whose GEMM runs on stacked weights (the block's
+    gate and value projections) needs no concatenation of its parameters (``casts.cast_cat``)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-                weight: Tensor, bias: Tensor | None, residual_bias: Tensor | None, H: int, W: int,
-                eps: float) -> tuple[Tensor, Tensor]:
+                residual_bias: Tensor | None, H: int, W: int, eps: float, n_weights: int,
+                *blocks: Tensor | None) -> tuple[Tensor, Tensor]:
         dtype = compute_dtype(x)
-        wc = weight.to(dtype)
+        weights, biases = blocks[:n_weights], blocks[n_weights:]
+        has_bias = biases[0] is not None
+        wc = cast_cat(weights, dtype)
         r, y = cpe_norm_linear_fwd_op(x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc,
-                                      None if bias is None else bias.to(dtype), residual_bias, H, W, eps)
+                                      cast_cat(biases, dtype) if has_bias else None, residual_bias, H, W, eps)
         ctx.save_for_backward(x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias)
         ctx.grid, ctx.eps = (H, W), eps
-        ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.blocks = [(b.shape[0], b.dtype) for b in blocks] if has_bias else [(w.shape[0], w.dtype) for w in weights]
+        ctx.n_weights, ctx.has_bias = n_weights, has_bias
         ctx.set_materialize_grads(False)
         return r, y
 
     @staticmethod
     def backward(ctx, dr: Tensor | None, dy: Tensor | None):
         x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias = ctx.saved_tensors
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        need = ctx.needs_input_grad
+        n, need = ctx.n_weights, ctx.needs_input_grad
+        n_blocks = 2 * n
         if dr is None and dy is None:
-            return (None,) * 11
+            return (None,) * (10 + n_blocks)
         dx, dcw, dcb, dnw, dnb, dweight, dbias, drbias = cpe_norm_linear_bwd_op(
-            dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias if need[7] else None,
-            *ctx.grid, ctx.eps, bias_dtype is not None)
+            dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias if need[5] else None,
+            *ctx.grid, ctx.eps, ctx.has_bias)
         grads = [g if needed else None for g, needed in zip((dx, dcw, dcb, dnw, dnb), need[:5], strict=True)]
-        return (*grads, dweight.to(weight_dtype) if need[5] else None,
-                dbias.to(bias_dtype) if bias_dtype is not None and need[6] else None,
-                drbias if need[7] else None, None, None, None)
+        rows = [r for r, _ in ctx.blocks[:n]]
+        dblocks = [g.to(dt) if needed else None for g, (_, dt), needed in zip(
+            dweight.split(rows), ctx.blocks[:n], need[10:10 + n], strict=True)]
+        if ctx.has_bias:
+            dblocks += [g.to(dt) if needed else None for g, (_, dt), needed in zip(
+                dbias.split(rows), ctx.blocks[n:], need[10 + n:], strict=True)]
+        else:
+            dblocks += [None] * n
+        return (*grads, drbias if need[5] else None, None, None, None, None, *dblocks)
 
 
 def cpe_norm_linear(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-                    linear_weight: Tensor, linear_bias: Tensor | None, hw: tuple[int, int], eps: float = 1e-5, *,
+                    linear_weight: Tensor | Sequence[Tensor], linear_bias: Tensor | Sequence[Tensor] | None,
+                    hw: tuple[int, int], eps: float = 1e-5, *,
                     residual_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``r, h = cpe_residual_norm(x, cpe_weight, cpe_bias, norm_weight, norm_bias, hw, eps)`` then
     ``(r, linear(h, linear_weight, linear_bias))`` (``kernels.dwconv``, ``mlla_fast.linear``), h not kept for
@@ -135,7 +152,10 @@ def cpe_norm_linear(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight
     Args:
         x: (B, N, C) tokens on the grid hw, as for ``cpe_residual_norm``.
         cpe_weight, cpe_bias, norm_weight, norm_bias, hw, eps: as for ``cpe_residual_norm``.
-        linear_weight, linear_bias: (M, C) and (M,) or None (any float dtype; cast to the compute dtype).
+        linear_weight, linear_bias: (M, C) and (M,) or None (any float dtype; cast to the compute dtype); or a
+            sequence of row blocks of each, (M_i, C) and (M_i,) (all biases or none), for the Linear on their
+            concatenation along dim 0 (each block gets its own gradient; no concatenated copy is made where
+            ``casts.cast_parameters`` holds the blocks' copies side by side).
         residual_bias: (C,) or None (any float dtype, not cast): a bias added to the residual stream r that is
             returned (in the stencil's store, rounded once), such as the block's attention out_proj bias, so that
             the out_proj GEMM can accumulate into r without a bias of its own. Its gradient is dr summed over
@@ -143,21 +163,31 @@ def cpe_norm_linear(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight
 
     Returns:
         r (B, N, C) (plus residual_bias) in x's dtype and y (B, N, M) in the compute dtype (autocast's, else
-        x's).
+        x's), M the blocks' rows together.
     """
     params = {"cpe_bias": cpe_bias, "norm_weight": norm_weight, "norm_bias": norm_bias}
     if residual_bias is not None:
         params["residual_bias"] = residual_bias
     H, W = _check_stencil_inputs(x, hw, cpe_weight, params, MAX_NORM_CHANNELS)
     C = x.shape[-1]
-    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2 or linear_weight.shape[1] != C:
-        raise ValueError(f"linear_weight: expected shape (M, {C}) for x's {C} channels, got {_describe(linear_weight)}")
-    M = linear_weight.shape[0]
-    if linear_bias is not None and (not isinstance(linear_bias, Tensor) or tuple(linear_bias.shape) != (M,)):
-        raise ValueError(f"linear_bias: expected shape ({M},) for linear_weight's rows, got {_describe(linear_bias)}")
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is not None and (not t.is_floating_point() or t.device != x.device):
-            raise ValueError(f"{name}: expected a floating-point tensor on x's device {x.device}, got {t.dtype} "
-                             f"on {t.device}")
-    return _CpeNormLinear.apply(x, cpe_weight, cpe_bias, norm_weight, norm_bias, linear_weight, linear_bias,
-                                residual_bias, H, W, float(eps))
+    weights = [linear_weight] if isinstance(linear_weight, Tensor) else list(linear_weight)
+    if linear_bias is None:
+        biases = [None] * len(weights)
+    else:
+        biases = [linear_bias] if isinstance(linear_bias, Tensor) else list(linear_bias)
+    if not weights or len(biases) != len(weights):
+        raise ValueError(f"linear_weight, linear_bias: expected one or more weight blocks and as many bias blocks "
+                         f"(or linear_bias None), got {len(weights)} and {len(biases)}")
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        name = "linear_weight" if isinstance(linear_weight, Tensor) else f"linear_weight[{i}]"
+        if not isinstance(w, Tensor) or w.dim() != 2 or w.shape[1] != C:
+            raise ValueError(f"{name}: expected shape (M, {C}) for x's {C} channels, got {_describe(w)}")
+        bname = "linear_bias" if isinstance(linear_bias, Tensor) else f"linear_bias[{i}]"
+        if linear_bias is not None and (not isinstance(b, Tensor) or tuple(b.shape) != (w.shape[0],)):
+            raise ValueError(f"{bname}: expected shape ({w.shape[0]},) for {name}'s rows, got {_describe(b)}")
+        for tname, t in ((name, w), (bname, b)):
+            if t is not None and (not t.is_floating_point() or t.device != x.device):
+                raise ValueError(f"{tname}: expected a floating-point tensor on x's device {x.device}, got {t.dtype} "
+                                 f"on {t.device}")
+    return _CpeNormLinear.apply(x, cpe_weight, cpe_bias, norm_weight, norm_bias, residual_bias, H, W, float(eps),
+                                len(weights), *weights, *biases)

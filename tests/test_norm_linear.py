@@ -100,6 +100,42 @@ def test_matches_norm_then_linear(dtype, bias, residual_bias, device):
         assert rel_err(out, ref32) <= bound, f"{name}: {rel_err(out, ref32):.2e} > {bound:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_blocks_are_the_concatenated_weight(dtype, bias, device):
+    """linear_weight and linear_bias given as row blocks (the block's gate and value projections) give bitwise
+    the outputs of their concatenation, and each block the rows of the concatenation's gradient."""
+    leaves = make_leaves(device, bias)
+    dr, dy = torch.randn(B, N, C, device=device), torch.randn(B, N, M, device=device)
+    split = [M // 4, M - M // 4]
+
+    def blocks(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, residual_bias):
+        return cpe_norm_linear(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight.split(split),
+                               None if bias is None else bias.split(split), (H, W))
+
+    outs_ref, grads_ref = run(one_function, leaves, dr, dy, dtype)
+    outs, grads = run(blocks, leaves, dr, dy, dtype)
+    for out, ref in zip(outs, outs_ref, strict=True):
+        assert torch.equal(out, ref)
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_ref[name]), name
+
+
+def test_weight_blocks_bad_input(device):
+    t = make_leaves(device)
+    base = [t[k] for k in NAMES[:5]]
+    w, b = t["weight"], t["bias"]
+    with pytest.raises(ValueError, match="as many bias blocks"):
+        cpe_norm_linear(*base, (w[:64], w[64:]), b, (H, W))
+    with pytest.raises(ValueError, match="one or more weight blocks"):
+        cpe_norm_linear(*base, (), None, (H, W))
+    with pytest.raises(ValueError, match=r"linear_bias\[1\]: expected shape \(64,\)"):
+        cpe_norm_linear(*base, (w[:64], w[64:]), (b[:64], b[:32]), (H, W))
+    with pytest.raises(ValueError, match=r"linear_weight\[0\]: expected shape \(M, 64\)"):
+        cpe_norm_linear(*base, (w[:64, :32], w[64:]), None, (H, W))
+
+
 @pytest.mark.parametrize("which", ["r", "y"])
 @pytest.mark.parametrize("residual_bias", [False, True], ids=["no_residual_bias", "residual_bias"])
 def test_one_output_takes_gradient(which, residual_bias, device):
