@@ -55,7 +55,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("profile_block.py needs a CUDA device")
     model, x = build(args)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if args.model else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if args.model else None
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):

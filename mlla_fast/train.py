@@ -1,8 +1,8 @@
 """``mlla-fast train``: the authors' training recipe (SPEC §5) without the released code's bugs (SPEC §4).
 
-AdamW (weight decay 0.01), cosine schedule from ``lr`` (used as given) to 1e-6 stepped every
-iteration, loss ``w_ce·CE + w_dice·soft Dice`` with the dataset's weights, 2-D axial slices with
-the released augmentation. Every ``val_every`` iterations the model predicts the 'val' split's
+AdamW (weight decay 0.01; PyTorch's fused implementation on CUDA), cosine schedule from ``lr`` (used as
+given) to 1e-6 stepped every iteration, loss ``w_ce·CE + w_dice·soft Dice`` with the dataset's weights, 2-D
+axial slices with the released augmentation. Every ``val_every`` iterations the model predicts the 'val' split's
 volumes (never 'test') and goes back to train mode; ``RUN/last.pt`` and (on a new best mean
 foreground Dice) ``RUN/best.pt`` are written atomically. ``--resume`` continues from
 ``RUN/last.pt`` exactly: model, optimiser, scheduler, every RNG state and the iteration, from
@@ -181,7 +181,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool | None, ctx: DistCo
         loaded, _ = load_imagenet_pretrained(model, config.pretrained)
         if ctx.is_main:
             tqdm.write(f"ImageNet initialisation from {config.pretrained}: {len(loaded)} tensors loaded")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # On CUDA PyTorch's fused AdamW: one kernel per group of tensors instead of the foreach implementation's dozen
+    # passes (on an H200, ~1.9 ms of a 30 ms MLLA-UNet-T step at 224², batch 48, in 86 multi-tensor launches)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=ctx.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iterations, eta_min=config.min_lr)
     best = {"dice": -math.inf, "iteration": None}
     start = 0
@@ -322,10 +325,12 @@ def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool, device: 
         group["capturable"] = capturable
         lr = float(group["lr"])
         group["lr"] = torch.tensor(lr, device=device) if capturable else lr
+    # fused AdamW keeps its step counts on the device in either form
+    on_device = capturable or any(group.get("fused") for group in optimizer.param_groups)
     for state in optimizer.state.values():
         if "step" in state:
             state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(
-                device if capturable else torch.device("cpu"))
+                device if on_device else torch.device("cpu"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
