@@ -80,14 +80,16 @@ class MLLABlock(ReferenceMLLABlock):
         # LayerNorm inputs and the gate recomputed inside the kernels, the first LayerNorm's output in the
         # stencil's backward, and qk and the attention's output in the attention's backward, the block keeps
         # about 6.4C per token for its backward (the reference: 29C). The Triton MLP (narrow layers;
-        # bf16/fp16 on CUDA) never writes the hidden layer to memory and adds the residual in its epilogue when
-        # no drop-path scales the MLP's output; otherwise the cuBLAS MLP runs over token chunks, so that its
-        # 4C-wide transients never exist for all tokens at once.
+        # bf16/fp16 on CUDA) never writes the hidden layer to memory and adds the residual in its epilogue,
+        # drop-path's per-sample scale included (forward and backward: no elementwise pass over (B, N, C) for
+        # it); otherwise the cuBLAS MLP runs over token chunks, so that its 4C-wide transients never exist for
+        # all tokens at once.
         if triton_mlp_supported(self.mlp, h):
-            if self.drop_path_prob == 0.0 or not self.training:
-                return triton_mlp(self.mlp, h, residual=r)
-            mlp_out = triton_mlp(self.mlp, h)
-        elif chunked_mlp_supported(self.mlp, h):
+            scale = None
+            if self.drop_path_prob > 0.0 and self.training:
+                scale = drop_path_scale(h, compute_dtype(h), self.drop_path_prob)
+            return triton_mlp(self.mlp, h, residual=r, scale=scale)
+        if chunked_mlp_supported(self.mlp, h):
             mlp_out = chunked_mlp(self.mlp, h)
         elif torch.is_grad_enabled():
             # The RNG state is stashed for the recompute only when the MLP draws random numbers: reading the
@@ -97,6 +99,15 @@ class MLLABlock(ReferenceMLLABlock):
         else:
             mlp_out = self.mlp(h)
         return add_drop_path(r, mlp_out, self.drop_path_prob, self.training)
+
+
+def drop_path_scale(y: Tensor, dtype: torch.dtype, p: float) -> Tensor:
+    """Drop-path's per-sample factor for a branch output of y's shape in dtype: keep / (1 - p) as fp32 (B,),
+    0 or 1 / (1 - p), for the fused MLP's epilogue. The mask is ``drop_path_mask``'s one bernoulli_ draw of
+    shape (B, 1, ..., 1) in dtype on y's device, as ``add_drop_path`` draws it for that output: the same RNG
+    use, so the same mask for the same RNG state."""
+    mask = drop_path_mask(y.new_empty((y.shape[0],) + (1,) * (y.dim() - 1), dtype=dtype), p)
+    return mask.reshape(-1).float().mul_(1.0 / (1.0 - p))
 
 
 def add_drop_path(r: Tensor, y: Tensor, p: float, training: bool) -> Tensor:

@@ -124,9 +124,10 @@ def triton_mlp_supported(mlp: nn.Module, h: Tensor) -> bool:
     return supported(h, dtype) is None
 
 
-def triton_mlp(mlp: nn.Module, h: Tensor, residual: Tensor | None = None) -> Tensor:
-    """``residual + mlp(h)`` on the Triton MLP kernels (hidden layer on chip; see ``kernels/mlp.py``)."""
+def triton_mlp(mlp: nn.Module, h: Tensor, residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+    """``residual + scale[b] * mlp(h)`` on the Triton MLP kernels (hidden layer on chip; see ``kernels/mlp.py``);
+    scale, fp32 (B,) for h (B, N, C), is drop-path's per-sample keep mask / (1 - p), applied in the kernels."""
     from .kernels.mlp import mlp as fused_mlp
 
     return fused_mlp(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.act.approximate, residual,
-                     dtype=compute_dtype(h))
+                     scale, dtype=compute_dtype(h))

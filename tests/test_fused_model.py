@@ -9,8 +9,13 @@ import pytest
 import torch
 
 import mlla_fast
+import mlla_fast.block
+from mlla_fast.kernels import mlp as kmlp
+from mlla_fast.linear import compute_dtype
+from mlla_fast.mlp import TRITON_MLP_MAX_CHANNELS, chunked_mlp_supported
 from mlla_fast.reference import MLLABlock as ReferenceBlock
 from mlla_fast.reference import MLLAUNet as ReferenceUNet
+from mlla_fast.reference.ops import drop_path_mask
 
 from golden import load_golden
 from tolerance import assert_matches, rel_err
@@ -161,9 +166,46 @@ def test_activation_checkpointing_and_drop_path(device):
     assert torch.equal(grad_ckpt, x.grad)
 
 
-def test_drop_path_matches_reference_backend(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_drop_path_scale_draws_the_reference_mask(dtype, device):
+    """The fused MLP's drop-path factor takes the mask that ``add_drop_path`` would draw for the MLP's output
+    (B, N, C) in the compute dtype, from the same RNG state, and leaves the RNG where that draw leaves it; also
+    for h in fp32 with a bf16/fp16 compute dtype (autocast)."""
+    p = 0.3
+    mlp_out = torch.empty(64, 25, 32, dtype=dtype, device=device)
+    torch.manual_seed(11)
+    mask = drop_path_mask(mlp_out, p)
+    after = torch.rand(16, device=device)
+    assert 0 < mask.sum() < mask.numel(), "no sample or every sample dropped"
+    for h in (mlp_out, mlp_out.float()):
+        torch.manual_seed(11)
+        scale = mlla_fast.block.drop_path_scale(h, dtype, p)
+        assert scale.dtype == torch.float32 and scale.shape == (64,)
+        assert torch.equal(scale, mask.reshape(-1).float() * (1.0 / (1.0 - p)))
+        assert torch.equal(torch.rand(16, device=device), after)
+
+
+def _triton_mlp_supported_with_fp32(mlp, h):
+    """``triton_mlp_supported`` without its rule that fp32 on CUDA stays on cuBLAS (a speed rule: the kernels
+    compute fp32 with exact products), so that the fused drop-path is checked in fp32 on CUDA too."""
+    return (chunked_mlp_supported(mlp, h) and h.shape[-1] <= TRITON_MLP_MAX_CHANNELS
+            and kmlp.supported(h, compute_dtype(h)) is None)
+
+
+def test_drop_path_matches_reference_backend(device, monkeypatch):
     """Training with drop-path: the fused block draws the reference's per-sample masks (the same RNG use)
-    and scales the kept samples alike; output, input and parameter gradients agree with backend='torch'."""
+    and scales the kept samples alike; output, input and parameter gradients agree with backend='torch'.
+    The MLP branch runs on the Triton MLP with the scale in its kernels (asserted), its token blocks
+    straddling samples (N = 25), dropped and kept samples in the batch."""
+    monkeypatch.setattr(mlla_fast.block, "triton_mlp_supported", _triton_mlp_supported_with_fp32)
+    fused_calls = []
+    triton_mlp = mlla_fast.block.triton_mlp
+
+    def spy(mlp, h, residual=None, scale=None):
+        fused_calls.append((residual is not None, scale))
+        return triton_mlp(mlp, h, residual=residual, scale=scale)
+
+    monkeypatch.setattr(mlla_fast.block, "triton_mlp", spy)
     ref = ReferenceBlock(64, (5, 5), 2, drop_path=0.5)
     _randomise(ref)
     x = torch.randn(8, 25, 64, device=device)
@@ -179,6 +221,11 @@ def test_drop_path_matches_reference_backend(device):
         results[backend] = (y.detach(), xb.grad, {n: p.grad for n, p in block.named_parameters()})
         if backend == "torch":
             assert rel_err(y.detach(), block.eval()(x).double()) > 1e-2, "no path was dropped"
+    assert len(fused_calls) == 1, "the fused block did not run the Triton MLP"
+    has_residual, scale = fused_calls[0]
+    assert has_residual and scale is not None, "the drop-path scale was not fused into the Triton MLP"
+    assert (scale == 0).any() and (scale == 2.0).any() and ((scale == 0) | (scale == 2.0)).all()
+    assert 25 % kmlp.FWD_BLOCK_M != 0 and kmlp.FWD_BLOCK_M < 8 * 25
     (y_ref, dx_ref, grads_ref), (y, dx, grads) = results["torch"], results["triton"]
     assert rel_err(y, y_ref.double()) <= 1e-5
     assert rel_err(dx, dx_ref.double()) <= 1e-5

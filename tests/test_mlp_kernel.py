@@ -1,10 +1,11 @@
-"""The Triton MLP (kernels/mlp.py): ``residual + fc2(GELU(fc1(x)))`` with the hidden layer on chip.
+"""The Triton MLP (kernels/mlp.py): ``residual + scale[b] * fc2(GELU(fc1(x)))`` with the hidden layer on chip.
 
 Output and every gradient (x, both weights and biases, the residual) against a float64 autograd reference
 on fresh random inputs: fp32 to 1e-5, bf16/fp16 by the project's rule (at most twice PyTorch's own error
 in that dtype, plus a floor). Odd token counts and hidden widths that are no multiple of the kernels'
 blocks, C = 32/64/96/128, both GELU forms, strided and expanded tensors, programs walking several token
-blocks, determinism, torch.compile and the input checks. Every buffer the kernels allocate is poisoned
+blocks, drop-path's per-sample scale (dropped and kept samples, token blocks straddling two samples),
+determinism, torch.compile and the input checks. Every buffer the kernels allocate is poisoned
 with NaN, so an element a kernel fails to write fails.
 """
 
@@ -33,18 +34,22 @@ def _poison_outputs(poison_outputs):
     poison_outputs(kmlp, dwconv)
 
 
-def _reference(x, w1, b1, w2, b2, approximate, residual):
+def _reference(x, w1, b1, w2, b2, approximate, residual, scale=None):
     y = F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+    if scale is not None:
+        y = y * scale.to(y.dtype).reshape(-1, *(1,) * (y.dim() - 1))
     return y if residual is None else y + residual
 
 
 def _inputs(M, C, HID, device, scale=1.0, residual=True, x_dtype=torch.float32, param_dtype=torch.float32):
-    x = (torch.randn(M, C, device=device) * scale).to(x_dtype)
+    """x (M, C), or (B, N, C) for M = (B, N), its weights and biases and a residual of x's shape (or None)."""
+    tokens = tuple(M) if isinstance(M, tuple) else (M,)
+    x = (torch.randn(*tokens, C, device=device) * scale).to(x_dtype)
     w1 = (torch.randn(HID, C, device=device) / C**0.5).to(param_dtype)
     b1 = (torch.randn(HID, device=device) * 0.5).to(param_dtype)
     w2 = (torch.randn(C, HID, device=device) / HID**0.5).to(param_dtype)
     b2 = (torch.randn(C, device=device) * 0.5).to(param_dtype)
-    res = torch.randn(M, C, device=device).to(x_dtype) if residual else None
+    res = torch.randn(*tokens, C, device=device).to(x_dtype) if residual else None
     return [x, w1, b1, w2, b2, res]
 
 
@@ -58,23 +63,24 @@ def _grads(fn, tensors, dy):
 NAMES = ["x", "w1", "b1", "w2", "b2", "residual"]
 
 
-def _check(tensors, approximate, dtype, device, dy=None):
-    """The kernels' output and gradients in dtype against float64 (and against PyTorch in dtype for bf16/fp16)."""
-    M, C = tensors[0].shape
-    dy = torch.randn(M, C, device=device) if dy is None else dy
-    y, grads = _grads(lambda *t: mlp(*t[:5], approximate, t[5], dtype=dtype), tensors, dy)
+def _check(tensors, approximate, dtype, device, dy=None, scale=None):
+    """The kernels' output and gradients in dtype against float64 (and against PyTorch in dtype for bf16/fp16);
+    scale: None or drop-path's per-sample factor (B,) for x (B, N, C). Returns the output and gradients."""
+    dy = torch.randn(tensors[0].shape, device=device) if dy is None else dy
+    y, grads = _grads(lambda *t: mlp(*t[:5], approximate, t[5], scale, dtype=dtype), tensors, dy)
     t64 = [t.double() if t is not None else None for t in tensors]
-    y64, grads64 = _grads(lambda *t: _reference(*t[:5], approximate, t[5]), t64, dy.double())
+    y64, grads64 = _grads(lambda *t: _reference(*t[:5], approximate, t[5], scale), t64, dy.double())
     lowp = None
     if dtype != torch.float32:
         tl_ = [t.to(dtype) if t is not None else None for t in tensors]
-        lowp = _grads(lambda *t: _reference(*t[:5], approximate, t[5]), tl_, dy.to(dtype))
+        lowp = _grads(lambda *t: _reference(*t[:5], approximate, t[5], scale), tl_, dy.to(dtype))
     names = [n for n, t in zip(NAMES, tensors, strict=True) if t is not None]
     assert y.dtype == (dtype if tensors[5] is None else torch.promote_types(dtype, tensors[5].dtype))
     assert_matches("y", y, y64, None if lowp is None else lowp[0], dtype)
     for i, (name, g, g64) in enumerate(zip(names, grads, grads64, strict=True)):
         assert g.dtype == tensors[NAMES.index(name)].dtype, name
         assert_matches(f"d{name}", g, g64, None if lowp is None else lowp[1][i], dtype)
+    return y, dict(zip(names, grads, strict=True))
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -155,6 +161,58 @@ def test_strided_tensors_and_expanded_cotangent(device):
         assert_matches(f"d{name}", g, g64)
 
 
+def _drop_path_scale(B, p, device):
+    """Drop-path's factor for B >= 3 samples, dropped (0) and kept (1 / (1 - p)) ones mixed: 0 for every third
+    sample from the second one on."""
+    keep = torch.tensor([b % 3 != 1 for b in range(B)], dtype=torch.float32, device=device)
+    return keep / (1.0 - p)
+
+
+def _straddling_blocks(N, M, block_m):
+    """Whether some token block of block_m rows holds rows of two samples (N tokens each)."""
+    return any(m0 // N != (min(m0 + block_m, M) - 1) // N for m0 in range(0, M, block_m))
+
+
+def _check_drop_path(B, N, C, HID, approximate, dtype, device, residual, x_dtype=torch.float32, p=0.2):
+    """The scaled MLP against float64 for a batch of dropped and kept samples whose token blocks straddle two
+    samples in every kernel; a dropped sample's output is its residual (or 0) and its x gradient 0, exactly."""
+    for block_m in (kmlp.FWD_BLOCK_M, kmlp.DX_BLOCK_M, kmlp.DW_BLOCK_M):
+        assert _straddling_blocks(N, B * N, block_m), f"no token block of {block_m} rows straddles two samples"
+    scale = _drop_path_scale(B, p, device)
+    tensors = _inputs((B, N), C, HID, device, scale=2.0, residual=residual, x_dtype=x_dtype)
+    y, grads = _check(tensors, approximate, dtype, device, scale=scale)
+    dropped = scale == 0
+    assert dropped.any() and (~dropped).any()
+    expected = tensors[5][dropped].to(y.dtype) if residual else torch.zeros_like(y[dropped])
+    assert torch.equal(y[dropped], expected)
+    assert torch.equal(grads["x"][dropped], torch.zeros_like(grads["x"][dropped]))
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_drop_path_scale_fp32_matches_float64(approximate, residual, device):
+    _check_drop_path(5, 37, 64, 256, approximate, torch.float32, device, residual)
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_drop_path_scale_low_precision_matches_reference_rule(dtype, residual, device):
+    """x and the residual in the compute dtype, fp32 weights; 1 / (1 - p) = 1.25, exact in every dtype, so
+    that PyTorch's own low-precision computation multiplies by the same factor."""
+    _check_drop_path(4, 41, 64, 256, "none", dtype, device, residual, x_dtype=dtype)
+
+
+def test_drop_path_scale_with_programs_walking_many_token_blocks(device, monkeypatch):
+    """Blocks of 16 tokens and samples of 23: most blocks hold two samples, and the weight-gradient programs
+    walk several of them; a factor 1 / (1 - p) that no dtype holds exactly."""
+    for name in ("DW_BLOCK_M", "DX_BLOCK_M", "FWD_BLOCK_M"):
+        monkeypatch.setattr(kmlp, name, 16)
+    monkeypatch.setattr(kmlp, "DW_BLOCK_H", 32)
+    _, rows_per_run = kmlp._dw_runs(6 * 23, 4, torch.device(device))
+    assert rows_per_run >= 2 * 16 or device == "cuda"
+    _check_drop_path(6, 23, 32, 128, "tanh", torch.float32, device, True, p=0.3)
+
+
 def test_backward_is_deterministic(device):
     tensors = _inputs(300, 64, 256, device, x_dtype=torch.bfloat16)
     dy = torch.randn(300, 64, device=device)
@@ -171,13 +229,15 @@ def test_no_tokens(device):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
-def test_torch_compile_traces_around_the_op(device):
+@pytest.mark.parametrize("drop_path", [False, True], ids=["plain", "drop-path"])
+def test_torch_compile_traces_around_the_op(drop_path, device):
     if device == "cpu":
         pytest.skip("torch.compile of the interpreter's CPU path is not what this checks")
-    tensors = _inputs(200, 64, 256, device, x_dtype=torch.bfloat16)
-    dy = torch.randn(200, 64, device=device)
-    f = torch.compile(lambda *t: mlp(*t[:5], "none", t[5], dtype=torch.bfloat16), fullgraph=True)
-    eager = _grads(lambda *t: mlp(*t[:5], "none", t[5], dtype=torch.bfloat16), tensors, dy)
+    tensors = _inputs((4, 50), 64, 256, device, x_dtype=torch.bfloat16)
+    dy = torch.randn(4, 50, 64, device=device)
+    scale = _drop_path_scale(4, 0.2, device) if drop_path else None
+    f = torch.compile(lambda *t: mlp(*t[:5], "none", t[5], scale, dtype=torch.bfloat16), fullgraph=True)
+    eager = _grads(lambda *t: mlp(*t[:5], "none", t[5], scale, dtype=torch.bfloat16), tensors, dy)
     compiled = _grads(f, tensors, dy)
     assert torch.equal(eager[0], compiled[0])
     assert all(torch.equal(a, b) for a, b in zip(eager[1], compiled[1], strict=True))
@@ -205,6 +265,18 @@ def _bad(**override):
     pytest.param(lambda: _bad(b1="bias"), "b1: expected a torch.Tensor", id="not-a-tensor"),
     pytest.param(lambda: {**_bad(), "residual": _randn(5, 31)}, r"residual: expected x's shape", id="residual"),
     pytest.param(lambda: {**_bad(), "approximate": "erf"}, "approximate: expected one of", id="approximate"),
+    pytest.param(lambda: {**_bad(), "scale": [1.0] * 5}, "scale: expected a torch.Tensor", id="scale-list"),
+    pytest.param(lambda: {**_bad(), "scale": _randn(1)}, r"scale: expected shape \(B,\) = \(5,\)",
+                 id="scale-shape"),
+    pytest.param(lambda: {**_bad(), "scale": _randn(5, 1)}, r"scale: expected shape \(B,\)", id="scale-2d"),
+    pytest.param(lambda: {**_bad(), "scale": _randn(5).bfloat16()}, "scale: expected torch.float32",
+                 id="scale-dtype"),
+    pytest.param(lambda: {**_bad(), "scale": torch.ones(5, device="meta")}, "expected all tensors on one device",
+                 id="scale-device"),
+    pytest.param(lambda: {**_bad(), "scale": _randn(5).requires_grad_()}, "scale: expected a constant",
+                 id="scale-requires-grad"),
+    pytest.param(lambda: {**_bad(x=_randn(32)), "scale": _randn(1)}, r"scale: needs x of shape \(B, \.\.\., C\)",
+                 id="scale-1d-x"),
 ])
 def test_bad_input_raises(args, message):
     with pytest.raises(ValueError, match=message):
