@@ -23,6 +23,10 @@ Here, with fp32 arithmetic throughout:
   ``dwconv.reduce_partials`` (fixed order, no atomics: deterministic); in eval mode (running statistics, which
   do not depend on x) it also writes dx = dy * w * rstd in the same pass. In training mode
   ``_bn_bwd_elemt_kernel`` then writes dx = w rstd (dy - sum dy / M - xhat sum(dy xhat) / M).
+- ReLU (``relu=True``, the stem's conv -> BatchNorm -> ReLU layers): the apply kernel writes max(y, 0), and the
+  backward kernels take dy * [y > 0] for dy everywhere above (in the sums, so the weight and bias gradients,
+  and in dx), with y recomputed from x, the statistics and the parameters: no mask and no output is kept for
+  the backward, and PyTorch's separate ReLU forward and backward passes over the activation are gone.
 
 The ops are ``mlla_fast::batch_norm_stats``, ``batch_norm_apply`` and ``batch_norm_bwd`` (torch custom ops with
 fake implementations, so ``torch.compile`` traces around them), tied together by ``BatchNormTokensFunction``.
@@ -71,14 +75,41 @@ __all__ = ["BatchNormTokensFunction", "batch_norm_apply", "batch_norm_bwd", "bat
 
 
 @triton.jit
-def _rstd_scale(mean, var, w, o_c, m_c, eps, HAS_W: tl.constexpr):
-    """(mean, rstd, rstd * w) of the channels o_c in fp32, [BLOCK_C] each (w = 1 without HAS_W)."""
+def _bn_params(mean, var, w, b, o_c, m_c, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """(mean, rstd, rstd * w, b) of the channels o_c in fp32, [BLOCK_C] each (w = 1 without HAS_W, b = 0 without
+    HAS_B)."""
     b_mean = tl.load(mean + o_c, mask=m_c, other=0.0).to(tl.float32)
     b_rstd = 1.0 / tl.sqrt(tl.load(var + o_c, mask=m_c, other=0.0).to(tl.float32) + eps)
     b_scale = b_rstd
     if HAS_W:
         b_scale = b_rstd * tl.load(w + o_c, mask=m_c, other=0.0).to(tl.float32)
-    return b_mean, b_rstd, b_scale
+    b_shift = tl.zeros_like(b_rstd)
+    if HAS_B:
+        b_shift = tl.load(b + o_c, mask=m_c, other=0.0).to(tl.float32)
+    return b_mean, b_rstd, b_scale, b_shift
+
+
+@triton.jit
+def _bn_out(b_x, b_mean, b_scale, b_shift):
+    """y = (x - mean) * rstd * w + b in fp32 on a [BLOCK_M, BLOCK_C] tile of x: the apply kernel's output before
+    rounding, and the backward's recomputation of it for the ReLU's mask (the same operations on the same fp32
+    values, so the same y; were a compiler to contract them into an FMA in one kernel and not in the other, y
+    would move by one rounding, which can flip the mask only of a y within a rounding of 0)."""
+    return (b_x - b_mean[None, :]) * b_scale[None, :] + b_shift[None, :]
+
+
+@triton.jit
+def _relu_grad(b_g, b_x, b_mean, b_scale, b_shift, RELU: tl.constexpr):
+    """The BatchNorm's output gradient on a tile: dy, or with RELU dy * [y > 0] (y by ``_bn_out``).
+
+    The reference (BatchNorm, then ReLU on its output) rounds y to the output dtype before the ReLU, and PyTorch's
+    ReLU backward masks by that rounded output > 0. Rounding is monotone and keeps the sign, so the two masks differ
+    only where 0 < y underflows to 0 in the output dtype (fp16: y <= 2^-25; bf16: y <= 2^-134; never in fp32):
+    there this mask passes dy where PyTorch's drops it, for an output that is 0 to its dtype's precision and a
+    y that is vanishingly rare in an activation. Lanes off the tile's mask (x = dy = 0) stay 0."""
+    if RELU:
+        b_g = tl.where(_bn_out(b_x, b_mean, b_scale, b_shift) > 0.0, b_g, 0.0)
+    return b_g
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_prog"])
@@ -144,30 +175,33 @@ def _bn_combine_kernel(x, part, mean, var, M, C, s_part, rows_per_prog, n_progs,
 
 @triton.jit(do_not_specialize=["M"])
 def _bn_apply_kernel(x, mean, var, w, b, y, M, C, s_x, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """y = (x - mean) * rstd * w + b on one [BLOCK_M, BLOCK_C] tile (y contiguous (M, C))."""
+                     RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = (x - mean) * rstd * w + b on one [BLOCK_M, BLOCK_C] tile, max(y, 0) with RELU (y contiguous (M, C)).
+    The ReLU is taken in fp32 before the rounding to y's dtype: the same as after it (rounding is monotone and
+    keeps 0)."""
     o_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     o_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
     m_c = o_c < C
     m = (o_m < M)[:, None] & m_c[None, :]
-    b_mean, _, b_scale = _rstd_scale(mean, var, w, o_c, m_c, eps, HAS_W)
+    b_mean, _, b_scale, b_shift = _bn_params(mean, var, w, b, o_c, m_c, eps, HAS_W, HAS_B)
     b_x = tl.load(x + o_m[:, None] * s_x + o_c[None, :], mask=m, other=0.0).to(tl.float32)
-    b_y = (b_x - b_mean[None, :]) * b_scale[None, :]
-    if HAS_B:
-        b_y += tl.load(b + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    b_y = _bn_out(b_x, b_mean, b_scale, b_shift)
+    if RELU:
+        b_y = tl.maximum(b_y, 0.0)
     tl.store(y + o_m[:, None] * C + o_c[None, :], cast(b_y, y.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_prog"])
-def _bn_bwd_reduce_kernel(x, dy, mean, var, w, dx, part, M, C, s_x, s_dy, s_part, rows_per_prog, eps,
-                          HAS_W: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+def _bn_bwd_reduce_kernel(x, dy, mean, var, w, b, dx, part, M, C, s_x, s_dy, s_part, rows_per_prog, eps,
+                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr, WRITE_DX: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """part[p] = [sum dy (C) | sum dy * xhat (C)] over the rows of run p (as in ``_bn_stats_kernel``); with
-    WRITE_DX (statistics independent of x: eval mode) also dx = dy * w * rstd of those rows."""
+    WRITE_DX (statistics independent of x: eval mode) also dx = dy * w * rstd of those rows. With RELU, dy is
+    the ReLU-masked gradient dy * [y > 0] throughout (``_relu_grad``; b is read only then)."""
     i_p, i_c = tl.program_id(0), tl.program_id(1)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
     m_c = o_c < C
-    b_mean, b_rstd, b_scale = _rstd_scale(mean, var, w, o_c, m_c, eps, HAS_W)
+    b_mean, b_rstd, b_scale, b_shift = _bn_params(mean, var, w, b, o_c, m_c, eps, HAS_W, HAS_B)
     a_db = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     a_dw = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     row_start = i_p * rows_per_prog
@@ -177,6 +211,7 @@ def _bn_bwd_reduce_kernel(x, dy, mean, var, w, dx, part, M, C, s_x, s_dy, s_part
         m = (o_m < row_end)[:, None] & m_c[None, :]  # [BM, BC]
         b_x = tl.load(x + o_m[:, None] * s_x + o_c[None, :], mask=m, other=0.0).to(tl.float32)
         b_g = tl.load(dy + o_m[:, None] * s_dy + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+        b_g = _relu_grad(b_g, b_x, b_mean, b_scale, b_shift, RELU)
         a_db += b_g  # zero off the mask
         a_dw += b_g * (b_x - b_mean[None, :]) * b_rstd[None, :]
         if WRITE_DX:
@@ -188,18 +223,21 @@ def _bn_bwd_reduce_kernel(x, dy, mean, var, w, dx, part, M, C, s_x, s_dy, s_part
 
 
 @triton.jit(do_not_specialize=["M"])
-def _bn_bwd_elemt_kernel(x, dy, mean, var, w, sum_dy, sum_dy_xhat, dx, M, C, s_x, s_dy, eps,
-                         HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = w rstd (dy - sum dy / M - xhat sum(dy xhat) / M) on one [BLOCK_M, BLOCK_C] tile (batch statistics)."""
+def _bn_bwd_elemt_kernel(x, dy, mean, var, w, b, sum_dy, sum_dy_xhat, dx, M, C, s_x, s_dy, eps,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """dx = w rstd (dy - sum dy / M - xhat sum(dy xhat) / M) on one [BLOCK_M, BLOCK_C] tile (batch statistics);
+    with RELU, dy is dy * [y > 0] here and in the sums (b is read only then)."""
     o_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     o_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
     m_c = o_c < C
     m = (o_m < M)[:, None] & m_c[None, :]
-    b_mean, b_rstd, b_scale = _rstd_scale(mean, var, w, o_c, m_c, eps, HAS_W)
+    b_mean, b_rstd, b_scale, b_shift = _bn_params(mean, var, w, b, o_c, m_c, eps, HAS_W, HAS_B)
     b_c1 = tl.load(sum_dy + o_c, mask=m_c, other=0.0) / M
     b_c2 = tl.load(sum_dy_xhat + o_c, mask=m_c, other=0.0) / M
     b_x = tl.load(x + o_m[:, None] * s_x + o_c[None, :], mask=m, other=0.0).to(tl.float32)
     b_g = tl.load(dy + o_m[:, None] * s_dy + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+    b_g = _relu_grad(b_g, b_x, b_mean, b_scale, b_shift, RELU)
     b_xhat = (b_x - b_mean[None, :]) * b_rstd[None, :]
     b_dx = (b_g - b_c1[None, :] - b_xhat * b_c2[None, :]) * b_scale[None, :]
     tl.store(dx + o_m[:, None] * C + o_c[None, :], cast(b_dx, dx.dtype.element_ty), mask=m)
@@ -248,8 +286,9 @@ def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def batch_norm_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
-                     eps: float) -> Tensor:
-    """Launch the normalisation: x (M, C) -> (x - mean) / sqrt(var + eps) * weight + bias, (M, C) in x's dtype."""
+                     eps: float, relu: bool = False) -> Tensor:
+    """Launch the normalisation: x (M, C) -> (x - mean) / sqrt(var + eps) * weight + bias, (M, C) in x's dtype;
+    with relu, its ReLU."""
     x = rows(x)
     M, C = x.shape
     y = _empty((M, C), x.dtype, x.device)
@@ -257,17 +296,20 @@ def batch_norm_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None
         block_m, block_c, n_cblocks = _tile(C)
         _bn_apply_kernel[(triton.cdiv(M, block_m), n_cblocks)](
             x, mean, var, x if weight is None else weight, x if bias is None else bias, y, M, C, x.stride(0), eps,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS,
+            HAS_W=weight is not None, HAS_B=bias is not None, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c,
+            num_warps=NUM_WARPS,
         )
     return y
 
 
-def batch_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, eps: float,
-                   batch_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   eps: float, batch_stats: bool, relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward: (dx (M, C) in x's dtype, sum dy (C,), sum dy * xhat (C,), both in fp32).
 
     batch_stats: mean and var are x's own batch statistics (training), so dx carries their dependence on x;
-    otherwise they are constants (running statistics)."""
+    otherwise they are constants (running statistics). relu: dy is the gradient of the ReLU of the BatchNorm's
+    output (``batch_norm_apply`` with relu), masked here by the recomputed output > 0, and the sums are of the
+    masked dy. bias is read only with relu (it enters the output whose sign makes the mask)."""
     x, dy = rows(x), rows(dy)
     M, C = x.shape
     dx = _empty((M, C), x.dtype, x.device)
@@ -275,15 +317,19 @@ def batch_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Ten
     n_progs, rows_per_prog = _runs(M, block_m, n_cblocks, x.device)
     part = _empty((n_progs, 2 * C), torch.float32, x.device)
     w = x if weight is None else weight
+    has_b = relu and bias is not None
+    b = bias if has_b else x
     _bn_bwd_reduce_kernel[(n_progs, n_cblocks)](
-        x, dy, mean, var, w, dx, part, M, C, x.stride(0), dy.stride(0), part.stride(0), rows_per_prog, eps,
-        HAS_W=weight is not None, WRITE_DX=not batch_stats, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS,
+        x, dy, mean, var, w, b, dx, part, M, C, x.stride(0), dy.stride(0), part.stride(0), rows_per_prog, eps,
+        HAS_W=weight is not None, HAS_B=has_b, RELU=relu, WRITE_DX=not batch_stats, BLOCK_M=block_m,
+        BLOCK_C=block_c, num_warps=NUM_WARPS,
     )
     sum_dy, sum_dy_xhat = reduce_partials(part, [((C,), torch.float32), ((C,), torch.float32)])
     if batch_stats:
         _bn_bwd_elemt_kernel[(triton.cdiv(M, block_m), n_cblocks)](
-            x, dy, mean, var, w, sum_dy, sum_dy_xhat, dx, M, C, x.stride(0), dy.stride(0), eps,
-            HAS_W=weight is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS,
+            x, dy, mean, var, w, b, sum_dy, sum_dy_xhat, dx, M, C, x.stride(0), dy.stride(0), eps,
+            HAS_W=weight is not None, HAS_B=has_b, RELU=relu, BLOCK_M=block_m, BLOCK_C=block_c,
+            num_warps=NUM_WARPS,
         )
     return dx, sum_dy, sum_dy_xhat
 
@@ -298,12 +344,12 @@ batch_norm_stats_op = torch.library.custom_op(
 )
 batch_norm_apply_op = torch.library.custom_op(
     "mlla_fast::batch_norm_apply", batch_norm_apply, mutates_args=(),
-    schema="(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor",
+    schema="(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, bool relu=False) -> Tensor",
 )
 batch_norm_bwd_op = torch.library.custom_op(
     "mlla_fast::batch_norm_bwd", batch_norm_bwd, mutates_args=(),
-    schema="(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, bool batch_stats) "
-           "-> (Tensor, Tensor, Tensor)",
+    schema="(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+           "bool batch_stats, bool relu=False) -> (Tensor, Tensor, Tensor)",
 )
 
 
@@ -314,36 +360,39 @@ def _(x):
 
 
 @batch_norm_apply_op.register_fake
-def _(x, mean, var, weight, bias, eps):
+def _(x, mean, var, weight, bias, eps, relu=False):
     return x.new_empty(x.shape)
 
 
 @batch_norm_bwd_op.register_fake
-def _(dy, x, mean, var, weight, eps, batch_stats):
+def _(dy, x, mean, var, weight, bias, eps, batch_stats, relu=False):
     C = x.shape[1]
     return x.new_empty(x.shape), x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
 
 
 class BatchNormTokensFunction(torch.autograd.Function):
-    """(x - mean) / sqrt(var + eps) * weight + bias on x (M, C); Triton forward and backward.
+    """(x - mean) / sqrt(var + eps) * weight + bias on x (M, C), and its ReLU with relu; Triton forward and
+    backward.
 
     mean and var (C,) are taken as given, without gradient: with batch_stats they must be x's own batch mean and
     biased variance (``batch_norm_stats(x)``), and the backward formula carries their dependence on x; otherwise
-    they are constants (running statistics). weight and bias may be None.
+    they are constants (running statistics). weight and bias may be None. The backward keeps x, the statistics
+    and the parameters (the bias too with relu, for the mask), never the output.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                batch_stats: bool) -> Tensor:
-        ctx.save_for_backward(x, mean, var, weight)
-        ctx.args = (eps, batch_stats, None if bias is None else bias.dtype)
-        return torch.ops.mlla_fast.batch_norm_apply(x, mean, var, weight, bias, eps)
+                batch_stats: bool, relu: bool) -> Tensor:
+        ctx.save_for_backward(x, mean, var, weight, bias if relu else None)
+        ctx.args = (eps, batch_stats, relu, None if bias is None else bias.dtype)
+        return torch.ops.mlla_fast.batch_norm_apply(x, mean, var, weight, bias, eps, relu)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, mean, var, weight = ctx.saved_tensors
-        eps, batch_stats, bias_dtype = ctx.args
-        dx, sum_dy, sum_dy_xhat = torch.ops.mlla_fast.batch_norm_bwd(dy, x, mean, var, weight, eps, batch_stats)
+        x, mean, var, weight, bias = ctx.saved_tensors
+        eps, batch_stats, relu, bias_dtype = ctx.args
+        dx, sum_dy, sum_dy_xhat = torch.ops.mlla_fast.batch_norm_bwd(dy, x, mean, var, weight, bias, eps,
+                                                                     batch_stats, relu)
         dw = None if weight is None else sum_dy_xhat.to(weight.dtype)
         db = None if bias_dtype is None else sum_dy.to(bias_dtype)
-        return dx, None, None, dw, db, None, None
+        return dx, None, None, dw, db, None, None, None

@@ -31,6 +31,8 @@ implementations, so ``torch.compile`` traces around them) called from a ``torch.
 The 1x1 convolutions are GEMMs on tokens (``mlla_fast.linear`` on the (out, in) view of the weight) and
 BatchNorm runs on the (B*N, C) token matrix (kernels/batch_norm.py, or ``F.batch_norm`` off the fused path),
 neither with a permute; EUSM's closing LayerNorm is the token LayerNorm of ``kernels/layer_norm.py``.
+``image_batch_norm`` runs the same token BatchNorm, with an optional fused ReLU, on a channels-last image (the
+stem's conv -> BatchNorm -> ReLU layers, ``mlla_fast.layers.Stem``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ __all__ = [
     "dwconv_transpose2x",
     "final_expand",
     "final_head",
+    "image_batch_norm",
     "module_args",
     "patch_expand",
     "patch_merging",
@@ -830,19 +833,22 @@ def _check_batch_norm(bn: nn.Module, channels: int) -> None:
         raise ValueError(f"bn: expected a BatchNorm over {channels} channels, got num_features={bn.num_features}")
 
 
-def _batch_norm_tokens(y: Tensor, bn: nn.Module) -> Tensor:
-    """bn applied to tokens y (B, N, C): per-channel statistics over all B*N tokens, as over (B, H, W) on the image.
+def _batch_norm_tokens(y: Tensor, bn: nn.Module, relu: bool = False) -> Tensor:
+    """bn applied to tokens y (B, N, C): per-channel statistics over all B*N tokens, as over (B, H, W) on the image;
+    with relu, the ReLU of that.
 
     An ``nn.BatchNorm2d`` computes ``F.batch_norm`` on the (B*N, C) token matrix (no copy) with the module's own
     train/eval logic: batch statistics and a running-statistics update (momentum, or the cumulative average
     when momentum is None, counted by num_batches_tracked) in training mode, the running statistics in eval
     mode. On the fused path it runs on the Triton kernels of kernels/batch_norm.py (the running statistics
-    updated here, in PyTorch, from the batch mean and variance they return), elsewhere on ``F.batch_norm``.
-    Other BatchNorm modules (e.g. SyncBatchNorm) run their own forward on the (B*N, C, 1, 1) view.
+    updated here, in PyTorch, from the batch mean and variance they return; the ReLU inside the apply kernel
+    and the backward's), elsewhere on ``F.batch_norm`` (and ``F.relu``). Other BatchNorm modules (e.g.
+    SyncBatchNorm) run their own forward on the (B*N, C, 1, 1) view.
     """
     B, N, C = y.shape
     if type(bn) is not nn.BatchNorm2d:
-        return bn(y.reshape(B * N, C, 1, 1)).view(B, N, C)
+        out = bn(y.reshape(B * N, C, 1, 1)).view(B, N, C)
+        return F.relu(out) if relu else out
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -854,7 +860,7 @@ def _batch_norm_tokens(y: Tensor, bn: nn.Module) -> Tensor:
     x = y.reshape(B * N, C)
     if not _triton_batch_norm_supported(x, bn, running_mean, running_var, batch_stats):
         out = F.batch_norm(x, running_mean, running_var, bn.weight, bn.bias, batch_stats, factor, bn.eps)
-        return out.view(B, N, C)
+        return (F.relu(out) if relu else out).view(B, N, C)
     if batch_stats:
         mean, var = torch.ops.mlla_fast.batch_norm_stats(x.detach())
         if running_mean is not None:
@@ -865,7 +871,8 @@ def _batch_norm_tokens(y: Tensor, bn: nn.Module) -> Tensor:
                 running_var.copy_(var * (factor * M / (M - 1)) + running_var.float() * (1.0 - factor))
     else:
         mean, var = running_mean, running_var
-    return BatchNormTokensFunction.apply(x, mean, var, bn.weight, bn.bias, bn.eps, batch_stats).view(B, N, C)
+    out = BatchNormTokensFunction.apply(x, mean, var, bn.weight, bn.bias, bn.eps, batch_stats, bool(relu))
+    return out.view(B, N, C)
 
 
 def _triton_batch_norm_supported(x: Tensor, bn: nn.BatchNorm2d, running_mean: Tensor | None,
@@ -947,6 +954,23 @@ def pixel_shuffle4_layernorm(y: Tensor, hw: tuple[int, int], norm_weight: Tensor
     _check_param(norm_bias, (C,), "norm_bias", y)
     return PixelShuffle4LayerNormFunction.apply(y, norm_weight, norm_bias, H, W, float(eps))
 
+
+
+def image_batch_norm(x: Tensor, bn: nn.Module, relu: bool = False) -> Tensor:
+    """bn on an image x (B, C, H, W) as on its tokens (B, H*W, C) (``_batch_norm_tokens``); with relu, its ReLU.
+
+    A channels-last x (cuDNN's output for a channels-last input on CUDA) is a token matrix in memory, so the
+    tokens are a view of it; any other layout is copied into one (a permute and a reshape). The result is the
+    (B, H*W, C) output viewed as (B, C, H, W): channels-last, NCHW-shaped, ready for further convolutions,
+    residual sums and ``image_to_tokens`` (a view of it, again). bn is used in its current train/eval mode
+    (training mode updates its running statistics as its own forward would).
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x: expected a (B, C, H, W) image, got {_shape(x)}")
+    B, C, H, W = x.shape
+    _check_batch_norm(bn, C)
+    tokens = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    return _batch_norm_tokens(tokens, bn, relu).view(B, H, W, C).permute(0, 3, 1, 2)
 
 
 def patch_merging(

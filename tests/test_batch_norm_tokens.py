@@ -5,7 +5,9 @@ backward kernels; the reference is a float64 copy of the module on the (B*N, C, 
 outputs, the input and parameter gradients, and the running statistics and num_batches_tracked after two steps,
 in training and eval mode, with and without affine parameters, momentum 0.1 and None (cumulative average),
 track_running_stats False; a large common offset (the variance must not cancel); bf16 under CPU autocast; bitwise
-determinism; torch.compile. Every buffer the kernels allocate is poisoned with NaN.
+determinism; torch.compile. The fused ReLU (``relu=True``) against the float64 ReLU of the module's output, and the
+fused stem (``mlla_fast.layers.Stem``, each conv -> BatchNorm -> ReLU layer through ``sampling.image_batch_norm``)
+against the float64 reference stem. Every buffer the kernels allocate is poisoned with NaN.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlla_fast.kernels import batch_norm, dwconv, sampling
+from mlla_fast.layers import Stem
+from mlla_fast.reference.sampling import Stem as ReferenceStem
 
 from tolerance import FP32_RTOL, assert_matches, rel_err
 
@@ -54,12 +58,16 @@ def make_bn(C: int, affine: bool, momentum: float | None, track: bool, device: s
     return bn
 
 
-def run(bn: nn.Module, y: torch.Tensor, g: torch.Tensor, fused: bool) -> tuple[torch.Tensor, ...]:
-    """(output, dy, dweight, dbias) of bn on tokens y (B, N, C) with output gradient g: through
-    ``_batch_norm_tokens`` when fused, else through the module on the (B*N, C, 1, 1) view."""
+def run(bn: nn.Module, y: torch.Tensor, g: torch.Tensor, fused: bool, relu: bool = False) -> tuple[torch.Tensor, ...]:
+    """(output, dy, dweight, dbias) of bn, and with relu its ReLU, on tokens y (B, N, C) with output gradient g:
+    through ``_batch_norm_tokens`` when fused, else through the module on the (B*N, C, 1, 1) view and F.relu."""
     y = y.detach().requires_grad_()
     B, N, C = y.shape
-    out = sampling._batch_norm_tokens(y, bn) if fused else bn(y.reshape(B * N, C, 1, 1)).view(B, N, C)
+    if fused:
+        out = sampling._batch_norm_tokens(y, bn, relu)
+    else:
+        out = bn(y.reshape(B * N, C, 1, 1)).view(B, N, C)
+        out = F.relu(out) if relu else out
     params = [p for p in (bn.weight, bn.bias) if p is not None]
     grads = torch.autograd.grad(out, [y, *params], g.to(out.dtype))
     return (out, *grads)
@@ -75,9 +83,13 @@ def check_state(bn: nn.Module, ref: nn.Module) -> None:
         assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item()
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "train{}-affine{}-mom{}-track{}".format(*m))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_float64_module(shape, mode, device):
+def test_matches_float64_module(shape, mode, relu, device):
+    """With relu, the reference is F.relu of the module's output: the fused ReLU's output, and dy, dweight and
+    dbias of the ReLU-masked output gradient (the mask recomputed in the backward); the ReLU cuts part of the
+    output in every case."""
     training, affine, momentum, track = mode
     B, N, C = shape
     bn = make_bn(C, affine, momentum, track, device).train(training)
@@ -85,24 +97,28 @@ def test_matches_float64_module(shape, mode, device):
     for _ in range(2):
         y = torch.randn(B, N, C, device=device) * 2.0 + 0.7
         g = torch.randn(B, N, C, device=device)
-        outs = run(bn, y, g, fused=True)
-        refs = run(ref, y.double(), g.double(), fused=False)
+        outs = run(bn, y, g, fused=True, relu=relu)
+        refs = run(ref, y.double(), g.double(), fused=False, relu=relu)
         assert len(outs) == len(refs) == (4 if affine else 2)
+        if relu:
+            assert (refs[0] == 0).any() and (refs[0] > 0).any()
         for name, o, r in zip(NAMES, outs, refs, strict=False):
             assert o.dtype == torch.float32
             assert_matches(name, o, r)
         check_state(bn, ref)
 
 
-def test_runs_the_triton_kernels(device, monkeypatch):
-    """On the fused path neither the forward nor the backward calls F.batch_norm."""
+@pytest.mark.parametrize("relu", [False, True])
+def test_runs_the_triton_kernels(relu, device, monkeypatch):
+    """On the fused path neither the forward nor the backward calls F.batch_norm (nor, with relu, F.relu)."""
     bn = make_bn(64, True, 0.1, True, device)
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("F.batch_norm called on the fused path")
+        raise AssertionError("F.batch_norm or F.relu called on the fused path")
 
     monkeypatch.setattr(F, "batch_norm", forbidden)
-    run(bn, torch.randn(2, 9, 64, device=device), torch.randn(2, 9, 64, device=device), fused=True)
+    monkeypatch.setattr(F, "relu", forbidden)
+    run(bn, torch.randn(2, 9, 64, device=device), torch.randn(2, 9, 64, device=device), fused=True, relu=relu)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -132,10 +148,12 @@ def test_large_offset(training, device):
         assert_matches("var", var, y64.var(0, unbiased=False))
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_autocast_bf16(training, device):
+def test_autocast_bf16(training, relu, device):
     """bf16 tokens, fp32 parameters, under autocast: the output dtype F.batch_norm gives there, and the
-    low-precision rule against float64 (PyTorch's own bf16 BatchNorm as the low-precision reference)."""
+    low-precision rule against float64 (PyTorch's own bf16 BatchNorm, then ReLU with relu, as the low-precision
+    reference)."""
     B, N, C = 2, 37, 96
     bn = make_bn(C, True, 0.1, True, device).train(training)
     ref, lowp = copy.deepcopy(bn).double(), copy.deepcopy(bn)
@@ -143,11 +161,11 @@ def test_autocast_bf16(training, device):
     g = torch.randn(B, N, C, device=device).to(torch.bfloat16)
     device_type = torch.device(device).type
     with torch.autocast(device_type, dtype=torch.bfloat16):
-        outs = run(bn, y, g, fused=True)
-        lows = run(lowp, y, g, fused=False)
+        outs = run(bn, y, g, fused=True, relu=relu)
+        lows = run(lowp, y, g, fused=False, relu=relu)
         expected_dtype = F.batch_norm(y.reshape(-1, C), bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                       False).dtype
-    refs = run(ref, y.double(), g.double(), fused=False)
+    refs = run(ref, y.double(), g.double(), fused=False, relu=relu)
     assert outs[0].dtype == expected_dtype == lows[0].dtype
     assert outs[1].dtype == torch.bfloat16
     assert outs[2].dtype == outs[3].dtype == torch.float32
@@ -168,16 +186,17 @@ def test_deterministic(training, device):
     assert torch.equal(bn.running_mean, bn2.running_mean) and torch.equal(bn.running_var, bn2.running_var)
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_compiles_without_graph_breaks(training, device):
+def test_compiles_without_graph_breaks(training, relu, device):
     B, N, C = 2, 19, 64
     bn = make_bn(C, True, 0.1, True, device).train(training)
     bn_c = copy.deepcopy(bn)
     y, g = torch.randn(B, N, C, device=device), torch.randn(B, N, C, device=device)
-    eager = run(bn, y, g, fused=True)
+    eager = run(bn, y, g, fused=True, relu=relu)
     compiled_fn = torch.compile(sampling._batch_norm_tokens, fullgraph=True, backend="aot_eager")
     yc = y.clone().requires_grad_()
-    out = compiled_fn(yc, bn_c)
+    out = compiled_fn(yc, bn_c, relu)
     grads = torch.autograd.grad(out, [yc, bn_c.weight, bn_c.bias], g)
     for t, u in zip(eager, (out, *grads), strict=True):
         torch.testing.assert_close(u, t, rtol=1e-6, atol=1e-6)
@@ -185,9 +204,10 @@ def test_compiles_without_graph_breaks(training, device):
         assert torch.equal(getattr(bn, name), getattr(bn_c, name)), name
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", [(2, 37, 64), (2, 11, 320)], ids=lambda s: "x".join(map(str, s)))
-def test_many_tiles_per_program(shape, training, device, monkeypatch):
+def test_many_tiles_per_program(shape, training, relu, device, monkeypatch):
     """Small tiles: each program walks several row blocks, the last one partial, and the merge of the runs
     takes several steps (C = 320: a full and a partial channel block)."""
     monkeypatch.setattr(batch_norm, "TILE_ELEMENTS", 512)
@@ -196,18 +216,20 @@ def test_many_tiles_per_program(shape, training, device, monkeypatch):
     bn = make_bn(C, True, 0.1, True, device).train(training)
     ref = copy.deepcopy(bn).double()
     y, g = torch.randn(B, N, C, device=device) * 2.0 + 0.7, torch.randn(B, N, C, device=device)
-    for name, o, r in zip(NAMES, run(bn, y, g, fused=True), run(ref, y.double(), g.double(), fused=False),
-                          strict=True):
+    for name, o, r in zip(NAMES, run(bn, y, g, fused=True, relu=relu),
+                          run(ref, y.double(), g.double(), fused=False, relu=relu), strict=True):
         assert_matches(name, o, r)
     check_state(bn, ref)
 
 
-def test_falls_back_off_the_fused_path(device):
+@pytest.mark.parametrize("relu", [False, True])
+def test_falls_back_off_the_fused_path(relu, device):
     """float64 tokens are not on the fused path: F.batch_norm, as before."""
     bn = make_bn(32, True, 0.1, True, device).double()
     ref = copy.deepcopy(bn)
     y, g = (torch.randn(2, 5, 32, device=device, dtype=torch.float64) for _ in range(2))
-    for name, o, r in zip(NAMES, run(bn, y, g, fused=True), run(ref, y, g, fused=False), strict=True):
+    for name, o, r in zip(NAMES, run(bn, y, g, fused=True, relu=relu), run(ref, y, g, fused=False, relu=relu),
+                          strict=True):
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12, msg=name)
     check_state(bn, ref)
 
@@ -218,11 +240,20 @@ def test_falls_back_off_the_fused_path(device):
         ("batch_norm_stats", lambda d: (torch.randn(37, 96, device=d),)),
         ("batch_norm_apply", lambda d: (torch.randn(37, 96, device=d).bfloat16(), torch.randn(96, device=d),
                                         torch.rand(96, device=d), torch.randn(96, device=d), None, 1e-5)),
+        ("batch_norm_apply", lambda d: (torch.randn(37, 96, device=d), torch.randn(96, device=d),
+                                        torch.rand(96, device=d), None, torch.randn(96, device=d), 1e-5, True)),
         ("batch_norm_bwd", lambda d: (torch.randn(37, 96, device=d), torch.randn(37, 96, device=d),
                                       torch.randn(96, device=d), torch.rand(96, device=d), torch.randn(96, device=d),
-                                      1e-5, True)),
+                                      None, 1e-5, True)),
         ("batch_norm_bwd", lambda d: (torch.randn(37, 96, device=d), torch.randn(37, 96, device=d),
-                                      torch.randn(96, device=d), torch.rand(96, device=d), None, 1e-5, False)),
+                                      torch.randn(96, device=d), torch.rand(96, device=d), None, None, 1e-5, False)),
+        ("batch_norm_bwd", lambda d: (torch.randn(37, 96, device=d).bfloat16(),
+                                      torch.randn(37, 96, device=d).bfloat16(), torch.randn(96, device=d),
+                                      torch.rand(96, device=d), torch.randn(96, device=d), torch.randn(96, device=d),
+                                      1e-5, True, True)),
+        ("batch_norm_bwd", lambda d: (torch.randn(37, 96, device=d), torch.randn(37, 96, device=d),
+                                      torch.randn(96, device=d), torch.rand(96, device=d), None,
+                                      torch.randn(96, device=d), 1e-5, False, True)),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -256,3 +287,132 @@ def test_low_precision_without_autocast(dtype, param_dtype, device):
             assert_matches(name, t, r)
         else:
             assert_matches(name, t, r, low, param_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused stem: its conv -> BatchNorm -> [ReLU] layers on the token BatchNorm (sampling.image_batch_norm)
+# ----------------------------------------------------------------------------------------------
+
+
+STEM_SHAPES = [(2, 3, 16, 16), (2, 3, 8, 12)]
+
+
+def make_stems(embed_dim: int, device: str) -> tuple[Stem, ReferenceStem]:
+    """(fused Stem on the device, float64 reference Stem on the CPU) with the same non-trivial BatchNorm
+    parameters and running statistics, the fused one loaded from the reference's state dict."""
+    ref = ReferenceStem(3, embed_dim)
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.load_state_dict(make_bn(m.num_features, True, 0.1, True, "cpu").state_dict())
+    fast = Stem(3, embed_dim, backend="triton")
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    return fast.to(device), ref.double()
+
+
+def stem_step(stem: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output, input gradient and every parameter gradient (by name) of stem on images x for output gradient g."""
+    x = x.detach().requires_grad_()
+    out = stem(x)
+    names, params = zip(*stem.named_parameters(), strict=True)
+    grads = torch.autograd.grad(out, [x, *params], g.to(out.dtype))
+    return {"out": out.detach(), "dx": grads[0], **{f"d {n}": t for n, t in zip(names, grads[1:], strict=True)}}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", STEM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_stem_matches_float64_reference(shape, training, device):
+    """Two steps of the fused stem (fp32, backend "triton") against the float64 reference stem: output, input
+    gradient, every parameter gradient, and the running statistics and num_batches_tracked after each step."""
+    B, _, H, W = shape
+    fast, ref = make_stems(32, device)
+    fast.train(training)
+    ref.train(training)
+    for _ in range(2):
+        x = torch.randn(shape)
+        g = torch.randn(B, (H // 4) * (W // 4), 32)
+        got = stem_step(fast, x.to(device), g.to(device))
+        want = stem_step(ref, x.double(), g.double())
+        assert got.keys() == want.keys()
+        for name, r in want.items():
+            assert got[name].dtype == torch.float32, name
+            assert_matches(name, got[name].cpu(), r)
+        for (name, t), r in zip(fast.named_buffers(), ref.buffers(), strict=True):
+            if t.is_floating_point():
+                assert_matches(name, t.cpu(), r)
+            else:
+                assert torch.equal(t.cpu(), r), name
+
+
+def test_stem_runs_the_fused_batch_norm(device, monkeypatch):
+    """The fused stem's BatchNorms and ReLUs run on the Triton kernels (neither F.batch_norm nor F.relu, forward
+    or backward); backend "torch" keeps the reference (no ``image_batch_norm``)."""
+    fast, _ = make_stems(32, device)
+    x, g = torch.randn(2, 3, 8, 8, device=device), torch.randn(2, 4, 32, device=device)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("called on the wrong path")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "batch_norm", forbidden)
+        patch.setattr(F, "relu", forbidden)
+        stem_step(fast, x, g)
+    plain = Stem(3, 32, backend="torch").to(device)
+    plain.load_state_dict(fast.state_dict())
+    monkeypatch.setattr(sampling, "image_batch_norm", forbidden)
+    stem_step(plain, x, g)
+
+
+class _PlainBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm2d subclass: not plain nn.BatchNorm2d, so its ConvLayer runs its own forward."""
+
+
+def test_stem_other_norms_and_activations_fall_back(device):
+    """A layer with a BatchNorm2d subclass or an activation other than ReLU runs the reference ConvLayer; the
+    other layers stay fused, and the stem still matches the float64 reference."""
+    fast, ref = make_stems(32, device)
+    for stem in (fast, ref):
+        stem.conv1.act = nn.SiLU()
+        norm = stem.conv3[1].norm
+        stem.conv3[1].norm = _PlainBatchNorm(norm.num_features).to(norm.weight)
+        stem.conv3[1].norm.load_state_dict(norm.state_dict())
+    x, g = torch.randn(2, 3, 12, 8), torch.randn(2, 6, 32)
+    got = stem_step(fast, x.to(device), g.to(device))
+    for name, r in stem_step(ref, x.double(), g.double()).items():
+        assert_matches(name, got[name].cpu(), r)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_image_batch_norm_layouts(channels_last, training, device):
+    """``image_batch_norm`` on a channels-last image (its tokens a view) and on an NCHW one (copied to tokens):
+    a channels-last (B, C, H, W) result whose tokens are a view, matching the float64 module and F.relu, with
+    the input and parameter gradients and the running statistics."""
+    B, C, H, W = 2, 48, 5, 7
+    bn = make_bn(C, True, 0.1, True, device).train(training)
+    ref = copy.deepcopy(bn).double()
+    x = torch.randn(B, C, H, W, device=device) + 0.3
+    g = torch.randn(B, C, H, W, device=device)
+    xf = x.contiguous(memory_format=torch.channels_last) if channels_last else x.clone()
+    xf.requires_grad_()
+    out = sampling.image_batch_norm(xf, bn, relu=True)
+    assert out.shape == (B, C, H, W) and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.permute(0, 2, 3, 1).is_contiguous()
+    got = [out, *torch.autograd.grad(out, [xf, bn.weight, bn.bias], g)]
+    x64 = x.double().requires_grad_()
+    out64 = F.relu(ref(x64))
+    want = [out64, *torch.autograd.grad(out64, [x64, ref.weight, ref.bias], g.double())]
+    for name, o, r in zip(NAMES, got, want, strict=True):
+        assert_matches(name, o, r)
+    check_state(bn, ref)
+
+
+@pytest.mark.parametrize(
+    ("x", "channels", "match"),
+    [(torch.randn(2, 16, 32), 32, "expected a \\(B, C, H, W\\) image"),
+     (torch.randn(2, 32, 4, 4), 16, "num_features=16")],
+    ids=["3-D", "channels"],
+)
+def test_image_batch_norm_bad_input_raises_value_error(x, channels, match, device):
+    with pytest.raises(ValueError, match=match):
+        sampling.image_batch_norm(x.to(device), nn.BatchNorm2d(channels).to(device), relu=True)
