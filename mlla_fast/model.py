@@ -40,8 +40,9 @@ class MLLAUNet(ReferenceMLLAUNet):
         so that their GEMM takes them as one weight without a concatenation."""
         if not use_fused(self.backend, x):
             return super().forward(x)
-        stacked = [p for m in self.modules() if isinstance(m, MLLABlock)
-                   for p in (m.act_proj.weight, m.in_proj.weight, m.act_proj.bias, m.in_proj.bias) if p is not None]
+        # a generator: the modules are walked only where the copies are made
+        stacked = (p for m in self.modules() if isinstance(m, MLLABlock)
+                   for p in (m.act_proj.weight, m.in_proj.weight, m.act_proj.bias, m.in_proj.bias) if p is not None)
         with cast_parameters(self, x, order=stacked):
             return super().forward(x)
 

@@ -114,30 +114,25 @@ class _CpeNormLinear(torch.autograd.Function):
                                       cast_cat(biases, dtype) if has_bias else None, residual_bias, H, W, eps)
         ctx.save_for_backward(x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias)
         ctx.grid, ctx.eps = (H, W), eps
-        ctx.blocks = [(b.shape[0], b.dtype) for b in blocks] if has_bias else [(w.shape[0], w.dtype) for w in weights]
-        ctx.n_weights, ctx.has_bias = n_weights, has_bias
+        ctx.rows = [w.shape[0] for w in weights]
+        ctx.dtypes = [None if b is None else b.dtype for b in blocks]
+        ctx.has_bias = has_bias
         ctx.set_materialize_grads(False)
         return r, y
 
     @staticmethod
     def backward(ctx, dr: Tensor | None, dy: Tensor | None):
         x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias = ctx.saved_tensors
-        n, need = ctx.n_weights, ctx.needs_input_grad
-        n_blocks = 2 * n
+        need = ctx.needs_input_grad
         if dr is None and dy is None:
-            return (None,) * (10 + n_blocks)
+            return (None,) * (10 + len(ctx.dtypes))
         dx, dcw, dcb, dnw, dnb, dweight, dbias, drbias = cpe_norm_linear_bwd_op(
             dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias if need[5] else None,
             *ctx.grid, ctx.eps, ctx.has_bias)
         grads = [g if needed else None for g, needed in zip((dx, dcw, dcb, dnw, dnb), need[:5], strict=True)]
-        rows = [r for r, _ in ctx.blocks[:n]]
-        dblocks = [g.to(dt) if needed else None for g, (_, dt), needed in zip(
-            dweight.split(rows), ctx.blocks[:n], need[10:10 + n], strict=True)]
-        if ctx.has_bias:
-            dblocks += [g.to(dt) if needed else None for g, (_, dt), needed in zip(
-                dbias.split(rows), ctx.blocks[n:], need[10 + n:], strict=True)]
-        else:
-            dblocks += [None] * n
+        dbiases = dbias.split(ctx.rows) if ctx.has_bias else [None] * len(ctx.rows)
+        dblocks = [g.to(dt) if needed and g is not None else None for g, dt, needed in zip(
+            (*dweight.split(ctx.rows), *dbiases), ctx.dtypes, need[10:], strict=True)]
         return (*grads, drbias if need[5] else None, None, None, None, None, *dblocks)
 
 
