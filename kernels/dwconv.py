@@ -22,7 +22,8 @@ Backward (``g`` is the gradient with respect to the convolution's output, ``w`` 
   write ``h = LayerNorm(r)`` again on the way (``cpe_residual_norm_bwd_h``), for a consumer of h
   that keeps only x (``mlla_fast/norm_linear.py``), and sum dr over tokens, the gradient of a bias the
   forward added to the r it stores (``residual_bias``: the block's out_proj bias, carried by the residual
-  stream so that out_proj's GEMM adds the branch to it);
+  stream so that out_proj's GEMM adds the branch to it; ``residual_scale`` scales it, and dr in that sum, per
+  sample: drop-path's factor on the branch);
 * silu: ``g = dy * s * (1 + pre * (1 - s))`` with ``s = sigmoid(pre)`` and ``pre`` recomputed.
 
 A first kernel computes ``g`` per tile (stored in the activation dtype, as PyTorch's own
@@ -168,12 +169,12 @@ def _masked_load(p, m, MASKED: tl.constexpr):
 
 @triton.jit
 def _cpe_residual_norm_fwd_kernel(
-    x, cpe_w, cpe_b, rbias, norm_w, norm_b, r, h,
+    x, cpe_w, cpe_b, rbias, rscale, norm_w, norm_b, r, h,
     H, W, C, n_tiles_w, sx_b, sx_n, so_b, so_n, eps,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RBIAS: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RBIAS: tl.constexpr, HAS_RSCALE: tl.constexpr,
 ):
     """r = x + dwconv(x) and h = LayerNorm(r) of one tile; with HAS_RBIAS the stored r is r + rbias (rounded
-    once), while h stays the LayerNorm of r without it."""
+    once), while h stays the LayerNorm of r without it; with HAS_RSCALE, r + rscale[sample] * rbias."""
     i_t, i_b = tl.program_id(0), tl.program_id(1)
     row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
     o_c = tl.arange(0, BLOCK_C)
@@ -186,6 +187,8 @@ def _cpe_residual_norm_fwd_kernel(
     o_out = i_b.to(tl.int64) * so_b + (row * W + col).to(tl.int64)[:, None] * so_n + o_c[None, :]
     if HAS_RBIAS:
         b_rbias = tl.load(rbias + o_c, mask=m_c, other=0.0).to(tl.float32)
+        if HAS_RSCALE:
+            b_rbias *= tl.load(rscale + i_b)
         tl.store(r + o_out, (b_r + b_rbias[None, :]).to(r.dtype.element_ty), mask=m)
     # h is the LayerNorm of r rounded to r's dtype (as stored without rbias), which is also what the backward
     # recomputes it from.
@@ -314,16 +317,18 @@ def _window_taps(a0, a1, a2, a3, a4, a5, a6, a7, a8, b_g,
 
 @triton.jit
 def _cpe_residual_norm_bwd_kernel(
-    x, cpe_w, cpe_b, dr, dh, norm_w, norm_b, g, h, dw_part, db_part, dgamma_part, dbeta_part, drbias_part,
+    x, cpe_w, cpe_b, dr, dh, norm_w, norm_b, g, h, dw_part, db_part, dgamma_part, dbeta_part, drbias_part, rscale,
     H, W, C, n_tiles_w, n_rows,
     sx_b, sx_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps, s_part,
     TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
     HAS_DR: tl.constexpr, HAS_DH: tl.constexpr, WRITE_H: tl.constexpr, RBIAS_GRAD: tl.constexpr,
+    HAS_RSCALE: tl.constexpr,
 ):
     """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients; with
     WRITE_H (and HAS_DH) also the forward's h = LayerNorm(r), from the recomputed r, into h (strided like g);
     with RBIAS_GRAD also the partials of dr's sum over tokens (the gradient of a bias added to r, the
-    forward's HAS_RBIAS; zero without HAS_DR), into drbias_part.
+    forward's HAS_RBIAS; zero without HAS_DR), into drbias_part; with HAS_RSCALE (the forward's too), dr
+    scaled by rscale[sample] in that sum.
 
     A tile is TW tokens of one grid row (all C channels). The tiles are numbered strip by strip (a strip:
     one batch sample's TW-wide column block, top row to bottom row) and each program walks down a
@@ -395,7 +400,10 @@ def _cpe_residual_norm_bwd_kernel(
             b_dr = _masked_load(dr + i_b64 * sdr_b + o_y * sdr_n + (col * sdr_n)[:, None] + o_c[None, :], m, MASKED)
             b_g += b_dr
             if RBIAS_GRAD:
-                a_drbias += b_dr
+                if HAS_RSCALE:
+                    a_drbias += b_dr * tl.load(rscale + i_b)
+                else:
+                    a_drbias += b_dr
         p_g = g + i_b64 * sg_b + o_y * sg_n + (col * sg_n)[:, None] + o_c[None, :]
         if MASKED:
             tl.store(p_g, b_g.to(g.dtype.element_ty), mask=m)
@@ -609,6 +617,21 @@ def _check_stencil_inputs(x: Tensor, hw: tuple[int, int], weight: Tensor, params
     return H, W
 
 
+def check_sample_scale(scale: Tensor | None, x: Tensor, name: str, allowed: bool, needs: str) -> None:
+    """Raise unless scale is None or a per-sample factor for x (B, ...): (B,) float32 on x's device, given only
+    where allowed (needs names what must come with it)."""
+    if scale is None:
+        return
+    if not allowed:
+        raise ValueError(f"{name}: given without {needs}")
+    if not isinstance(scale, Tensor) or tuple(scale.shape) != (x.shape[0],) or scale.dtype != torch.float32 \
+            or scale.device != x.device:
+        got = f"{scale.dtype} of shape {tuple(scale.shape)} on {scale.device}" if isinstance(scale, Tensor) \
+            else type(scale).__name__
+        raise ValueError(f"{name}: expected a float32 tensor of shape ({x.shape[0]},), one factor per sample, on "
+                         f"{x.device}, got {got}")
+
+
 def _check_like(name: str, t: Tensor | None, like: Tensor) -> None:
     """Raise unless t (skipped when None) is a floating-point tensor of like's shape on like's device."""
     if t is None:
@@ -708,17 +731,20 @@ def reduce_partials(part: Tensor, outputs: list[tuple[tuple[int, ...], torch.dty
 
 def cpe_residual_norm_fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
                           hw: tuple[int, int], eps: float = 1e-5,
-                          residual_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                          residual_bias: Tensor | None = None,
+                          residual_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Launch the forward of ``cpe_residual_norm``: x (B, N, C) -> r, h, both (B, N, C) contiguous in x's dtype.
 
     With residual_bias (C,), the r returned is ``r + residual_bias`` (rounded once to x's dtype) while h is
     still the LayerNorm of r, bitwise as without it: a bias that the consumer of r would otherwise add (its
-    gradient: ``cpe_residual_norm_bwd_h``'s residual_bias_grad).
+    gradient: ``cpe_residual_norm_bwd_h``'s residual_bias_grad). With residual_scale (B,) fp32 as well, sample
+    b's r is ``r + residual_scale[b] * residual_bias``: the bias of a branch that drop-path scales per sample.
     """
     params = {"cpe_bias": cpe_bias, "norm_weight": norm_weight, "norm_bias": norm_bias}
     if residual_bias is not None:
         params["residual_bias"] = residual_bias
     H, W = _check_stencil_inputs(x, hw, cpe_weight, params, MAX_NORM_CHANNELS)
+    check_sample_scale(residual_scale, x, "residual_scale", residual_bias is not None, "residual_bias")
     x = _tokens_major(x)
     B, N, C = x.shape
     r = _empty((B, N, C), x.dtype, x.device)
@@ -730,9 +756,10 @@ def cpe_residual_norm_fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_
     cpe_bias = cpe_bias.contiguous()
     _cpe_residual_norm_fwd_kernel[grid](
         x, cpe_weight.contiguous(), cpe_bias, cpe_bias if residual_bias is None else residual_bias.contiguous(),
-        norm_weight.contiguous(), norm_bias.contiguous(), r, h,
+        cpe_bias if residual_scale is None else residual_scale, norm_weight.contiguous(), norm_bias.contiguous(), r, h,
         H, W, C, n_tiles_w, x.stride(0), x.stride(1), N * C, C, eps,
-        TH=th, TW=tw, BLOCK_C=block_c, HAS_RBIAS=residual_bias is not None, num_warps=_num_warps(th * tw * block_c),
+        TH=th, TW=tw, BLOCK_C=block_c, HAS_RBIAS=residual_bias is not None, HAS_RSCALE=residual_scale is not None,
+        num_warps=_num_warps(th * tw * block_c),
     )
     return r, h
 
@@ -770,7 +797,8 @@ def cpe_residual_norm_bwd(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_w
 def cpe_residual_norm_bwd_h(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe_weight: Tensor,
                             cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, hw: tuple[int, int],
                             eps: float = 1e-5, write_h: bool = False, residual_bias_grad: bool = False,
-                            residual_bias_dtype: torch.dtype = torch.float32) -> tuple[Tensor, ...]:
+                            residual_bias_dtype: torch.dtype = torch.float32,
+                            residual_scale: Tensor | None = None) -> tuple[Tensor, ...]:
     """``cpe_residual_norm_bwd``'s five results, then two that are None unless asked for:
 
     * with write_h (and dh given), the forward's h (B, N, C) in x's dtype, written by the same kernel from the
@@ -778,10 +806,12 @@ def cpe_residual_norm_bwd_h(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe
       weight gradient needs h;
     * with residual_bias_grad, the gradient (C,) in residual_bias_dtype of ``cpe_residual_norm_fwd``'s
       residual_bias, dr summed over tokens (zero when dr is None): from the same kernel and the same
-      partials reduction, no pass over dr of its own.
+      partials reduction, no pass over dr of its own; with the forward's residual_scale (B,), sample b's dr
+      scaled by residual_scale[b] in that sum.
     """
     H, W = _check_stencil_inputs(x, hw, cpe_weight, {"cpe_bias": cpe_bias, "norm_weight": norm_weight,
                                                      "norm_bias": norm_bias}, MAX_NORM_CHANNELS)
+    check_sample_scale(residual_scale, x, "residual_scale", residual_bias_grad, "residual_bias_grad")
     for name, t in (("dr", dr), ("dh", dh)):
         _check_like(name, t, x)
     x = _tokens_major(x, W)
@@ -806,11 +836,12 @@ def cpe_residual_norm_bwd_h(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe
     _cpe_residual_norm_bwd_kernel[(n_progs,)](
         x, weight, cpe_bias.contiguous(), dr_arg, dh_arg, norm_weight.contiguous(), norm_bias.contiguous(), g,
         g if h is None else h, dw_part, db_part,
-        dgamma_part, dbeta_part, drbias_part, H, W, C, n_tiles_w, n_rows,
+        dgamma_part, dbeta_part, drbias_part, x if residual_scale is None else residual_scale, H, W, C, n_tiles_w,
+        n_rows,
         x.stride(0), x.stride(1), dr_arg.stride(0), dr_arg.stride(1),
         dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps, part.stride(0),
         TW=tw, BLOCK_C=block_c, EVEN_C=block_c == C, EVEN_W=W % tw == 0, HAS_DR=dr is not None,
-        HAS_DH=dh is not None, WRITE_H=write_h, RBIAS_GRAD=residual_bias_grad,
+        HAS_DH=dh is not None, WRITE_H=write_h, RBIAS_GRAD=residual_bias_grad, HAS_RSCALE=residual_scale is not None,
         num_warps=_bwd_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
     )
     dx = _dwconv_transpose(g, weight, (H, W), residual=True)

@@ -374,13 +374,13 @@ def _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_n, s_row, DI: tl.constexp
 
 @triton.jit
 def _la_fwd_out_kernel(
-    p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg, p_a,
+    p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg, p_a, p_scale,
     N, H, W, n_pos,
     s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n, s_dg_b, s_dg_n, s_y_b, s_y_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
     TRIG: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr, WRITE_A: tl.constexpr,
-    A_OVER_DY: tl.constexpr,
+    A_OVER_DY: tl.constexpr, SCALE: tl.constexpr,
 ):
     """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads).
 
@@ -390,7 +390,9 @@ def _la_fwd_out_kernel(
     p_dg and p_y instead, and with WRITE_A the forward's gated output o * gate, rewritten to p_a (contiguous; the
     forward's rounding: a projection of the output, e.g. out_proj, takes its weight gradient from it). A_OVER_DY:
     p_a is p_dy (a written over dy in place): a barrier orders every thread's dy loads before the a stores,
-    which may map the tile's elements to threads differently."""
+    which may map the tile's elements to threads differently. SCALE: the output is scaled by p_scale[sample]
+    (drop-path's per-sample factor): y * scale in the forward; in the backward, p_dy holds the scaled output's
+    gradient, taken times the scale, and the rewritten a is scaled like the forward's y."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -430,16 +432,23 @@ def _la_fwd_out_kernel(
         if GATE_GRAD:
             p_dyt = p_dy + i_b * s_dy_b + o_n64[:, None] * s_dy_n + o_c[None, :]
             b_dy = tl.load(p_dyt, mask=m_n[:, None], other=0.0).to(tl.float32)
+            if SCALE:
+                b_dy *= tl.load(p_scale + i_b)
             tl.store(p_dg + i_b * s_dg_b + o_n64[:, None] * s_dg_n + o_c[None, :],
                      (b_dy * b_o * b_dgate).to(p_dg.dtype.element_ty), mask=m_n[:, None])
             if WRITE_A:
                 if A_OVER_DY:
                     tl.debug_barrier()
+                b_a = b_o * b_g
+                if SCALE:
+                    b_a *= tl.load(p_scale + i_b)
                 tl.store(p_a + i_b * N * C + o_n64[:, None] * C + o_c[None, :],
-                         (b_o * b_g).to(p_a.dtype.element_ty), mask=m_n[:, None])
+                         b_a.to(p_a.dtype.element_ty), mask=m_n[:, None])
             b_o = b_dy * b_g
         else:
             b_o *= b_g
+    if SCALE and not GATE_GRAD:
+        b_o *= tl.load(p_scale + i_b)
     tl.store(p_yt, b_o.to(p_y.dtype.element_ty), mask=m_n[:, None])
 
 
@@ -744,28 +753,35 @@ def attention_state(k: Tensor | Projected, v: Tensor, W: int, num_heads: int) ->
 
 
 def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-                          H: int, W: int, num_heads: int, gate_silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the forward: returns y (B, N, C) and the saved state kv (B*h, 32, 32), mean phi(k) (B*h, 32)."""
+                          H: int, W: int, num_heads: int, gate_silu: bool,
+                          scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward: returns y (B, N, C) (times scale[b] for sample b with a (B,) fp32 scale) and the
+    saved state kv (B*h, 32, 32), mean phi(k) (B*h, 32)."""
     qk, v = _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
     C = v.shape[2]
     kv, ksum = attention_state(qk[..., C:], v, W, num_heads)
-    return attention_output(qk[..., :C], v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu), kv, ksum
+    y = attention_output(qk[..., :C], v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, scale)
+    return y, kv, ksum
 
 
 def attention_output(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
-                     ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool) -> Tensor:
-    """The forward's output pass: y (B, N, C) from q, v, g (channels contiguous) and the state."""
+                     ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
+                     scale: Tensor | None = None) -> Tensor:
+    """The forward's output pass: y (B, N, C) from q, v, g (channels contiguous) and the state; times scale[b]
+    for sample b when a (B,) fp32 scale is given."""
     y = _empty(v.shape, v.dtype, v.device)
-    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, y)
+    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, y, scale=scale)
     return y
 
 
 def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
                      ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, out: Tensor,
-                     dy: Tensor | None = None, dg: Tensor | None = None, a: Tensor | None = None) -> None:
+                     dy: Tensor | None = None, dg: Tensor | None = None, a: Tensor | None = None,
+                     scale: Tensor | None = None) -> None:
     """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out,
-    and the forward's y again into a when given (a may be dy itself: y is written over it)."""
+    and the forward's y again into a when given (a may be dy itself: y is written over it). With a (B,) fp32
+    scale, y is scaled per sample, and dy is the gradient of the scaled y."""
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     g_arg, s_g_b, s_g_n = _gate_args(g, v)
@@ -774,31 +790,36 @@ def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
     block_n = CONFIG.fwd_out_block_n
     _la_fwd_out_kernel[(triton.cdiv(N, block_n), B * num_heads)](
         q, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
-        dg_arg, out if a is None else a, N, H, W, n_pos,
+        dg_arg, out if a is None else a, v if scale is None else scale, N, H, W, n_pos,
         q.stride(0), q.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
         dy_arg.stride(0), dy_arg.stride(1), dg_arg.stride(0), dg_arg.stride(1), out.stride(0), out.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
         GATE_GRAD=dg is not None, GATE_SILU=gate_silu, WRITE_A=a is not None,
-        A_OVER_DY=a is not None and dy is not None and a.data_ptr() == dy.data_ptr(), num_warps=CONFIG.fwd_out_warps,
+        A_OVER_DY=a is not None and dy is not None and a.data_ptr() == dy.data_ptr(), SCALE=scale is not None,
+        num_warps=CONFIG.fwd_out_warps,
     )
 
 
 def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
                       kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
                       a: Tensor | None = None, dg: Tensor | None = None,
-                      do: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      do: Tensor | None = None, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The backward's first pass: (do, dg), the gated output gradient do = dy * gate and the gate's gradient
     (recomputing the pre-gate output); without a gate (dy, an empty dg). With a (B, N, C) contiguous a, the
     forward's output y is written into it as well; with dg and do (B, N, C, channels contiguous), the gate's
-    gradient and the gated output gradient are written into them."""
+    gradient and the gated output gradient are written into them. With a (B,) fp32 scale (a gate needed), the
+    forward's output was scaled per sample: dy is the scaled output's gradient, and a is written scaled."""
     if g is None:
+        if scale is not None:
+            raise ValueError("scale: a per-sample output scale needs a gate")
         if a is not None:
             _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a)
         return dy, _empty((0,), v.dtype, v.device)
     dg = _empty(v.shape, v.dtype, v.device) if dg is None else dg
     do = _empty(v.shape, v.dtype, v.device) if do is None else do
-    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg, a=a)
+    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, do, dy=dy, dg=dg, a=a,
+                     scale=scale)
     return do, dg
 
 
@@ -854,11 +875,13 @@ def lepe_param_grads(do: Tensor, v: Tensor, lepe_weight: Tensor, lepe_bias: Tens
 def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
                           lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
                           gate_silu: bool, a: Tensor | None = None, dg: Tensor | None = None,
-                          do: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          do: Tensor | None = None,
+                          scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward: returns dqk (B, N, 2C), dv (B, N, C), dg (B, N, C; empty when g is None),
     d lepe_weight (C, 1, 3, 3) and d lepe_bias (C,) in their parameters' dtypes; the forward's output is
     rewritten into a (B, N, C) contiguous a when given, and dg and the gated output gradient do (a work tensor of
-    the backward) are written into the (B, N, C) tensors dg and do (channels contiguous) when given."""
+    the backward) are written into the (B, N, C) tensors dg and do (channels contiguous) when given; scale as
+    for ``gated_output_grad``."""
     dy, qk, v = _token_major(dy), _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
@@ -866,7 +889,7 @@ def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, l
     dqk = _empty((B, N, 2 * C), qk.dtype, v.device)
     dv = _empty((B, N, C), v.dtype, v.device)
     do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a,
-                               dg=dg, do=do)
+                               dg=dg, do=do, scale=scale)
     dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dqk[..., :C])
     dw, db = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
     kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dqk[..., C:], dv)

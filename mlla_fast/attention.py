@@ -33,7 +33,9 @@ gradient inside the q and k kernels instead of by column sums took the k/v kerne
 the step from 16.7 to 18.1 ms of GPU time.) With ``residual``, out_proj's GEMM accumulates into the residual
 stream itself, in place (``addmm_``, beta = 1; the residual tensor is updated and returned), instead of a
 separate add kernel (0.26 ms at 1024²) or an addmm into a new tensor, which copies the residual there first
-(0.17 ms).
+(0.17 ms). Drop-path keeps that path: ``gv_linear_attention``'s ``scale`` (per sample) is applied by the output
+pass, which writes scale * a for the GEMM, and by its backward counterpart, instead of an ``addcmul`` over
+(B, N, C) in the forward and a multiply in the backward.
 
 The GEMMs and their recomputes run inside two custom ops (``mlla_fast::qk_linear_attention_fwd``/``_bwd``),
 opaque to torch.compile: with the GEMM as graph nodes, AOTAutograd's partitioner merges the backward's
@@ -53,7 +55,7 @@ from torch import Tensor
 
 from .casts import cast
 from .kernels import linear_attention as _la
-from .kernels.dwconv import _check_stencil_inputs, dwconv_silu_bwd, dwconv_silu_fwd
+from .kernels.dwconv import _check_stencil_inputs, check_sample_scale, dwconv_silu_bwd, dwconv_silu_fwd
 from .kernels.linear_attention import (
     Projected,
     _check_inputs,
@@ -107,15 +109,16 @@ def _split_qk(v: Tensor) -> bool:
 
 def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
                              lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
-                             out_bias: Tensor | None, H: int, W: int, num_heads: int,
-                             gate_silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+                             out_bias: Tensor | None, H: int, W: int, num_heads: int, gate_silu: bool,
+                             scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The attention's forward (y, kv, ksum), weights in v's dtype: qk = v W_qk + b_qk, or for a large v
     k = v W_k + b_k for the state (projected inside the reduction kernel up to ``PROJECTED_K_MAX_CHANNELS``),
     then q = v W_q + b_q for the output pass, one (B, N, C) projection live at a time; with out_weight, y is
-    the attention's output a projected, a W_out^T + b_out, and a is dropped."""
+    the attention's output a projected, a W_out^T + b_out, and a is dropped. With a (B,) fp32 scale, a is
+    scaled per sample by the output pass."""
     if not _split_qk(v):
         y, kv, ksum = _linear_attention_fwd(_project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, H, W,
-                                            num_heads, gate_silu)
+                                            num_heads, gate_silu, scale)
     else:
         v = _token_major(v)
         g = None if g is None else _token_major(g)
@@ -123,7 +126,8 @@ def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_
         k = Projected(v, wk, bk) if v.shape[2] <= PROJECTED_K_MAX_CHANNELS else _project(v, wk, bk)
         kv, ksum = attention_state(k, v, W, num_heads)
         del k
-        y = attention_output(_project(v, wq, bq), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu)
+        y = attention_output(_project(v, wq, bq), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu,
+                             scale)
     if out_weight is None:
         return y, kv, ksum
     return _project(y, out_weight, out_bias), kv, ksum
@@ -132,8 +136,8 @@ def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_
 def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
                              lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
                              out_bias: Tensor | None, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
-                             gate_silu: bool, dg: Tensor | None = None,
-                             do: Tensor | None = None) -> tuple[Tensor, ...]:
+                             gate_silu: bool, dg: Tensor | None = None, do: Tensor | None = None,
+                             scale: Tensor | None = None) -> tuple[Tensor, ...]:
     """The attention's and the projections' backward: (dv, dg, d qk_weight, d qk_bias, d lepe_weight,
     d lepe_bias, d out_weight, d out_bias), the projections' gradients in fp32 (empty where there is no such
     parameter); dg and the backward's gated output gradient do are written into the given (B, N, C) tensors
@@ -145,7 +149,8 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
     folded into dv as soon as they exist: dv = dq W_q (a GEMM), the k/v kernel adds the attention's own dv to
     it and writes dk over k, then dv += dk W_k in place. At most four (B, N, C) tensors of its own are live at
     once (da/a, q, do, dg in the gate pass; do, dg, q, dq on the q side; do, dg, dv, k/dk on the k/v side),
-    against seven with qk and dqk whole and a and da apart."""
+    against seven with qk and dqk whole and a and da apart. With the forward's per-sample scale (B,), dy is the
+    gradient of the scaled output; the gate pass scales da and writes a scaled."""
     dy, v = _token_major(dy), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
@@ -158,7 +163,7 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
     if not _split_qk(v):
         dqk, dv, dg, dlepe_w, dlepe_b = _linear_attention_bwd(
             da, _project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu,
-            a=a, dg=dg, do=do)
+            a=a, dg=dg, do=do, scale=scale)
         del da
         out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
         del a
@@ -169,7 +174,7 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
     (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
     q = _project(v, wq, bq)
     do, dg = gated_output_grad(da, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a, dg=dg,
-                               do=do)
+                               do=do, scale=scale)
     del da
     out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
     del a
@@ -195,7 +200,7 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
 
 def _fwd(x: Tensor, g: Tensor | None, dwc_weight: Tensor | None, dwc_bias: Tensor | None, qk_weight: Tensor,
          qk_bias: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
-         out_bias: Tensor | None, H: int, W: int, num_heads: int,
+         out_bias: Tensor | None, scale: Tensor | None, H: int, W: int, num_heads: int,
          gate_silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, v, kv, ksum). With dwc_weight, x is the gate/value projection gv (B, N, 2C), g = gv[..., :C] and
     v = SiLU(dwconv(gv[..., C:])), returned for the backward; else x is v itself and an empty tensor stands in
@@ -207,14 +212,14 @@ def _fwd(x: Tensor, g: Tensor | None, dwc_weight: Tensor | None, dwc_bias: Tenso
         g = x[..., :C]
         v = v_out = dwconv_silu_fwd(x[..., C:], dwc_weight, dwc_bias, (H, W))
     y, kv, ksum = _qk_linear_attention_fwd(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias,
-                                           H, W, num_heads, gate_silu)
+                                           H, W, num_heads, gate_silu, scale)
     return y, v_out, kv, ksum
 
 
 def _bwd(dy: Tensor, x: Tensor, g: Tensor | None, v: Tensor, dwc_weight: Tensor | None, dwc_bias: Tensor | None,
          qk_weight: Tensor, qk_bias: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-         out_weight: Tensor | None, out_bias: Tensor | None, kv: Tensor, ksum: Tensor, H: int, W: int,
-         num_heads: int, gate_silu: bool) -> tuple[Tensor, ...]:
+         out_weight: Tensor | None, out_bias: Tensor | None, scale: Tensor | None, kv: Tensor, ksum: Tensor, H: int,
+         W: int, num_heads: int, gate_silu: bool) -> tuple[Tensor, ...]:
     """(dx, dg, d dwc_weight, d dwc_bias, d qk_weight, d qk_bias, d lepe_weight, d lepe_bias, d out_weight,
     d out_bias); empty tensors stand in for what does not exist (dg and v without a gate or with dwc_weight,
     the dwc gradients without it).
@@ -225,14 +230,14 @@ def _bwd(dy: Tensor, x: Tensor, g: Tensor | None, v: Tensor, dwc_weight: Tensor 
     and no (B, N, C) do of its own."""
     if dwc_weight is None:
         dv, dg, *grads = _qk_linear_attention_bwd(dy, x, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight,
-                                                  out_bias, kv, ksum, H, W, num_heads, gate_silu)
+                                                  out_bias, kv, ksum, H, W, num_heads, gate_silu, scale=scale)
         return (dv, dg, x.new_empty((0,)), x.new_empty((0,)), *grads)
     C = v.shape[-1]
     dx = _la._empty(x.shape, x.dtype, x.device)
     du = dx[..., C:]
     dv, _, *grads = _qk_linear_attention_bwd(dy, v, x[..., :C], qk_weight, qk_bias, lepe_weight, lepe_bias,
                                              out_weight, out_bias, kv, ksum, H, W, num_heads, gate_silu,
-                                             dg=dx[..., :C], do=du)
+                                             dg=dx[..., :C], do=du, scale=scale)
     _, ddwc_weight, ddwc_bias = dwconv_silu_bwd(dv, x[..., C:], dwc_weight, dwc_bias, (H, W), out=du)
     return (dx, x.new_empty((0,)), ddwc_weight, ddwc_bias, *grads)
 
@@ -262,11 +267,11 @@ def _projection_grads(dp: Tensor, v2: Tensor, bias: bool, dtype: torch.dtype) ->
 
 
 _FWD_SCHEMA = "(Tensor x, Tensor? g, Tensor? dwc_weight, Tensor? dwc_bias, Tensor qk_weight, Tensor? qk_bias, " \
-    "Tensor lepe_weight, Tensor lepe_bias, Tensor? out_weight, Tensor? out_bias, SymInt H, SymInt W, " \
-    "int num_heads, bool gate_silu) -> (Tensor, Tensor, Tensor, Tensor)"
+    "Tensor lepe_weight, Tensor lepe_bias, Tensor? out_weight, Tensor? out_bias, Tensor? scale, SymInt H, " \
+    "SymInt W, int num_heads, bool gate_silu) -> (Tensor, Tensor, Tensor, Tensor)"
 _BWD_SCHEMA = "(Tensor dy, Tensor x, Tensor? g, Tensor v, Tensor? dwc_weight, Tensor? dwc_bias, Tensor qk_weight, " \
-    "Tensor? qk_bias, Tensor lepe_weight, Tensor lepe_bias, Tensor? out_weight, Tensor? out_bias, Tensor kv, " \
-    "Tensor ksum, SymInt H, SymInt W, int num_heads, bool gate_silu) " \
+    "Tensor? qk_bias, Tensor lepe_weight, Tensor lepe_bias, Tensor? out_weight, Tensor? out_bias, Tensor? scale, " \
+    "Tensor kv, Tensor ksum, SymInt H, SymInt W, int num_heads, bool gate_silu) " \
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 qk_linear_attention_fwd_op = torch.library.custom_op(
@@ -276,8 +281,8 @@ qk_linear_attention_bwd_op = torch.library.custom_op(
 
 
 @qk_linear_attention_fwd_op.register_fake
-def _(x, g, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, H, W, num_heads,
-      gate_silu):
+def _(x, g, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, scale, H, W,
+      num_heads, gate_silu):
     if dwc_weight is None:
         y, kv, ksum = fake_fwd_outputs(x, num_heads)
         return y, x.new_empty((0,)), kv, ksum
@@ -287,8 +292,8 @@ def _(x, g, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias, ou
 
 
 @qk_linear_attention_bwd_op.register_fake
-def _(dy, x, g, v, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, kv, ksum,
-      H, W, num_heads, gate_silu):
+def _(dy, x, g, v, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, scale, kv,
+      ksum, H, W, num_heads, gate_silu):
     acc = torch.promote_types(qk_weight.dtype, torch.float32)
 
     def grad(param: Tensor | None) -> Tensor:
@@ -309,15 +314,15 @@ class _QKLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, g: Tensor | None, dwc_weight: Tensor | None, dwc_bias: Tensor | None,
                 qk_weight: Tensor, qk_bias: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-                out_weight: Tensor | None, out_bias: Tensor | None, residual: Tensor | None, H: int, W: int,
-                num_heads: int, gate_silu: bool) -> Tensor:
+                out_weight: Tensor | None, out_bias: Tensor | None, residual: Tensor | None, scale: Tensor | None,
+                H: int, W: int, num_heads: int, gate_silu: bool) -> Tensor:
         # the weights cast once per call, as F.linear under autocast would (autocast leaves custom ops alone)
         params = [None if p is None else cast(p, x.dtype) for p in (qk_weight, qk_bias, out_weight, out_bias)]
         # with a residual the op returns the attention's output a, and out_proj accumulates into the residual here
         inside = [None, None] if residual is not None else params[2:]
         y, v, kv, ksum = qk_linear_attention_fwd_op(x, g, dwc_weight, dwc_bias, params[0], params[1], lepe_weight,
-                                                    lepe_bias, *inside, H, W, num_heads, gate_silu)
-        ctx.save_for_backward(x, g, v, dwc_weight, dwc_bias, *params, lepe_weight, lepe_bias, kv, ksum)
+                                                    lepe_bias, *inside, scale, H, W, num_heads, gate_silu)
+        ctx.save_for_backward(x, g, v, dwc_weight, dwc_bias, *params, lepe_weight, lepe_bias, scale, kv, ksum)
         ctx.grid = (H, W, num_heads, gate_silu)
         ctx.param_dtypes = [None if p is None else p.dtype for p in (qk_weight, qk_bias, out_weight, out_bias)]
         ctx.residual = residual is not None
@@ -334,14 +339,16 @@ class _QKLinearAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor | None):
         if dy is None:  # the output took no gradient
-            return (None,) * 15
-        x, g, v, dwc_weight, dwc_bias, wc, bc, out_wc, out_bc, lepe_weight, lepe_bias, kv, ksum = ctx.saved_tensors
+            return (None,) * 16
+        x, g, v, dwc_weight, dwc_bias, wc, bc, out_wc, out_bc, lepe_weight, lepe_bias, scale, kv, ksum = \
+            ctx.saved_tensors
         need = ctx.needs_input_grad
         # No autocast context in this Function (the GEMMs run inside the op, autocast disabled there): under
         # torch.compile (PyTorch 2.13) one in the backward left autocast off for the rest of the traced forward,
         # whose MLP then ran in fp32.
         dx, dg, ddwc_w, ddwc_b, dweight, dbias, dlepe_w, dlepe_b, dout_w, dout_b = qk_linear_attention_bwd_op(
-            dy, x, g, v, dwc_weight, dwc_bias, wc, bc, lepe_weight, lepe_bias, out_wc, out_bc, kv, ksum, *ctx.grid)
+            dy, x, g, v, dwc_weight, dwc_bias, wc, bc, lepe_weight, lepe_bias, out_wc, out_bc, scale, kv, ksum,
+            *ctx.grid)
         params = [(dweight, need[4]), (dbias, need[5]), (dout_w, need[8]), (dout_b, need[9])]
         dparams = [grad.to(dtype) if dtype is not None and needed else None
                    for (grad, needed), dtype in zip(params, ctx.param_dtypes, strict=True)]
@@ -349,7 +356,7 @@ class _QKLinearAttention(torch.autograd.Function):
         return (dx if need[0] else None, dg if g is not None and need[1] else None,
                 ddwc_w if dwc and need[2] else None, ddwc_b if dwc and need[3] else None, dparams[0], dparams[1],
                 dlepe_w if need[6] else None, dlepe_b if need[7] else None, dparams[2], dparams[3],
-                dy if ctx.residual and need[10] else None, None, None, None, None)
+                dy if ctx.residual and need[10] else None, None, None, None, None, None)
 
 
 def _accumulate_projection(residual: Tensor, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -399,13 +406,13 @@ def qk_linear_attention(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias:
     # the attention's own checks, with qk (computed from v in v's dtype) stood in for by a (B, N, 2C) view of v
     H, W = _check_inputs(v[..., :1].expand(B, N, 2 * C), v, g, lepe_weight, lepe_bias, hw, num_heads)
     return _QKLinearAttention.apply(v, g, None, None, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight,
-                                    out_bias, residual, H, W, num_heads, bool(gate_silu))
+                                    out_bias, residual, None, H, W, num_heads, bool(gate_silu))
 
 
 def gv_linear_attention(gv: Tensor, dwc_weight: Tensor, dwc_bias: Tensor, qk_weight: Tensor,
                         qk_bias: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, hw: tuple[int, int],
                         num_heads: int, out_weight: Tensor | None = None, out_bias: Tensor | None = None,
-                        residual: Tensor | None = None) -> Tensor:
+                        residual: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
     """The MLLA block's attention branch from its gate/value projection gv = [g, u] (B, N, 2C):
     ``qk_linear_attention(dwconv_silu(u, dwc_weight, dwc_bias, hw), g, ..., gate_silu=True, ...)``, the
     depthwise convolution (``kernels.dwconv``) inside the same Function, so that the backward writes the gate's
@@ -416,6 +423,11 @@ def gv_linear_attention(gv: Tensor, dwc_weight: Tensor, dwc_bias: Tensor, qk_wei
         gv: (B, N, 2C) in the compute dtype (as v for ``qk_linear_attention``), channels contiguous.
         dwc_weight, dwc_bias: (C, 1, 3, 3) and (C,) the depthwise convolution on u.
         qk_weight, ..., residual: as for ``qk_linear_attention``.
+        scale: (B,) float32 or None, only with residual and without out_bias: a per-sample factor on the
+            branch, ``residual += scale[b] * (a W_out^T)`` for sample b (drop-path's keep / (1 - p); the
+            branch's bias goes to the residual scaled alike, e.g. by ``cpe_norm_linear``'s residual_bias and
+            residual_scale). The output pass writes a scaled and its backward scales a's gradient: no
+            elementwise pass of its own. Not differentiated.
 
     Returns:
         (B, N, C) in gv's dtype.
@@ -427,8 +439,10 @@ def gv_linear_attention(gv: Tensor, dwc_weight: Tensor, dwc_bias: Tensor, qk_wei
     H, W = _check_stencil_inputs(gv[..., C:], hw, dwc_weight, {"dwc_bias": dwc_bias})
     # the attention's own checks, gv standing in for the (B, N, 2C) qk, its halves for v and g
     _check_inputs(gv, gv[..., C:], gv[..., :C], lepe_weight, lepe_bias, hw, num_heads)
+    check_sample_scale(scale, gv, "scale", residual is not None and out_bias is None,
+                       "a residual, or with out_bias (add the bias to the residual, scaled)")
     return _QKLinearAttention.apply(gv, None, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias,
-                                    out_weight, out_bias, residual, H, W, num_heads, True)
+                                    out_weight, out_bias, residual, scale, H, W, num_heads, True)
 
 
 def _check_params(x: Tensor, name: str, qk_weight: Tensor, qk_bias: Tensor | None, out_weight: Tensor | None,

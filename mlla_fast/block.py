@@ -52,17 +52,22 @@ class MLLABlock(ReferenceMLLABlock):
         from .norm_linear import cpe_norm_linear
 
         hw = resolve_grid(x, hw, self.input_resolution, self.dim)
+        dropping = self.drop_path_prob > 0.0 and self.training
         # x + out_proj(attention) as one GEMM (beta = 1) accumulating in place into the residual stream r, which
         # carries out_proj's bias, added by the stencil kernel that writes it: no separate add, no copy of r, and
         # the bias's gradient is the residual gradient's column sum, taken by the stencil's backward; not where
-        # drop-path scales the branch, or where the residual stream's dtype is not the GEMM's
-        fold = (self.drop_path_prob == 0.0 or not self.training) and compute_dtype(x) == x.dtype
+        # the residual stream's dtype is not the GEMM's. Drop-path's per-sample factor (the reference's mask,
+        # drawn as add_drop_path would draw it for the branch's output) scales the attention's output in its
+        # output pass and the bias in the stencil's store, so the branch costs no elementwise pass either.
+        fold = compute_dtype(x) == x.dtype
+        scale = drop_path_scale(x, x.dtype, self.drop_path_prob) if fold and dropping else None
         # the gate and value projections as one GEMM on the normed tokens, which are not kept for the backward
         # (mlla_fast/norm_linear.py)
         r, gv = cpe_norm_linear(
             x, self.cpe1.weight, self.cpe1.bias, self.norm1.weight, self.norm1.bias,
             (self.act_proj.weight, self.in_proj.weight), (self.act_proj.bias, self.in_proj.bias), hw, self.norm1.eps,
             residual_bias=self.out_proj.bias if fold else None,
+            residual_scale=scale if self.out_proj.bias is not None else None,
         )
         # the value's depthwise convolution + SiLU, qk = v W_qk + b_qk (recomputed in the backward instead of
         # kept), the attention, the gate's SiLU and out_proj in one Function (mlla_fast/attention.py), whose
@@ -71,7 +76,7 @@ class MLLABlock(ReferenceMLLABlock):
         y = gv_linear_attention(gv, self.dwc.weight, self.dwc.bias, self.attn.qk.weight, self.attn.qk.bias,
                                 self.attn.lepe.weight, self.attn.lepe.bias, hw, self.num_heads,
                                 out_weight=self.out_proj.weight, out_bias=None if fold else self.out_proj.bias,
-                                residual=r if fold else None)
+                                residual=r if fold else None, scale=scale)
         x = y if fold else add_drop_path(r, y, self.drop_path_prob, self.training)
         r, h = cpe_residual_norm(
             x, self.cpe2.weight, self.cpe2.bias, self.norm2.weight, self.norm2.bias, hw, self.norm2.eps
@@ -85,9 +90,7 @@ class MLLABlock(ReferenceMLLABlock):
         # it); otherwise the cuBLAS MLP runs over token chunks, so that its 4C-wide transients never exist for
         # all tokens at once.
         if triton_mlp_supported(self.mlp, h):
-            scale = None
-            if self.drop_path_prob > 0.0 and self.training:
-                scale = drop_path_scale(h, compute_dtype(h), self.drop_path_prob)
+            scale = drop_path_scale(h, compute_dtype(h), self.drop_path_prob) if dropping else None
             return triton_mlp(self.mlp, h, residual=r, scale=scale)
         if chunked_mlp_supported(self.mlp, h):
             mlp_out = chunked_mlp(self.mlp, h)

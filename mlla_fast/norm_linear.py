@@ -12,7 +12,9 @@ An optional ``residual_bias`` (C,) is added to the r returned (not to the r that
 attention branch's output-projection bias to its residual stream here, in the stencil's store, so that the
 branch's out_proj GEMM can add its output to r itself (addmm, beta=1) without a bias. Its gradient, dr summed
 over tokens, comes from the stencil's backward kernel, which reads dr anyway (``kernels.dwconv``'s RBIAS_GRAD):
-no separate add kernel in the forward, no column sum of the out bias's gradient in the backward.
+no separate add kernel in the forward, no column sum of the out bias's gradient in the backward. With
+``residual_scale`` (B,) the bias is scaled per sample (drop-path's factor on the attention branch), and so is dr
+in its gradient's sum.
 
 The stencil and the GEMMs run inside two custom ops (``mlla_fast::cpe_norm_linear_fwd``/``_bwd``), opaque to
 torch.compile, whose partitioner would otherwise keep h. Autocast is honoured as in ``mlla_fast.linear``: the
@@ -31,20 +33,28 @@ from torch import Tensor
 
 from .attention import _describe
 from .casts import cast_cat
-from .kernels.dwconv import MAX_NORM_CHANNELS, _check_stencil_inputs, cpe_residual_norm_bwd_h, cpe_residual_norm_fwd
+from .kernels.dwconv import (
+    MAX_NORM_CHANNELS,
+    _check_stencil_inputs,
+    check_sample_scale,
+    cpe_residual_norm_bwd_h,
+    cpe_residual_norm_fwd,
+)
 from .linear import bias_grad, compute_dtype, matmul_to
 
 
 def _fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, weight: Tensor,
-         bias: Tensor | None, residual_bias: Tensor | None, H: int, W: int, eps: float) -> tuple[Tensor, Tensor]:
-    r, h = cpe_residual_norm_fwd(x, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W), eps, residual_bias)
+         bias: Tensor | None, residual_bias: Tensor | None, residual_scale: Tensor | None, H: int, W: int,
+         eps: float) -> tuple[Tensor, Tensor]:
+    r, h = cpe_residual_norm_fwd(x, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W), eps, residual_bias,
+                                 residual_scale)
     with torch.autocast(x.device.type, enabled=False):
         return r, F.linear(h.to(weight.dtype), weight, bias)
 
 
 def _bwd(dr: Tensor | None, dy: Tensor | None, x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor,
-         norm_bias: Tensor, weight: Tensor, residual_bias: Tensor | None, H: int, W: int, eps: float,
-         has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+         norm_bias: Tensor, weight: Tensor, residual_bias: Tensor | None, residual_scale: Tensor | None, H: int,
+         W: int, eps: float, has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, d cpe_weight, d cpe_bias, d norm_weight, d norm_bias, d weight, d bias, d residual_bias): the
     stencil's and norm's in their parameters' dtypes, the GEMM's in fp32 (d bias empty without a bias; both
     zero when dy is None), residual_bias's in its dtype (empty fp32 when residual_bias is None, which the
@@ -58,7 +68,8 @@ def _bwd(dr: Tensor | None, dy: Tensor | None, x: Tensor, cpe_weight: Tensor, cp
     has_rbias = residual_bias is not None
     dx, dcw, dcb, dnw, dnb, h, drbias = cpe_residual_norm_bwd_h(
         dr, dh, x, cpe_weight, cpe_bias, norm_weight, norm_bias, (H, W), eps, write_h=True,
-        residual_bias_grad=has_rbias, residual_bias_dtype=residual_bias.dtype if has_rbias else torch.float32)
+        residual_bias_grad=has_rbias, residual_bias_dtype=residual_bias.dtype if has_rbias else torch.float32,
+        residual_scale=residual_scale if has_rbias else None)
     del dh
     if drbias is None:
         drbias = x.new_empty((0,), dtype=torch.float32)
@@ -72,9 +83,11 @@ def _bwd(dr: Tensor | None, dy: Tensor | None, x: Tensor, cpe_weight: Tensor, cp
 
 
 _FWD_SCHEMA = "(Tensor x, Tensor cpe_weight, Tensor cpe_bias, Tensor norm_weight, Tensor norm_bias, " \
-    "Tensor weight, Tensor? bias, Tensor? residual_bias, SymInt H, SymInt W, float eps) -> (Tensor, Tensor)"
+    "Tensor weight, Tensor? bias, Tensor? residual_bias, Tensor? residual_scale, SymInt H, SymInt W, float eps) " \
+    "-> (Tensor, Tensor)"
 _BWD_SCHEMA = "(Tensor? dr, Tensor? dy, Tensor x, Tensor cpe_weight, Tensor cpe_bias, Tensor norm_weight, " \
-    "Tensor norm_bias, Tensor weight, Tensor? residual_bias, SymInt H, SymInt W, float eps, bool has_bias) " \
+    "Tensor norm_bias, Tensor weight, Tensor? residual_bias, Tensor? residual_scale, SymInt H, SymInt W, " \
+    "float eps, bool has_bias) " \
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 cpe_norm_linear_fwd_op = torch.library.custom_op("mlla_fast::cpe_norm_linear_fwd", _fwd, mutates_args=(),
@@ -84,12 +97,13 @@ cpe_norm_linear_bwd_op = torch.library.custom_op("mlla_fast::cpe_norm_linear_bwd
 
 
 @cpe_norm_linear_fwd_op.register_fake
-def _(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, residual_bias, H, W, eps):
+def _(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, residual_bias, residual_scale, H, W, eps):
     return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
 
 
 @cpe_norm_linear_bwd_op.register_fake
-def _(dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, residual_bias, H, W, eps, has_bias):
+def _(dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, residual_bias, residual_scale, H, W, eps,
+      has_bias):
     acc = torch.promote_types(weight.dtype, torch.float32)
     return (x.new_empty(x.shape), torch.empty_like(cpe_weight), torch.empty_like(cpe_bias),
             torch.empty_like(norm_weight), torch.empty_like(norm_bias), weight.new_empty(weight.shape, dtype=acc),
@@ -104,15 +118,16 @@ class _CpeNormLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-                residual_bias: Tensor | None, H: int, W: int, eps: float, n_weights: int,
-                *blocks: Tensor | None) -> tuple[Tensor, Tensor]:
+                residual_bias: Tensor | None, residual_scale: Tensor | None, H: int, W: int, eps: float,
+                n_weights: int, *blocks: Tensor | None) -> tuple[Tensor, Tensor]:
         dtype = compute_dtype(x)
         weights, biases = blocks[:n_weights], blocks[n_weights:]
         has_bias = biases[0] is not None
         wc = cast_cat(weights, dtype)
         r, y = cpe_norm_linear_fwd_op(x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc,
-                                      cast_cat(biases, dtype) if has_bias else None, residual_bias, H, W, eps)
-        ctx.save_for_backward(x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias)
+                                      cast_cat(biases, dtype) if has_bias else None, residual_bias, residual_scale,
+                                      H, W, eps)
+        ctx.save_for_backward(x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias, residual_scale)
         ctx.grid, ctx.eps = (H, W), eps
         ctx.rows = [w.shape[0] for w in weights]
         ctx.dtypes = [None if b is None else b.dtype for b in blocks]
@@ -122,24 +137,25 @@ class _CpeNormLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dr: Tensor | None, dy: Tensor | None):
-        x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias = ctx.saved_tensors
+        x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias, residual_scale = ctx.saved_tensors
         need = ctx.needs_input_grad
         if dr is None and dy is None:
-            return (None,) * (10 + len(ctx.dtypes))
+            return (None,) * (11 + len(ctx.dtypes))
         dx, dcw, dcb, dnw, dnb, dweight, dbias, drbias = cpe_norm_linear_bwd_op(
             dr, dy, x, cpe_weight, cpe_bias, norm_weight, norm_bias, wc, residual_bias if need[5] else None,
-            *ctx.grid, ctx.eps, ctx.has_bias)
+            residual_scale, *ctx.grid, ctx.eps, ctx.has_bias)
         grads = [g if needed else None for g, needed in zip((dx, dcw, dcb, dnw, dnb), need[:5], strict=True)]
         dbiases = dbias.split(ctx.rows) if ctx.has_bias else [None] * len(ctx.rows)
         dblocks = [g.to(dt) if needed and g is not None else None for g, dt, needed in zip(
-            (*dweight.split(ctx.rows), *dbiases), ctx.dtypes, need[10:], strict=True)]
-        return (*grads, drbias if need[5] else None, None, None, None, None, *dblocks)
+            (*dweight.split(ctx.rows), *dbiases), ctx.dtypes, need[11:], strict=True)]
+        return (*grads, drbias if need[5] else None, None, None, None, None, None, *dblocks)
 
 
 def cpe_norm_linear(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
                     linear_weight: Tensor | Sequence[Tensor], linear_bias: Tensor | Sequence[Tensor] | None,
                     hw: tuple[int, int], eps: float = 1e-5, *,
-                    residual_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    residual_bias: Tensor | None = None,
+                    residual_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``r, h = cpe_residual_norm(x, cpe_weight, cpe_bias, norm_weight, norm_bias, hw, eps)`` then
     ``(r, linear(h, linear_weight, linear_bias))`` (``kernels.dwconv``, ``mlla_fast.linear``), h not kept for
     the backward; with residual_bias, ``(r + residual_bias, linear(h, ...))``, h still the LayerNorm of r.
@@ -155,6 +171,9 @@ def cpe_norm_linear(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight
             returned (in the stencil's store, rounded once), such as the block's attention out_proj bias, so that
             the out_proj GEMM can accumulate into r without a bias of its own. Its gradient is dr summed over
             tokens, from the stencil's backward kernel.
+        residual_scale: (B,) float32 or None, only with residual_bias: sample b's r gets
+            ``residual_scale[b] * residual_bias`` (the bias of a branch that drop-path scales per sample; its
+            gradient sums residual_scale[b] * dr). Not differentiated.
 
     Returns:
         r (B, N, C) (plus residual_bias) in x's dtype and y (B, N, M) in the compute dtype (autocast's, else
@@ -164,6 +183,7 @@ def cpe_norm_linear(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight
     if residual_bias is not None:
         params["residual_bias"] = residual_bias
     H, W = _check_stencil_inputs(x, hw, cpe_weight, params, MAX_NORM_CHANNELS)
+    check_sample_scale(residual_scale, x, "residual_scale", residual_bias is not None, "residual_bias")
     C = x.shape[-1]
     weights = [linear_weight] if isinstance(linear_weight, Tensor) else list(linear_weight)
     if linear_bias is None:
@@ -184,5 +204,5 @@ def cpe_norm_linear(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_weight
             if t is not None and (not t.is_floating_point() or t.device != x.device):
                 raise ValueError(f"{tname}: expected a floating-point tensor on x's device {x.device}, got {t.dtype} "
                                  f"on {t.device}")
-    return _CpeNormLinear.apply(x, cpe_weight, cpe_bias, norm_weight, norm_bias, residual_bias, H, W, float(eps),
-                                len(weights), *weights, *biases)
+    return _CpeNormLinear.apply(x, cpe_weight, cpe_bias, norm_weight, norm_bias, residual_bias, residual_scale, H, W,
+                                float(eps), len(weights), *weights, *biases)

@@ -6,7 +6,8 @@ low-precision rule against the fp32 result, the two calls in that dtype standing
 low-precision computation: dv is rounded in other places); with the output projection inside, against the
 Function followed by linear; that no (B, N, 2C) tensor is saved for the backward, eager or compiled; partial
 requires_grad, torch.compile, opcheck of the two custom ops and the input checks. gv_linear_attention against
-dwconv_silu followed by the Function, and a residual added by out_proj's GEMM against one added after it.
+dwconv_silu followed by the Function, and a residual added by out_proj's GEMM against one added after it, also
+with a per-sample scale of the branch (drop-path's).
 """
 
 import math
@@ -246,11 +247,14 @@ def test_opcheck(gate, out, qk_path, device):
     params = (t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], out_w, out_b)
     # with a residual, the forward op leaves out_proj to the Function (which accumulates into the residual)
     fwd_params = (*params[:4], None, None) if out == "residual" else params
-    args = (x, g, dwc_w, dwc_b, *fwd_params, H, W, HEADS, True)
+    # the gv path takes drop-path's per-sample scale of the branch (with a residual and no out_bias in the
+    # Function; the ops themselves take any scale with a gate)
+    scale = torch.tensor([0.0, 1.25], device=device) if gate == "gv" else None
+    args = (x, g, dwc_w, dwc_b, *fwd_params, scale, H, W, HEADS, True)
     torch.library.opcheck(attention.qk_linear_attention_fwd_op, args)
     y, v, kv, ksum = attention.qk_linear_attention_fwd_op(*args)
     torch.library.opcheck(attention.qk_linear_attention_bwd_op,
-                          (torch.randn_like(y), x, g, v, dwc_w, dwc_b, *params, kv, ksum, H, W, HEADS, True))
+                          (torch.randn_like(y), x, g, v, dwc_w, dwc_b, *params, scale, kv, ksum, H, W, HEADS, True))
 
 
 def gv_leaves(device, bias=True):
@@ -315,6 +319,48 @@ def test_gv_and_residual(fn, ref, dtype, bias, qk_path, device):
     assert grads.keys() == grads_ref.keys() == {k for k, x in leaves.items() if x is not None}
     assert_matches((y, grads), (y_ref, grads_ref), dtype, lambda: _run_with_residual(ref, leaves, dy),
                    "one Function != composed")
+    if dtype is None:
+        assert torch.equal(grads["residual"], dy)
+
+
+SAMPLE_SCALE = (0.0, 1.25)  # drop-path's factors: a dropped sample and a kept one, keep / (1 - p) with p = 0.2
+
+
+def _scaled(fn, scale):
+    def scaled(*args):
+        return fn(*args, scale=torch.tensor(scale, device=args[0].device))
+    return scaled
+
+
+def gv_composed_scaled(u, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, dwc_weight, dwc_bias,
+                       residual, scale):
+    v = dwconv.dwconv_silu(u, dwc_weight, dwc_bias, (H, W))
+    y = one_function_out_proj(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias)
+    return residual + y * scale.to(y.dtype)[:, None, None]
+
+
+def gv_one_function_scaled(u, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, dwc_weight,
+                           dwc_bias, residual, scale):
+    gv = torch.cat([g, u], dim=-1)
+    return attention.gv_linear_attention(gv, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias, (H, W),
+                                         HEADS, out_weight=out_weight, out_bias=out_bias, residual=residual,
+                                         scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gv_per_sample_scale(dtype, qk_path, device):
+    """gv_linear_attention with a per-sample scale (drop-path's factor, applied by the output pass and its
+    backward) equals the residual plus the scaled branch: output and every gradient, fp32 to the fp32 rule,
+    bf16 to the low-precision rule against fp32; a dropped sample's branch gradients are zero."""
+    leaves = gv_leaves(device, bias=False)
+    dy = torch.randn(B, N, C, device=device)
+    ref = _scaled(gv_composed_scaled, SAMPLE_SCALE)
+    y_ref, grads_ref = _run_with_residual(ref, leaves, dy, dtype)
+    y, grads = _run_with_residual(_scaled(gv_one_function_scaled, SAMPLE_SCALE), leaves, dy, dtype)
+    assert grads.keys() == grads_ref.keys() == {k for k, x in leaves.items() if x is not None}
+    assert_matches((y, grads), (y_ref, grads_ref), dtype, lambda: _run_with_residual(ref, leaves, dy),
+                   "scaled Function != residual + scaled branch")
+    assert not grads["v"][0].any() and not grads["g"][0].any() and grads["v"][1].any()
     if dtype is None:
         assert torch.equal(grads["residual"], dy)
 
@@ -384,6 +430,17 @@ def test_bad_inputs(device):
     with pytest.raises(ValueError, match="dwc_bias"):
         attention.gv_linear_attention(gv, dwc_w, dwc_b[:32], t["qk_weight"], t["qk_bias"], t["lepe_weight"],
                                       t["lepe_bias"], (H, W), HEADS)
+    out_w, scale = t["qk_weight"][:C], torch.ones(B, device=device)
+    args = (gv, dwc_w, dwc_b, t["qk_weight"], t["qk_bias"], t["lepe_weight"], t["lepe_bias"], (H, W), HEADS)
+    with pytest.raises(ValueError, match="scale: given without a residual"):
+        attention.gv_linear_attention(*args, out_weight=out_w, scale=scale)
+    with pytest.raises(ValueError, match="scale: given without a residual, or with out_bias"):
+        attention.gv_linear_attention(*args, out_weight=out_w, out_bias=t["lepe_bias"], residual=t["v"].clone(),
+                                      scale=scale)
+    for bad in (scale[:1], scale.double(), scale[:, None]):
+        with pytest.raises(ValueError, match=r"scale: expected a float32 tensor of shape \(2,\), one factor per "
+                                             r"sample"):
+            attention.gv_linear_attention(*args, out_weight=out_w, residual=t["v"].clone(), scale=bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])

@@ -195,17 +195,24 @@ def _triton_mlp_supported_with_fp32(mlp, h):
 def test_drop_path_matches_reference_backend(device, monkeypatch):
     """Training with drop-path: the fused block draws the reference's per-sample masks (the same RNG use)
     and scales the kept samples alike; output, input and parameter gradients agree with backend='torch'.
-    The MLP branch runs on the Triton MLP with the scale in its kernels (asserted), its token blocks
-    straddling samples (N = 25), dropped and kept samples in the batch."""
+    The attention branch accumulates into the residual with the scale in its output pass, and the MLP branch
+    runs on the Triton MLP with the scale in its kernels (both asserted), its token blocks straddling samples
+    (N = 25), dropped and kept samples in the batch."""
     monkeypatch.setattr(mlla_fast.block, "triton_mlp_supported", _triton_mlp_supported_with_fp32)
-    fused_calls = []
+    fused_calls, attention_calls = [], []
     triton_mlp = mlla_fast.block.triton_mlp
+    gv_linear_attention = mlla_fast.attention.gv_linear_attention
 
     def spy(mlp, h, residual=None, scale=None):
         fused_calls.append((residual is not None, scale))
         return triton_mlp(mlp, h, residual=residual, scale=scale)
 
+    def attention_spy(*args, **kwargs):
+        attention_calls.append((kwargs["residual"] is not None, kwargs["scale"]))
+        return gv_linear_attention(*args, **kwargs)
+
     monkeypatch.setattr(mlla_fast.block, "triton_mlp", spy)
+    monkeypatch.setattr(mlla_fast.attention, "gv_linear_attention", attention_spy)
     ref = ReferenceBlock(64, (5, 5), 2, drop_path=0.5)
     _randomise(ref)
     x = torch.randn(8, 25, 64, device=device)
@@ -222,9 +229,10 @@ def test_drop_path_matches_reference_backend(device, monkeypatch):
         if backend == "torch":
             assert rel_err(y.detach(), block.eval()(x).double()) > 1e-2, "no path was dropped"
     assert len(fused_calls) == 1, "the fused block did not run the Triton MLP"
-    has_residual, scale = fused_calls[0]
-    assert has_residual and scale is not None, "the drop-path scale was not fused into the Triton MLP"
-    assert (scale == 0).any() and (scale == 2.0).any() and ((scale == 0) | (scale == 2.0)).all()
+    assert len(attention_calls) == 1, "the fused block did not run the fused attention"
+    for what, (has_residual, scale) in (("attention", attention_calls[0]), ("Triton MLP", fused_calls[0])):
+        assert has_residual and scale is not None, f"the drop-path scale was not fused into the {what}"
+        assert (scale == 0).any() and (scale == 2.0).any() and ((scale == 0) | (scale == 2.0)).all()
     assert 25 % kmlp.FWD_BLOCK_M != 0 and kmlp.FWD_BLOCK_M < 8 * 25
     (y_ref, dx_ref, grads_ref), (y, dx, grads) = results["torch"], results["triton"]
     assert rel_err(y, y_ref.double()) <= 1e-5

@@ -3,9 +3,10 @@
 Outputs and every gradient in fp32 (the project's fp32 rule) and under bf16 autocast (the low-precision rule
 against the fp32 result, the two calls in bf16 standing in for PyTorch's own low-precision computation), with
 and without a residual_bias (against r + residual_bias after the two calls); that residual_bias changes r
-alone (h, y and the other gradients bitwise unchanged, r rounded once); the stencil backward's rewritten h
-against the forward's; that only x is saved, eager and compiled; gradients of r or y alone; opcheck of the two
-custom ops and the input checks. Every buffer the stencil kernels allocate is poisoned with NaN.
+alone (h, y and the other gradients bitwise unchanged, r rounded once), also scaled per sample by a
+residual_scale (drop-path's); the stencil backward's rewritten h against the forward's; that only x is saved,
+eager and compiled; gradients of r or y alone; opcheck of the two custom ops and the input checks. Every
+buffer the stencil kernels allocate is poisoned with NaN.
 """
 
 import math
@@ -171,6 +172,41 @@ def test_residual_bias_changes_r_alone(dtype, device):
         assert torch.equal(outs[0], outs0[0] + leaves["residual_bias"].detach())
 
 
+SAMPLE_SCALE = (0.0, 1.25)  # drop-path's factors: a dropped sample and a kept one, keep / (1 - p) with p = 0.2
+
+
+def scaled_function(scale):
+    def fn(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, residual_bias):
+        return cpe_norm_linear(x, cpe_weight, cpe_bias, norm_weight, norm_bias, weight, bias, (H, W),
+                               residual_bias=residual_bias, residual_scale=scale)
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_residual_scale_scales_the_bias_per_sample(dtype, device):
+    """With residual_scale, sample b's r gets residual_scale[b] * residual_bias (fp32: r without the bias plus
+    the scaled bias, to the fp32 rule), residual_bias's gradient is the scaled sum of dr (against float64), and y
+    and every other gradient are bitwise those without the scale."""
+    leaves = make_leaves(device, residual_bias=True)
+    scale = torch.tensor(SAMPLE_SCALE, device=device)
+    dr, dy = torch.randn(B, N, C, device=device), torch.randn(B, N, M, device=device)
+    outs, grads = run(scaled_function(scale), leaves, dr, dy, dtype)
+    outs1, grads1 = run(one_function, leaves, dr, dy, dtype)
+    assert torch.equal(outs[1], outs1[1])
+    assert grads.keys() == grads1.keys()
+    for name, grad in grads1.items():
+        if name != "residual_bias":
+            assert torch.equal(grads[name], grad), f"d{name} changed by residual_scale"
+    dr_given = dr.to(dtype or torch.float32).double()  # run() hands the backward dr in r's dtype
+    exact = (dr_given * scale.double()[:, None, None]).sum((0, 1))
+    assert rel_err(grads["residual_bias"], exact) <= FP32_RTOL
+    if dtype is None:
+        outs0, _ = run(one_function, {**leaves, "residual_bias": None}, dr, dy)
+        want = outs0[0] + scale[:, None, None] * leaves["residual_bias"].detach()
+        assert rel_err(outs[0], want) <= FP32_RTOL
+        assert torch.equal(outs[0][0], outs0[0][0])
+
+
 def kernel_round(t, dtype):
     """The fp32 t rounded to dtype as the Triton kernels round (a GPU to nearest even; Triton's interpreter, at
     least some versions, towards zero): through ``reduce_partials``, a sum over one row."""
@@ -267,10 +303,11 @@ def test_torch_compile_fullgraph(residual_bias, device):
 def test_opcheck(bias, residual_bias, device):
     t = {k: (x.detach() if x is not None else None) for k, x in make_leaves(device, bias, residual_bias).items()}
     args = [t[k] for k in NAMES]
-    torch.library.opcheck(norm_linear.cpe_norm_linear_fwd_op, (*args, H, W, 1e-5))
+    scale = torch.tensor(SAMPLE_SCALE, device=device) if residual_bias else None
+    torch.library.opcheck(norm_linear.cpe_norm_linear_fwd_op, (*args, scale, H, W, 1e-5))
     dr, dy = torch.randn(B, N, C, device=device), torch.randn(B, N, M, device=device)
     torch.library.opcheck(norm_linear.cpe_norm_linear_bwd_op,
-                          (dr, dy, *args[:6], t["residual_bias"], H, W, 1e-5, bias))
+                          (dr, dy, *args[:6], t["residual_bias"], scale, H, W, 1e-5, bias))
 
 
 def test_bad_inputs(device):
@@ -293,3 +330,9 @@ def test_bad_inputs(device):
         cpe_norm_linear(*base, t["weight"], t["bias"], (H, W), residual_bias=rbias.long())
     with pytest.raises(ValueError, match=r"residual_bias: expected a torch\.Tensor, got float"):
         cpe_norm_linear(*base, t["weight"], t["bias"], (H, W), residual_bias=0.5)
+    scale = torch.ones(B, device=device)
+    with pytest.raises(ValueError, match="residual_scale: given without residual_bias"):
+        cpe_norm_linear(*base, t["weight"], t["bias"], (H, W), residual_scale=scale)
+    for bad in (scale[:1], scale.bfloat16(), scale[None], 1.0):
+        with pytest.raises(ValueError, match=r"residual_scale: expected a float32 tensor of shape \(2,\)"):
+            cpe_norm_linear(*base, t["weight"], t["bias"], (H, W), residual_bias=rbias, residual_scale=bad)
