@@ -78,6 +78,11 @@ CPE_BWD_MAXNREG: int | None = None
 # registers, 4 per SM (one wave) 1.36 ms; uncapped, 2 per SM 1.45 ms, 4 per SM 1.66 ms, 8 per SM 2.10 ms.
 PARAM_GRAD_PROGRAMS_PER_SM = 4
 PARAM_GRAD_MAXNREG: int | None = 128
+# Whether the row walks of the cpe backward and of the depthwise parameter gradients prefetch: each step issues
+# the next tile's loads before its own arithmetic (the kernels' PREFETCH), so that two tiles' loads are in flight
+# per program instead of one; the walks were latency-bound (not measured yet).
+CPE_BWD_PREFETCH = True
+PARAM_GRAD_PREFETCH = True
 TAPS = 9
 
 __all__ = [
@@ -155,16 +160,6 @@ def _normalize(b_r, m_c, inv_c, eps):
     b_diff = tl.where(m_c[None, :], b_r - b_mean[:, None], 0.0)
     b_rstd = tl.rsqrt(tl.sum(b_diff * b_diff, 1) * inv_c + eps)
     return b_diff * b_rstd[:, None], b_rstd
-
-
-@triton.jit
-def _masked_load(p, m, MASKED: tl.constexpr):
-    """tl.load(p) in fp32, zero where m is false when MASKED (m unused otherwise)."""
-    if MASKED:
-        b = tl.load(p, mask=m, other=0.0)
-    else:
-        b = tl.load(p)
-    return b.to(tl.float32)
 
 
 @triton.jit
@@ -247,6 +242,13 @@ def _tap_weights(p_w, o_c, m_c, RESIDUAL: tl.constexpr):
 def _row_neighbours(p_x, stride_n, y, col, o_c, m_c, H, W):
     """x at grid row y and columns col - 1, col, col + 1 (one image; p_x points at its first token), in
     fp32, zero outside the grid: three [TW, BLOCK_C]. The row offset is int64, the column offsets int32."""
+    b_l, b_m, b_r = _row_neighbours_raw(p_x, stride_n, y, col, o_c, m_c, H, W)
+    return b_l.to(tl.float32), b_m.to(tl.float32), b_r.to(tl.float32)
+
+
+@triton.jit
+def _row_neighbours_raw(p_x, stride_n, y, col, o_c, m_c, H, W):
+    """``_row_neighbours`` in x's own dtype (a prefetch holds them so: half the registers of fp32 for 16-bit x)."""
     p_row = p_x + (y * W).to(tl.int64) * stride_n
     y_t = tl.zeros_like(col) + y  # a tensor, not a scalar: the interpreter needs it
     m_y = (y_t >= 0) & (y_t < H)
@@ -254,9 +256,9 @@ def _row_neighbours(p_x, stride_n, y, col, o_c, m_c, H, W):
     m_l = (m_y & (c_l >= 0) & (c_l < W))[:, None] & m_c[None, :]
     m_m = (m_y & (col < W))[:, None] & m_c[None, :]
     m_r = (m_y & (c_r < W))[:, None] & m_c[None, :]
-    b_l = tl.load(p_row + (c_l * stride_n)[:, None] + o_c[None, :], mask=m_l, other=0.0).to(tl.float32)
-    b_m = tl.load(p_row + (col * stride_n)[:, None] + o_c[None, :], mask=m_m, other=0.0).to(tl.float32)
-    b_r = tl.load(p_row + (c_r * stride_n)[:, None] + o_c[None, :], mask=m_r, other=0.0).to(tl.float32)
+    b_l = tl.load(p_row + (c_l * stride_n)[:, None] + o_c[None, :], mask=m_l, other=0.0)
+    b_m = tl.load(p_row + (col * stride_n)[:, None] + o_c[None, :], mask=m_m, other=0.0)
+    b_r = tl.load(p_row + (c_r * stride_n)[:, None] + o_c[None, :], mask=m_r, other=0.0)
     return b_l, b_m, b_r
 
 
@@ -280,6 +282,30 @@ def _walk_refill(x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW: tl.conste
     x_u0, x_u1, x_u2 = _row_neighbours(p_x, sx_n, y - 1, col, o_c, m_c, H, W)
     x_v0, x_v1, x_v2 = _row_neighbours(p_x, sx_n, y, col, o_c, m_c, H, W)
     return i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2
+
+
+@triton.jit
+def _next_tile(i, end, i_s, y, n_tiles_w, H, TW: tl.constexpr):
+    """Row, sample and columns [TW] of a run's tile i + 1 after tile i at (strip i_s, row y < H): the next row,
+    or the next strip's top row; tile i's own where i + 1 is past the run (a prefetch there reloads the current
+    tile instead of reading past the tensor)."""
+    y_n = y + (i + 1 < end).to(tl.int32)
+    wrap = (y_n == H).to(tl.int32)
+    i_s_n = i_s + wrap
+    y_n = y_n - wrap * H
+    i_b_n = i_s_n // n_tiles_w
+    col_n = (i_s_n - i_b_n * n_tiles_w) * TW + tl.arange(0, TW)
+    return y_n, i_b_n, col_n
+
+
+@triton.jit
+def _tile_load(p, s_b, s_n, i_b, y, col, o_c, m_c, W, MASKED: tl.constexpr):
+    """One row tile [TW, BLOCK_C] of a (B, N, C) tensor at sample i_b, grid row y, columns col, in its own
+    dtype (zero past the grid's last column or C when MASKED)."""
+    p_t = p + i_b.to(tl.int64) * s_b + (y * W).to(tl.int64) * s_n + (col * s_n)[:, None] + o_c[None, :]
+    if MASKED:
+        return tl.load(p_t, mask=(col < W)[:, None] & m_c[None, :], other=0.0)
+    return tl.load(p_t)
 
 
 @triton.jit
@@ -322,7 +348,7 @@ def _cpe_residual_norm_bwd_kernel(
     sx_b, sx_n, sdr_b, sdr_n, sdh_b, sdh_n, sg_b, sg_n, eps, s_part,
     TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
     HAS_DR: tl.constexpr, HAS_DH: tl.constexpr, WRITE_H: tl.constexpr, RBIAS_GRAD: tl.constexpr,
-    HAS_RSCALE: tl.constexpr,
+    HAS_RSCALE: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """g = dr + LayerNorm backward of dh, stored; fp32 partials of the cpe and norm parameter gradients; with
     WRITE_H (and HAS_DH) also the forward's h = LayerNorm(r), from the recomputed r, into h (strided like g);
@@ -341,6 +367,8 @@ def _cpe_residual_norm_bwd_kernel(
     The parameter gradients are accumulated element-wise over the program's tiles and summed over
     tokens once at the end: a cross-warp reduction per tile would dominate the kernel's time. dr's sum has
     an accumulator of its own only with RBIAS_GRAD (one more [TW, BLOCK_C] tile of registers).
+    PREFETCH: each step issues the next tile's loads (x's row below it, dh, dr; in their own dtypes) before its
+    own arithmetic, so that they are in flight while this tile is computed.
     """
     i_p, n_p = tl.program_id(0), tl.num_programs(0)
     start, end = _run_bounds(i_p, n_p, n_rows)
@@ -361,15 +389,41 @@ def _cpe_residual_norm_bwd_kernel(
     y = start - i_s * H
     i_b = i_s * 0
     col = tl.arange(0, TW)
+    if PREFETCH:  # the run's first tile
+        i_b0 = i_s // n_tiles_w
+        col0 = (i_s - i_b0 * n_tiles_w) * TW + tl.arange(0, TW)
+        n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b0.to(tl.int64) * sx_b, sx_n, y + 1, col0, o_c, m_c, H, W)
+        if HAS_DH:
+            n_dh = _tile_load(dh, sdh_b, sdh_n, i_b0, y, col0, o_c, m_c, W, MASKED)
+        if HAS_DR:
+            n_dr = _tile_load(dr, sdr_b, sdr_n, i_b0, y, col0, o_c, m_c, W, MASKED)
     for i in range(start, end):
         if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
             i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
                 x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW)
         i_b64 = i_b.to(tl.int64)
-        x_d0, x_d1, x_d2 = _row_neighbours(x + i_b64 * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
         m_t = col < W
         m = m_t[:, None] & m_c[None, :]
         o_y = (y * W).to(tl.int64)
+        if PREFETCH:
+            x_d0, x_d1, x_d2 = n_d0.to(tl.float32), n_d1.to(tl.float32), n_d2.to(tl.float32)
+            if HAS_DH:
+                b_dh = n_dh.to(tl.float32)
+            if HAS_DR:
+                b_dr = n_dr.to(tl.float32)
+            y_n, i_b_n, col_n = _next_tile(i, end, i_s, y, n_tiles_w, H, TW)
+            n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b_n.to(tl.int64) * sx_b, sx_n, y_n + 1, col_n, o_c, m_c,
+                                                   H, W)
+            if HAS_DH:
+                n_dh = _tile_load(dh, sdh_b, sdh_n, i_b_n, y_n, col_n, o_c, m_c, W, MASKED)
+            if HAS_DR:
+                n_dr = _tile_load(dr, sdr_b, sdr_n, i_b_n, y_n, col_n, o_c, m_c, W, MASKED)
+        else:
+            x_d0, x_d1, x_d2 = _row_neighbours(x + i_b64 * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
+            if HAS_DH:
+                b_dh = _tile_load(dh, sdh_b, sdh_n, i_b, y, col, o_c, m_c, W, MASKED).to(tl.float32)
+            if HAS_DR:
+                b_dr = _tile_load(dr, sdr_b, sdr_n, i_b, y, col, o_c, m_c, W, MASKED).to(tl.float32)
 
         b_g = zero
         if HAS_DH:
@@ -379,7 +433,6 @@ def _cpe_residual_norm_bwd_kernel(
             b_r = b_r.to(g.dtype.element_ty).to(tl.float32)
             if MASKED:
                 b_r = tl.where(m, b_r, 0.0)
-            b_dh = _masked_load(dh + i_b64 * sdh_b + o_y * sdh_n + (col * sdh_n)[:, None] + o_c[None, :], m, MASKED)
             b_xhat, b_rstd = _normalize(b_r, m_c, inv_c, eps)
             if WRITE_H:
                 b_h = (b_xhat * b_gamma[None, :] + b_beta[None, :]).to(h.dtype.element_ty)
@@ -397,7 +450,6 @@ def _cpe_residual_norm_bwd_kernel(
             if MASKED:
                 b_g = tl.where(m, b_g, 0.0)
         if HAS_DR:
-            b_dr = _masked_load(dr + i_b64 * sdr_b + o_y * sdr_n + (col * sdr_n)[:, None] + o_c[None, :], m, MASKED)
             b_g += b_dr
             if RBIAS_GRAD:
                 if HAS_RSCALE:
@@ -450,6 +502,7 @@ def _dwconv_param_grad_kernel(
     H, W, C, n_tiles_w, n_rows,
     sx_b, sx_n, sdy_b, sdy_n, sg_b, sg_n, s_part,
     TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr, SILU: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """fp32 partials of the weight and bias gradients of a depthwise 3x3 convolution of x:
     dw[c, tap] = sum_p g[p, c] * x[p + tap, c] and db[c] = sum_p g[p, c], over channel block
@@ -464,7 +517,8 @@ def _dwconv_param_grad_kernel(
     contiguous run of them with x's 3x3 neighbourhood in registers, loading only row y + 1 at each step
     (the nine tiles serve both the recomputation of pre and the weight gradient); the window is refilled
     where a run starts and where it enters a new strip. The gradients are accumulated element-wise over
-    the program's tiles and summed over tokens once at the end.
+    the program's tiles and summed over tokens once at the end. PREFETCH: as in the cpe backward, each step
+    issues the next tile's loads (x's row below it, dy) before its own arithmetic.
     """
     i_p, i_c, n_p = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     start, end = _run_bounds(i_p, n_p, n_rows)
@@ -482,17 +536,29 @@ def _dwconv_param_grad_kernel(
     y = start - i_s * H
     i_b = i_s * 0
     col = tl.arange(0, TW)
+    if PREFETCH:  # the run's first tile
+        i_b0 = i_s // n_tiles_w
+        col0 = (i_s - i_b0 * n_tiles_w) * TW + tl.arange(0, TW)
+        n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b0.to(tl.int64) * sx_b, sx_n, y + 1, col0, o_c, m_c, H, W)
+        n_g = _tile_load(dy, sdy_b, sdy_n, i_b0, y, col0, o_c, m_c, W, MASKED)
     for i in range(start, end):
         if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
             i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
                 x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW)
         i_b64 = i_b.to(tl.int64)
-        x_d0, x_d1, x_d2 = _row_neighbours(x + i_b64 * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
         m_t = col < W
         m = m_t[:, None] & m_c[None, :]
         o_y = (y * W).to(tl.int64)
-
-        b_g = _masked_load(dy + i_b64 * sdy_b + o_y * sdy_n + (col * sdy_n)[:, None] + o_c[None, :], m, MASKED)
+        if PREFETCH:
+            x_d0, x_d1, x_d2 = n_d0.to(tl.float32), n_d1.to(tl.float32), n_d2.to(tl.float32)
+            b_g = n_g.to(tl.float32)
+            y_n, i_b_n, col_n = _next_tile(i, end, i_s, y, n_tiles_w, H, TW)
+            n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b_n.to(tl.int64) * sx_b, sx_n, y_n + 1, col_n, o_c, m_c,
+                                                   H, W)
+            n_g = _tile_load(dy, sdy_b, sdy_n, i_b_n, y_n, col_n, o_c, m_c, W, MASKED)
+        else:
+            x_d0, x_d1, x_d2 = _row_neighbours(x + i_b64 * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
+            b_g = _tile_load(dy, sdy_b, sdy_n, i_b, y, col, o_c, m_c, W, MASKED).to(tl.float32)
         if SILU:
             b_pre = _window_stencil(x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2,
                                     w0, w1, w2, w3, w4, w5, w6, w7, w8)
@@ -842,7 +908,7 @@ def cpe_residual_norm_bwd_h(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe
         dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps, part.stride(0),
         TW=tw, BLOCK_C=block_c, EVEN_C=block_c == C, EVEN_W=W % tw == 0, HAS_DR=dr is not None,
         HAS_DH=dh is not None, WRITE_H=write_h, RBIAS_GRAD=residual_bias_grad, HAS_RSCALE=residual_scale is not None,
-        num_warps=_bwd_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
+        PREFETCH=CPE_BWD_PREFETCH, num_warps=_bwd_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
     )
     dx = _dwconv_transpose(g, weight, (H, W), residual=True)
     outputs = [((C, 1, 3, 3), cpe_weight.dtype), ((C,), cpe_bias.dtype), ((C,), norm_weight.dtype),
@@ -888,7 +954,7 @@ def _param_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[
         H, W, C, n_tiles_w, n_rows,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C, part.stride(0),
         TW=tw, BLOCK_C=block_c, EVEN_C=C % block_c == 0, EVEN_W=W % tw == 0, SILU=silu,
-        num_warps=_bwd_num_warps(tw * block_c), maxnreg=PARAM_GRAD_MAXNREG,
+        PREFETCH=PARAM_GRAD_PREFETCH, num_warps=_bwd_num_warps(tw * block_c), maxnreg=PARAM_GRAD_MAXNREG,
     )
     dw, db = reduce_partials(part, [((C, TAPS), torch.float32), ((C,), torch.float32)])
     return g, dw, db

@@ -135,11 +135,14 @@ def test_many_tiles_per_program(op, device, monkeypatch):
 @pytest.mark.parametrize("shape", [(2, 9, 13, 96), (3, 5, 16, 64), (2, 7, 3, 512)],
                          ids=lambda s: "B{}_{}x{}_C{}".format(*s))
 @pytest.mark.parametrize("used", ["both", "r", "h"])
-def test_cpe_residual_norm_backward_walks_rows(used, shape, device, monkeypatch):
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
+def test_cpe_residual_norm_backward_walks_rows(used, shape, prefetch, device, monkeypatch):
     """Few backward programs, so each walks many grid rows, carrying x's neighbourhood from row to row and
     refilling it where its run starts mid-strip and where it enters the next strip (column block or
-    sample); channels short of a power of two or not, grids a multiple of the tile width or not."""
+    sample); channels short of a power of two or not, grids a multiple of the tile width or not; with and
+    without the prefetch of each next tile (across strips, and at a run's end)."""
     monkeypatch.setattr(dwconv, "PARTIAL_PROGRAMS", 5)
+    monkeypatch.setattr(dwconv, "CPE_BWD_PREFETCH", prefetch)
     B, H, W, C = shape
     inputs = leaves(make_inputs("cpe_residual_norm", B, H, W, C, device))
     grads = [torch.randn(B, H * W, C, device=device) for _ in range(2)]
@@ -163,12 +166,15 @@ def _depthwise_param_grads_ref(g: torch.Tensor, x: torch.Tensor, hw: tuple[int, 
 
 
 @pytest.mark.parametrize("shape", PARAM_GRAD_WALKS, ids=lambda s: "B{}_{}x{}_C{}".format(*s))
-def test_param_grads_walk_rows(shape, device, monkeypatch):
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
+def test_param_grads_walk_rows(shape, prefetch, device, monkeypatch):
     """Few parameter-gradient programs per channel block, so each walks many grid rows, carrying x's
     neighbourhood from row to row and refilling it where its run starts mid-strip and where it enters the
     next strip: dwconv_silu's backward (g = dy * SiLU'(pre) recomputed in the kernel) and the plain
-    depthwise parameter gradients (g given), against float64."""
+    depthwise parameter gradients (g given), against float64; with and without the prefetch of each next
+    tile."""
     monkeypatch.setattr(dwconv, "PARTIAL_PROGRAMS", 7)
+    monkeypatch.setattr(dwconv, "PARAM_GRAD_PREFETCH", prefetch)
     B, H, W, C = shape
     inputs = leaves(make_inputs("dwconv_silu", B, H, W, C, device))
     check_fp32("dwconv_silu", inputs, (H, W), [torch.randn(B, H * W, C, device=device)])
