@@ -61,12 +61,18 @@ TILE_ELEMENTS = 512
 PARTIAL_PROGRAMS = 1024
 # The cpe backward's programs each walk a run of grid rows: CPE_BWD_PROGRAMS_PER_SM programs per SM on a GPU
 # (PARTIAL_PROGRAMS in the interpreter) and CPE_BWD_MAXNREG, ptxas's register cap (None: ptxas's choice).
-# At 168 registers (no spills) 3 programs of 4 warps fit on an SM: one wave, the fewest window refills.
+# At 168 registers 3 programs of 4 warps fit on an SM: one wave, the fewest window refills.
 # Measured on an H200 (the kernel's GPU time in a MLLA-UNet-T training step, 224², batch 48, bf16; the old
 # square-tile kernel: 3.78 ms): 3 per SM 2.07 ms, 6 per SM 2.59 ms, 9 per SM 3.11 ms; capped at 128 registers
 # (spilling 84 bytes a thread): 4 per SM 2.25 ms, 8 per SM 2.97 ms.
 CPE_BWD_PROGRAMS_PER_SM = 3
-CPE_BWD_MAXNREG: int | None = None
+CPE_BWD_MAXNREG: int | None = 168
+# Whether the cpe backward's row walk prefetches: each step issues the next tile's loads (x's row below it, dh,
+# dr) before its own arithmetic (the kernel's PREFETCH), so that two tiles' loads are in flight per program. The
+# prefetched tiles take registers: uncapped, 186-208 (2 programs per SM), and the kernel took 2.54 ms of a
+# MLLA-UNet-T step against 2.37 ms without the prefetch (168-190 registers); capped at 168 (3 programs per SM,
+# spilling up to 28 bytes a thread), 1.83 ms (H200, session 15, call A).
+CPE_BWD_PREFETCH = True
 # The row walks' loops are not software-pipelined: with tl.range(num_stages=2, 3 or 4) Triton issues the next
 # rows' loads early (cp.async into shared memory), at the same 168 registers, but the cpe backward took 3.60-3.67
 # ms instead of 1.82 ms and the parameter gradients 2.00 instead of 0.90 ms (GPU time of a 1024² block step,
@@ -78,11 +84,6 @@ CPE_BWD_MAXNREG: int | None = None
 # registers, 4 per SM (one wave) 1.36 ms; uncapped, 2 per SM 1.45 ms, 4 per SM 1.66 ms, 8 per SM 2.10 ms.
 PARAM_GRAD_PROGRAMS_PER_SM = 4
 PARAM_GRAD_MAXNREG: int | None = 128
-# Whether the row walks of the cpe backward and of the depthwise parameter gradients prefetch: each step issues
-# the next tile's loads before its own arithmetic (the kernels' PREFETCH), so that two tiles' loads are in flight
-# per program instead of one; the walks were latency-bound (not measured yet).
-CPE_BWD_PREFETCH = True
-PARAM_GRAD_PREFETCH = True
 TAPS = 9
 
 __all__ = [
@@ -502,7 +503,6 @@ def _dwconv_param_grad_kernel(
     H, W, C, n_tiles_w, n_rows,
     sx_b, sx_n, sdy_b, sdy_n, sg_b, sg_n, s_part,
     TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr, SILU: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """fp32 partials of the weight and bias gradients of a depthwise 3x3 convolution of x:
     dw[c, tap] = sum_p g[p, c] * x[p + tap, c] and db[c] = sum_p g[p, c], over channel block
@@ -517,8 +517,9 @@ def _dwconv_param_grad_kernel(
     contiguous run of them with x's 3x3 neighbourhood in registers, loading only row y + 1 at each step
     (the nine tiles serve both the recomputation of pre and the weight gradient); the window is refilled
     where a run starts and where it enters a new strip. The gradients are accumulated element-wise over
-    the program's tiles and summed over tokens once at the end. PREFETCH: as in the cpe backward, each step
-    issues the next tile's loads (x's row below it, dy) before its own arithmetic.
+    the program's tiles and summed over tokens once at the end. (Prefetching the next tile, as the cpe backward
+    does, took 1.385 against 1.348 ms in a MLLA-UNet-T step and 0.885 against 0.897 ms at 1024², at 115-128
+    registers with spills; H200, session 15, call A.)
     """
     i_p, i_c, n_p = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     start, end = _run_bounds(i_p, n_p, n_rows)
@@ -536,11 +537,6 @@ def _dwconv_param_grad_kernel(
     y = start - i_s * H
     i_b = i_s * 0
     col = tl.arange(0, TW)
-    if PREFETCH:  # the run's first tile
-        i_b0 = i_s // n_tiles_w
-        col0 = (i_s - i_b0 * n_tiles_w) * TW + tl.arange(0, TW)
-        n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b0.to(tl.int64) * sx_b, sx_n, y + 1, col0, o_c, m_c, H, W)
-        n_g = _tile_load(dy, sdy_b, sdy_n, i_b0, y, col0, o_c, m_c, W, MASKED)
     for i in range(start, end):
         if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
             i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
@@ -549,16 +545,8 @@ def _dwconv_param_grad_kernel(
         m_t = col < W
         m = m_t[:, None] & m_c[None, :]
         o_y = (y * W).to(tl.int64)
-        if PREFETCH:
-            x_d0, x_d1, x_d2 = n_d0.to(tl.float32), n_d1.to(tl.float32), n_d2.to(tl.float32)
-            b_g = n_g.to(tl.float32)
-            y_n, i_b_n, col_n = _next_tile(i, end, i_s, y, n_tiles_w, H, TW)
-            n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b_n.to(tl.int64) * sx_b, sx_n, y_n + 1, col_n, o_c, m_c,
-                                                   H, W)
-            n_g = _tile_load(dy, sdy_b, sdy_n, i_b_n, y_n, col_n, o_c, m_c, W, MASKED)
-        else:
-            x_d0, x_d1, x_d2 = _row_neighbours(x + i_b64 * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
-            b_g = _tile_load(dy, sdy_b, sdy_n, i_b, y, col, o_c, m_c, W, MASKED).to(tl.float32)
+        x_d0, x_d1, x_d2 = _row_neighbours(x + i_b64 * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
+        b_g = _tile_load(dy, sdy_b, sdy_n, i_b, y, col, o_c, m_c, W, MASKED).to(tl.float32)
         if SILU:
             b_pre = _window_stencil(x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2,
                                     w0, w1, w2, w3, w4, w5, w6, w7, w8)
@@ -954,7 +942,7 @@ def _param_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[
         H, W, C, n_tiles_w, n_rows,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C, part.stride(0),
         TW=tw, BLOCK_C=block_c, EVEN_C=C % block_c == 0, EVEN_W=W % tw == 0, SILU=silu,
-        PREFETCH=PARAM_GRAD_PREFETCH, num_warps=_bwd_num_warps(tw * block_c), maxnreg=PARAM_GRAD_MAXNREG,
+        num_warps=_bwd_num_warps(tw * block_c), maxnreg=PARAM_GRAD_MAXNREG,
     )
     dw, db = reduce_partials(part, [((C, TAPS), torch.float32), ((C,), torch.float32)])
     return g, dw, db

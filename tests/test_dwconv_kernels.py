@@ -166,15 +166,12 @@ def _depthwise_param_grads_ref(g: torch.Tensor, x: torch.Tensor, hw: tuple[int, 
 
 
 @pytest.mark.parametrize("shape", PARAM_GRAD_WALKS, ids=lambda s: "B{}_{}x{}_C{}".format(*s))
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
-def test_param_grads_walk_rows(shape, prefetch, device, monkeypatch):
+def test_param_grads_walk_rows(shape, device, monkeypatch):
     """Few parameter-gradient programs per channel block, so each walks many grid rows, carrying x's
     neighbourhood from row to row and refilling it where its run starts mid-strip and where it enters the
     next strip: dwconv_silu's backward (g = dy * SiLU'(pre) recomputed in the kernel) and the plain
-    depthwise parameter gradients (g given), against float64; with and without the prefetch of each next
-    tile."""
+    depthwise parameter gradients (g given), against float64."""
     monkeypatch.setattr(dwconv, "PARTIAL_PROGRAMS", 7)
-    monkeypatch.setattr(dwconv, "PARAM_GRAD_PREFETCH", prefetch)
     B, H, W, C = shape
     inputs = leaves(make_inputs("dwconv_silu", B, H, W, C, device))
     check_fp32("dwconv_silu", inputs, (H, W), [torch.randn(B, H * W, C, device=device)])
