@@ -518,8 +518,9 @@ def _dwconv_param_grad_kernel(
     (the nine tiles serve both the recomputation of pre and the weight gradient); the window is refilled
     where a run starts and where it enters a new strip. The gradients are accumulated element-wise over
     the program's tiles and summed over tokens once at the end. (Prefetching the next tile, as the cpe backward
-    does, took 1.385 against 1.348 ms in a MLLA-UNet-T step and 0.885 against 0.897 ms at 1024², at 115-128
-    registers with spills; H200, session 15, call A.)
+    does, was measured on an H200 and not taken: capped at 128 registers, 4 programs per SM, 1.385 against 1.348
+    ms of a MLLA-UNet-T step; uncapped, 3 per SM, 1.253 against 1.359 ms there but 0.965 against 0.894 ms at
+    1024²; benchmarks/results/nvidia-h200/2026-11-28-session15, calls A and D.)
     """
     i_p, i_c, n_p = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     start, end = _run_bounds(i_p, n_p, n_rows)
