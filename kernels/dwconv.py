@@ -272,13 +272,19 @@ def _run_bounds(i_p, n_p, n_rows):
 
 
 @triton.jit
+def _strip_columns(i_s, n_tiles_w, TW: tl.constexpr):
+    """The sample and the columns [TW] of strip i_s (strips numbered sample by sample, n_tiles_w per sample)."""
+    i_b = i_s // n_tiles_w
+    return i_b, (i_s - i_b * n_tiles_w) * TW + tl.arange(0, TW)
+
+
+@triton.jit
 def _walk_refill(x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW: tl.constexpr):
     """Enter strip i_s + y // H at row y % H (y == H: the next strip's top row): returns (strip, row, sample,
     the tile's columns [TW], x's rows y - 1 and y at column shifts -1, 0, +1 (six [TW, BLOCK_C]))."""
     i_s += y // H
     y = y % H
-    i_b = i_s // n_tiles_w
-    col = (i_s - i_b * n_tiles_w) * TW + tl.arange(0, TW)
+    i_b, col = _strip_columns(i_s, n_tiles_w, TW)
     p_x = x + i_b.to(tl.int64) * sx_b
     x_u0, x_u1, x_u2 = _row_neighbours(p_x, sx_n, y - 1, col, o_c, m_c, H, W)
     x_v0, x_v1, x_v2 = _row_neighbours(p_x, sx_n, y, col, o_c, m_c, H, W)
@@ -293,10 +299,8 @@ def _next_tile(i, end, i_s, y, n_tiles_w, H, TW: tl.constexpr):
     y_n = y + (i + 1 < end).to(tl.int32)
     wrap = (y_n == H).to(tl.int32)
     i_s_n = i_s + wrap
-    y_n = y_n - wrap * H
-    i_b_n = i_s_n // n_tiles_w
-    col_n = (i_s_n - i_b_n * n_tiles_w) * TW + tl.arange(0, TW)
-    return y_n, i_b_n, col_n
+    i_b_n, col_n = _strip_columns(i_s_n, n_tiles_w, TW)
+    return y_n - wrap * H, i_b_n, col_n
 
 
 @triton.jit
@@ -391,8 +395,7 @@ def _cpe_residual_norm_bwd_kernel(
     i_b = i_s * 0
     col = tl.arange(0, TW)
     if PREFETCH:  # the run's first tile
-        i_b0 = i_s // n_tiles_w
-        col0 = (i_s - i_b0 * n_tiles_w) * TW + tl.arange(0, TW)
+        i_b0, col0 = _strip_columns(i_s, n_tiles_w, TW)
         n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b0.to(tl.int64) * sx_b, sx_n, y + 1, col0, o_c, m_c, H, W)
         if HAS_DH:
             n_dh = _tile_load(dh, sdh_b, sdh_n, i_b0, y, col0, o_c, m_c, W, MASKED)

@@ -421,6 +421,8 @@ def _la_fwd_out_kernel(
         b_lepe += b_vn.to(tl.float32) * tl.load(p_w + k * C + o_c).to(tl.float32)[None, :]
     b_o = b_num * b_z[:, None] + (b_lepe + tl.load(p_bias + o_c).to(tl.float32)[None, :])
     p_yt = p_y + i_b * s_y_b + o_n64[:, None] * s_y_n + o_c[None, :]
+    if SCALE:
+        b_scale = tl.load(p_scale + i_b)
     if HAS_GATE:
         p_gt = p_g + i_b * s_g_b + o_n64[:, None] * s_g_n + o_c[None, :]
         b_g = tl.load(p_gt, mask=m_n[:, None], other=0.0).to(tl.float32)
@@ -433,7 +435,7 @@ def _la_fwd_out_kernel(
             p_dyt = p_dy + i_b * s_dy_b + o_n64[:, None] * s_dy_n + o_c[None, :]
             b_dy = tl.load(p_dyt, mask=m_n[:, None], other=0.0).to(tl.float32)
             if SCALE:
-                b_dy *= tl.load(p_scale + i_b)
+                b_dy *= b_scale
             tl.store(p_dg + i_b * s_dg_b + o_n64[:, None] * s_dg_n + o_c[None, :],
                      (b_dy * b_o * b_dgate).to(p_dg.dtype.element_ty), mask=m_n[:, None])
             if WRITE_A:
@@ -441,14 +443,14 @@ def _la_fwd_out_kernel(
                     tl.debug_barrier()
                 b_a = b_o * b_g
                 if SCALE:
-                    b_a *= tl.load(p_scale + i_b)
+                    b_a *= b_scale
                 tl.store(p_a + i_b * N * C + o_n64[:, None] * C + o_c[None, :],
                          b_a.to(p_a.dtype.element_ty), mask=m_n[:, None])
             b_o = b_dy * b_g
         else:
             b_o *= b_g
     if SCALE and not GATE_GRAD:
-        b_o *= tl.load(p_scale + i_b)
+        b_o *= b_scale
     tl.store(p_yt, b_o.to(p_y.dtype.element_ty), mask=m_n[:, None])
 
 
