@@ -469,8 +469,14 @@ def resource_usage(C: int, arch: int, all_configs: bool, log: Log) -> int:
                           **la._dot_args(torch.float32 if dtype_name == "fp32" else torch.bfloat16),
                           "SPLIT_PAIRS": la.CONFIG.pair_loads == "split", "TRIG": la.CONFIG.trig,
                           "GATE_GRAD": False, "GATE_SILU": False, "WRITE_A": False, "A_OVER_DY": False,
-                          "DK_OVER_K": False, "PROJECT": False, "HAS_PBIAS": False}
-                consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+                          "DK_OVER_K": False, "PROJECT": False, "HAS_PBIAS": False, "SCALE": False,
+                          "ACC_DV": False}
+                wanted = [p.name for p in fn.params if p.is_constexpr]
+                missing = sorted(set(wanted) - set(consts))
+                if missing:
+                    raise ValueError(f"{name} has constexpr argument(s) {missing} that resource_usage gives no value "
+                                     "for; without one, it would compile as a runtime argument, unlike real launches")
+                consts = {k: consts[k] for k in wanted}
                 signature, attrs = {}, {}
                 for i, arg in enumerate(fn.arg_names):
                     if arg in consts:
