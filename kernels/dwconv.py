@@ -7,10 +7,13 @@ Two ops, each mirroring its reference in ``reference/ops.py`` argument for argum
   C channels, so the LayerNorm is a row reduction in registers.
 * ``dwconv_silu(x, weight, bias, hw)`` returns ``SiLU(dwconv3x3(x))``.
 
-Layout: tokens ``(B, N, C)`` with ``N = H * W`` row-major over the grid; a program owns a ``TH x TW``
-tile of grid positions (and, for the channel-independent kernels, a block of channels), so the
-3x3 neighbourhood of a tile is mostly its own tokens and the rest sits in L2. Inputs may be views
-whose token and batch strides are arbitrary as long as channels are contiguous.
+Layout: tokens ``(B, N, C)`` with ``N = H * W`` row-major over the grid. Every kernel walks the grid by row
+tiles: a tile is TW tokens of one grid row (and, for the channel-independent kernels, a block of channels),
+the tiles are numbered strip by strip (a strip: one sample's TW-wide column block, top row to bottom row), and
+each program walks down a contiguous run of them keeping x's 3x3 neighbourhood of the current row in registers
+(rows y - 1, y and y + 1, each also shifted a column either way), so that a step loads only row y + 1 at three
+column shifts. Inputs may be views whose token and batch strides are arbitrary as long as channels are
+contiguous.
 
 Backward (``g`` is the gradient with respect to the convolution's output, ``w`` the 3x3 taps):
 
@@ -28,11 +31,9 @@ Backward (``g`` is the gradient with respect to the convolution's output, ``w`` 
 
 A first kernel computes ``g`` per tile (stored in the activation dtype, as PyTorch's own
 backward does) together with per-program fp32 partials of the parameter gradients; a second
-kernel applies the transposed stencil to ``g``. The cpe one walks down the grid one row of TW
-tokens at a time and keeps x's 3x3 neighbourhood of the current row in registers (rows y - 1, y
-and y + 1, each also shifted a column either way): a step loads only row y + 1, and the same nine
-tiles give both the recomputed ``r`` and the weight gradient's products. The partials are summed
-over programs by one small kernel per backward (``reduce_partials``) in a fixed order, so the
+kernel (``_stencil_walk_kernel``, the forward stencils' too) applies the transposed stencil to ``g``. In the
+cpe one the window's nine tiles give both the recomputed ``r`` and the weight gradient's products. The partials
+are summed over programs by one small kernel per backward (``reduce_partials``) in a fixed order, so the
 results are deterministic (no atomics). Accumulation is fp32 throughout.
 """
 
@@ -49,14 +50,8 @@ from ..reference.ops import check_tokens
 
 CHANNEL_MULTIPLE = 32
 MAX_NORM_CHANNELS = 4096
-# Elements (tokens x channels) of one program's tile. Measured on an H200 (the stencil kernels' GPU time in
-# a MLLA-UNet-T training step, 224², batch 48, bf16): 512 -> 8.8 ms, 2048 -> 27 ms. Smaller tiles mean
-# fewer warps per program (the backward kernels hold ~4 elements per thread), so a program's LayerNorm
-# row sums and barriers span fewer warps and more programs fit on an SM at once.
-# The forward tiles are bound by L1 (Nsight Compute at 2x1024², C=64, H200: 84-92% L1 throughput, 27-35% DRAM;
-# nine gathered taps per output). Row walks like the backward kernels' (commit 8919a4e, reverted) cut that
-# traffic but were no faster: the forward stencils' GPU time at 2x1024² 2.45-2.89 ms over nine launch settings
-# against 2.33 ms (benchmarks/results/nvidia-h200/2026-11-27-session6).
+# Elements (tokens x channels) of one row tile. Measured on an H200 with the square tiles of session 5 (the
+# stencil kernels' GPU time in a MLLA-UNet-T training step, 224², batch 48, bf16): 512 -> 8.8 ms, 2048 -> 27 ms.
 TILE_ELEMENTS = 512
 PARTIAL_PROGRAMS = 1024
 # The cpe backward's programs each walk a run of grid rows: CPE_BWD_PROGRAMS_PER_SM programs per SM on a GPU
@@ -84,7 +79,21 @@ CPE_BWD_PREFETCH = True
 # registers, 4 per SM (one wave) 1.36 ms; uncapped, 2 per SM 1.45 ms, 4 per SM 1.66 ms, 8 per SM 2.10 ms.
 PARAM_GRAD_PROGRAMS_PER_SM = 4
 PARAM_GRAD_MAXNREG: int | None = 128
+# The forward stencils (cpe, SiLU) and the transposed one walk rows too (_stencil_walk_kernel):
+# STENCIL_WALK_PROGRAMS_PER_SM programs per SM over all channel blocks (PARTIAL_PROGRAMS in the interpreter),
+# STENCIL_WALK_MAXNREG ptxas's register cap (None: ptxas's choice), STENCIL_WALK_PREFETCH whether a step issues
+# the next tile's loads before its own arithmetic. Square tiles of TH x TW tokens, nine gathered loads per
+# output, had been bound by L1 (Nsight Compute at 2x1024², C=64, H200: 84-92% L1 throughput, 27-35% DRAM); row
+# walks without the prefetch, commit 8919a4e of session 6, were slower (2.45-2.89 ms over nine launch settings
+# against 2.33 ms of GPU time at 2x1024²).
+STENCIL_WALK_PROGRAMS_PER_SM = 4
+STENCIL_WALK_MAXNREG: int | None = None
+STENCIL_WALK_PREFETCH = True
 TAPS = 9
+# _stencil_walk_kernel's KIND
+KIND_CPE = tl.constexpr(0)
+KIND_SILU = tl.constexpr(1)
+KIND_TRANSPOSE = tl.constexpr(2)
 
 __all__ = [
     "cpe_residual_norm",
@@ -100,42 +109,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_tokens(tile, n_tiles_w, H, W, TH: tl.constexpr, TW: tl.constexpr):
-    """Grid rows, columns and in-grid mask of the tokens of tile number ``tile`` (row-major)."""
-    o_t = tl.arange(0, TH * TW)
-    row = (tile // n_tiles_w) * TH + o_t // TW
-    col = (tile % n_tiles_w) * TW + o_t % TW
-    return row, col, (row < H) & (col < W)
-
-
-@triton.jit
-def _stencil3x3(p_src, stride_n, p_w, row, col, m_t, o_c, m_c, H, W,
-                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, TRANSPOSE: tl.constexpr, RESIDUAL: tl.constexpr):
-    """sum over the 3x3 taps of w[c, tap] * src[neighbour, c] in fp32, zero padding. [BLOCK_T, BLOCK_C]
-
-    TRANSPOSE takes the neighbour at ``-tap`` (the adjoint of the forward stencil); RESIDUAL adds
-    ``src`` itself (the centre tap's weight plus one).
-    """
-    b_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for di in tl.static_range(3):
-        for dj in tl.static_range(3):
-            if TRANSPOSE:
-                r = row + (1 - di)
-                c = col + (1 - dj)
-            else:
-                r = row + (di - 1)
-                c = col + (dj - 1)
-            m_n = m_t & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            b_w = tl.load(p_w + o_c * 9 + (di * 3 + dj), mask=m_c, other=0.0).to(tl.float32)  # [BLOCK_C]
-            if di * 3 + dj == 4:
-                b_w += 1.0 * RESIDUAL
-            o_n = (r * W + c).to(tl.int64) * stride_n
-            b_s = tl.load(p_src + o_n[:, None] + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
-            b_acc += b_s.to(tl.float32) * b_w[None, :]
-    return b_acc
 
 
 @triton.jit
@@ -161,41 +134,6 @@ def _normalize(b_r, m_c, inv_c, eps):
     b_diff = tl.where(m_c[None, :], b_r - b_mean[:, None], 0.0)
     b_rstd = tl.rsqrt(tl.sum(b_diff * b_diff, 1) * inv_c + eps)
     return b_diff * b_rstd[:, None], b_rstd
-
-
-@triton.jit
-def _cpe_residual_norm_fwd_kernel(
-    x, cpe_w, cpe_b, rbias, rscale, norm_w, norm_b, r, h,
-    H, W, C, n_tiles_w, sx_b, sx_n, so_b, so_n, eps,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RBIAS: tl.constexpr, HAS_RSCALE: tl.constexpr,
-):
-    """r = x + dwconv(x) and h = LayerNorm(r) of one tile; with HAS_RBIAS the stored r is r + rbias (rounded
-    once), while h stays the LayerNorm of r without it; with HAS_RSCALE, r + rscale[sample] * rbias."""
-    i_t, i_b = tl.program_id(0), tl.program_id(1)
-    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
-    o_c = tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    m = m_t[:, None] & m_c[None, :]
-
-    b_r = _stencil3x3(x + i_b.to(tl.int64) * sx_b, sx_n, cpe_w, row, col, m_t, o_c, m_c, H, W,
-                      TH * TW, BLOCK_C, False, True)
-    b_r += tl.load(cpe_b + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    o_out = i_b.to(tl.int64) * so_b + (row * W + col).to(tl.int64)[:, None] * so_n + o_c[None, :]
-    if HAS_RBIAS:
-        b_rbias = tl.load(rbias + o_c, mask=m_c, other=0.0).to(tl.float32)
-        if HAS_RSCALE:
-            b_rbias *= tl.load(rscale + i_b)
-        tl.store(r + o_out, (b_r + b_rbias[None, :]).to(r.dtype.element_ty), mask=m)
-    # h is the LayerNorm of r rounded to r's dtype (as stored without rbias), which is also what the backward
-    # recomputes it from.
-    b_r = b_r.to(r.dtype.element_ty)
-    if not HAS_RBIAS:
-        tl.store(r + o_out, b_r, mask=m)
-
-    b_xhat, _ = _normalize(b_r.to(tl.float32), m_c, 1.0 / C, eps)
-    b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_beta = tl.load(norm_b + o_c, mask=m_c, other=0.0).to(tl.float32)
-    tl.store(h + o_out, (b_xhat * b_gamma[None, :] + b_beta[None, :]).to(h.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -225,7 +163,7 @@ def _reduce_partials_kernel(
 @triton.jit
 def _tap_weights(p_w, o_c, m_c, RESIDUAL: tl.constexpr):
     """The nine 3x3 taps of the depthwise weight (C, 9), each [BLOCK_C] in fp32 (tap k = 3 * di + dj);
-    RESIDUAL adds one to the centre tap, as ``_stencil3x3`` does."""
+    RESIDUAL adds one to the centre tap (x + dwconv(x))."""
     w0 = tl.load(p_w + o_c * 9 + 0, mask=m_c, other=0.0).to(tl.float32)
     w1 = tl.load(p_w + o_c * 9 + 1, mask=m_c, other=0.0).to(tl.float32)
     w2 = tl.load(p_w + o_c * 9 + 2, mask=m_c, other=0.0).to(tl.float32)
@@ -304,6 +242,15 @@ def _next_tile(i, end, i_s, y, n_tiles_w, H, TW: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_row_below(x, sx_b, sx_n, i, end, i_s, y, n_tiles_w, o_c, m_c, H, W, TW: tl.constexpr):
+    """A prefetching walk's loads for the run's tile i + 1 (``_next_tile``): x's row below it at column shifts
+    -1, 0, +1 in x's own dtype, then that tile's row, sample and columns [TW]."""
+    y_n, i_b_n, col_n = _next_tile(i, end, i_s, y, n_tiles_w, H, TW)
+    n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b_n.to(tl.int64) * sx_b, sx_n, y_n + 1, col_n, o_c, m_c, H, W)
+    return n_d0, n_d1, n_d2, y_n, i_b_n, col_n
+
+
+@triton.jit
 def _tile_load(p, s_b, s_n, i_b, y, col, o_c, m_c, W, MASKED: tl.constexpr):
     """One row tile [TW, BLOCK_C] of a (B, N, C) tensor at sample i_b, grid row y, columns col, in its own
     dtype (zero past the grid's last column or C when MASKED)."""
@@ -314,9 +261,18 @@ def _tile_load(p, s_b, s_n, i_b, y, col, o_c, m_c, W, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _tile_store(p, b, m, MASKED: tl.constexpr):
+    """Store the tile b at the pointers p in p's dtype, masked by m when MASKED."""
+    if MASKED:
+        tl.store(p, b.to(p.dtype.element_ty), mask=m)
+    else:
+        tl.store(p, b.to(p.dtype.element_ty))
+
+
+@triton.jit
 def _window_stencil(x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2, w0, w1, w2, w3, w4, w5, w6, w7, w8):
     """sum over the 3x3 taps of w[tap] * x[p + tap] from the window's nine tiles, in the forward's tap order
-    (``_stencil3x3``'s, so the recomputation rounds like the forward). [TW, BLOCK_C]"""
+    (the forward's and the backward's recomputation alike). [TW, BLOCK_C]"""
     b = tl.zeros_like(x_v1)
     b += x_u0 * w0[None, :]
     b += x_u1 * w1[None, :]
@@ -415,9 +371,8 @@ def _cpe_residual_norm_bwd_kernel(
                 b_dh = n_dh.to(tl.float32)
             if HAS_DR:
                 b_dr = n_dr.to(tl.float32)
-            y_n, i_b_n, col_n = _next_tile(i, end, i_s, y, n_tiles_w, H, TW)
-            n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b_n.to(tl.int64) * sx_b, sx_n, y_n + 1, col_n, o_c, m_c,
-                                                   H, W)
+            n_d0, n_d1, n_d2, y_n, i_b_n, col_n = _prefetch_row_below(x, sx_b, sx_n, i, end, i_s, y, n_tiles_w,
+                                                                       o_c, m_c, H, W, TW)
             if HAS_DH:
                 n_dh = _tile_load(dh, sdh_b, sdh_n, i_b_n, y_n, col_n, o_c, m_c, W, MASKED)
             if HAS_DR:
@@ -482,22 +437,91 @@ def _cpe_residual_norm_bwd_kernel(
 
 
 @triton.jit
-def _dwconv_silu_fwd_kernel(
-    x, w, bias, y,
-    H, W, C, n_tiles_w, sx_b, sx_n, sy_b, sy_n,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
+def _stencil_walk_kernel(
+    x, w, bias, rbias, rscale, norm_w, norm_b, out, out2,
+    H, W, C, n_tiles_w, n_rows, sx_b, sx_n, so_b, so_n, eps,
+    TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr, KIND: tl.constexpr,
+    RESIDUAL: tl.constexpr, HAS_RBIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_c = o_c < C
+    """A depthwise 3x3 stencil of x (zero padding) over channel block program_id(1), by KIND:
 
-    b_pre = _stencil3x3(x + i_b.to(tl.int64) * sx_b, sx_n, w, row, col, m_t, o_c, m_c, H, W,
-                        TH * TW, BLOCK_C, False, False)
-    b_pre += tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    b_y = b_pre * tl.sigmoid(b_pre)
-    o_y = i_b.to(tl.int64) * sy_b + (row * W + col).to(tl.int64)[:, None] * sy_n + o_c[None, :]
-    tl.store(y + o_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+    * KIND_CPE: out = r = x + dwconv(x) + bias and out2 = LayerNorm(r) (norm_w, norm_b; the block holds all C
+      channels); with HAS_RBIAS the stored r is r + rbias (rounded once) while out2 stays the LayerNorm of r
+      without it, and with HAS_RSCALE r + rscale[sample] * rbias;
+    * KIND_SILU: out = SiLU(dwconv(x) + bias);
+    * KIND_TRANSPOSE: out = the transposed stencil of x, sum over taps of w[tap] * x[p - tap] (plus x itself
+      with RESIDUAL): the input gradient of a convolution whose output gradient is x.
+
+    The tiles walk like ``_cpe_residual_norm_bwd_kernel``'s: a tile is TW tokens of one grid row, numbered strip
+    by strip, and each program walks a contiguous run of them with x's 3x3 neighbourhood in registers, so that a
+    step loads only the row below at three column shifts: three loads per output instead of a gathered tile's
+    nine. The taps are summed in the order k = 3 * di + dj, as the cpe backward recomputes r (so it rounds the
+    same way). PREFETCH: each step issues the next tile's loads before its own arithmetic.
+    """
+    i_p, i_c, n_p = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+    start, end = _run_bounds(i_p, n_p, n_rows)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = (tl.arange(0, BLOCK_C) < BLOCK_C) if EVEN_C else (o_c < C)  # all true at compile time when EVEN_C
+    MASKED: tl.constexpr = not (EVEN_C and EVEN_W)  # some tiles reach past the grid's last column or C
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = _tap_weights(w, o_c, m_c, RESIDUAL)
+    if KIND != KIND_TRANSPOSE:
+        b_bias = tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)
+    if KIND == KIND_CPE:
+        b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
+        b_beta = tl.load(norm_b + o_c, mask=m_c, other=0.0).to(tl.float32)
+        if HAS_RBIAS:
+            b_rbias = tl.load(rbias + o_c, mask=m_c, other=0.0).to(tl.float32)
+    zero = tl.zeros([TW, BLOCK_C], dtype=tl.float32)
+    x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = zero, zero, zero, zero, zero, zero  # rows y - 1 and y
+    i_s = start // H  # strip
+    y = start - i_s * H
+    i_b = i_s * 0
+    col = tl.arange(0, TW)
+    if PREFETCH:  # the run's first tile
+        i_b0, col0 = _strip_columns(i_s, n_tiles_w, TW)
+        n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b0.to(tl.int64) * sx_b, sx_n, y + 1, col0, o_c, m_c, H, W)
+    for i in range(start, end):
+        if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
+            i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
+                x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW)
+        if PREFETCH:
+            x_d0, x_d1, x_d2 = n_d0.to(tl.float32), n_d1.to(tl.float32), n_d2.to(tl.float32)
+            n_d0, n_d1, n_d2, _, _, _ = _prefetch_row_below(x, sx_b, sx_n, i, end, i_s, y, n_tiles_w, o_c, m_c,
+                                                            H, W, TW)
+        else:
+            x_d0, x_d1, x_d2 = _row_neighbours(x + i_b.to(tl.int64) * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
+        if KIND == KIND_TRANSPOSE:  # the window mirrored: x[p - tap]
+            b = _window_stencil(x_d2, x_d1, x_d0, x_v2, x_v1, x_v0, x_u2, x_u1, x_u0,
+                                w0, w1, w2, w3, w4, w5, w6, w7, w8)
+        else:
+            b = _window_stencil(x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2,
+                                w0, w1, w2, w3, w4, w5, w6, w7, w8)
+            b += b_bias[None, :]
+        o_t = i_b.to(tl.int64) * so_b + (y * W).to(tl.int64) * so_n + (col * so_n)[:, None] + o_c[None, :]
+        m = (col < W)[:, None] & m_c[None, :]
+        if KIND == KIND_CPE:
+            if HAS_RBIAS:
+                b_rb = b_rbias
+                if HAS_RSCALE:
+                    b_rb = b_rb * tl.load(rscale + i_b)
+                _tile_store(out + o_t, b + b_rb[None, :], m, MASKED)
+            # out2 is the LayerNorm of r rounded to r's dtype (as stored without rbias), which is also what the
+            # backward recomputes it from
+            b = b.to(out.dtype.element_ty)
+            if not HAS_RBIAS:
+                _tile_store(out + o_t, b, m, MASKED)
+            b = b.to(tl.float32)
+            if not EVEN_C:
+                b = tl.where(m_c[None, :], b, 0.0)
+            b_xhat, _ = _normalize(b, m_c, 1.0 / C, eps)
+            _tile_store(out2 + o_t, b_xhat * b_gamma[None, :] + b_beta[None, :], m, MASKED)
+        elif KIND == KIND_SILU:
+            _tile_store(out + o_t, b * tl.sigmoid(b), m, MASKED)
+        else:
+            _tile_store(out + o_t, b, m, MASKED)
+        x_u0, x_u1, x_u2 = x_v0, x_v1, x_v2
+        x_v0, x_v1, x_v2 = x_d0, x_d1, x_d2
+        y += 1
 
 
 @triton.jit
@@ -574,23 +598,6 @@ def _dwconv_param_grad_kernel(
     tl.store(db_part + i_p.to(tl.int64) * s_part + o_c, tl.sum(a_db, 0), mask=m_c)
 
 
-@triton.jit
-def _dwconv_transpose_kernel(
-    g, w, dx,
-    H, W, C, n_tiles_w, sg_b, sg_n, sdx_b, sdx_n,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, RESIDUAL: tl.constexpr,
-):
-    """dx = transposed 3x3 stencil of g (plus g itself when RESIDUAL)."""
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    b_dx = _stencil3x3(g + i_b.to(tl.int64) * sg_b, sg_n, w, row, col, m_t, o_c, m_c, H, W,
-                       TH * TW, BLOCK_C, True, RESIDUAL)
-    o_dx = i_b.to(tl.int64) * sdx_b + (row * W + col).to(tl.int64)[:, None] * sdx_n + o_c[None, :]
-    tl.store(dx + o_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
-
-
 # ----------------------------------------------------------------------------------------------
 # Launch geometry, checks and allocation
 # ----------------------------------------------------------------------------------------------
@@ -601,37 +608,23 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _tile_shape(H: int, W: int, tokens: int) -> tuple[int, int]:
-    """A TH x TW tile of about ``tokens`` grid positions (powers of two), near square, not wider than the grid."""
-    tw = 1 << math.ceil(math.log2(tokens) / 2)
-    tw = min(tw, triton.next_power_of_2(W))
-    th = min(tokens // tw, triton.next_power_of_2(H))
-    tw = min(tokens // th, triton.next_power_of_2(W))
-    return th, tw
-
-
 def _channel_block(C: int) -> int:
     """The widest of 128, 64, 32 channels that divides C."""
     return next(b for b in (128, 64, 32) if C % b == 0)
 
 
-def _num_warps(elements: int) -> int:
-    """About 8 elements per thread: the 9 tap loads in flight then fit in registers without spilling on sm_90."""
-    return max(1, min(16, elements // 256))
-
-
-def _bwd_num_warps(elements: int) -> int:
-    """About 4 elements per thread for the backward kernels, whose 12 fp32 accumulators (9 taps, bias, norm
-    weight and bias; 13 with a residual bias) live in registers across the tile loop: 128 registers per thread
-    on sm_90, no spills."""
+def _walk_num_warps(elements: int) -> int:
+    """About 4 elements of a tile per thread for the row-walking kernels, whose window of nine tiles (and, in the
+    backward ones, 12 or 13 fp32 accumulators: 9 taps, bias, norm weight and bias, a residual bias) lives in
+    registers across the tile loop."""
     return max(1, min(16, elements // 128))
 
 
-def _tokens_major(t: Tensor, walk_width: int | None = None) -> Tensor:
-    """t itself when its channels are contiguous (any token and batch strides), else a contiguous copy. For
-    the row-walking kernels, which form a token's column offset col * token_stride in int32, pass the grid
-    width: a view whose offsets within a grid row pass int32 is copied too."""
-    if t.stride(-1) == 1 and (walk_width is None or walk_width * t.stride(1) < 2**31):
+def _tokens_major(t: Tensor, walk_width: int) -> Tensor:
+    """t itself when its channels are contiguous (any token and batch strides) and its offsets within a grid row
+    of walk_width tokens fit in int32 (the row-walking kernels form a token's column offset col * token_stride
+    in int32), else a contiguous copy."""
+    if t.stride(-1) == 1 and walk_width * t.stride(1) < 2**31:
         return t
     return t.contiguous()
 
@@ -803,40 +796,45 @@ def cpe_residual_norm_fwd(x: Tensor, cpe_weight: Tensor, cpe_bias: Tensor, norm_
         params["residual_bias"] = residual_bias
     H, W = _check_stencil_inputs(x, hw, cpe_weight, params, MAX_NORM_CHANNELS)
     check_sample_scale(residual_scale, x, "residual_scale", residual_bias is not None, "residual_bias")
-    x = _tokens_major(x)
-    B, N, C = x.shape
-    r = _empty((B, N, C), x.dtype, x.device)
-    h = _empty((B, N, C), x.dtype, x.device)
-    block_c = triton.next_power_of_2(C)
-    th, tw = _tile_shape(H, W, max(1, TILE_ELEMENTS // block_c))
-    n_tiles_w = triton.cdiv(W, tw)
-    grid = (triton.cdiv(H, th) * n_tiles_w, B)
-    cpe_bias = cpe_bias.contiguous()
-    _cpe_residual_norm_fwd_kernel[grid](
-        x, cpe_weight.contiguous(), cpe_bias, cpe_bias if residual_bias is None else residual_bias.contiguous(),
-        cpe_bias if residual_scale is None else residual_scale, norm_weight.contiguous(), norm_bias.contiguous(), r, h,
-        H, W, C, n_tiles_w, x.stride(0), x.stride(1), N * C, C, eps,
-        TH=th, TW=tw, BLOCK_C=block_c, HAS_RBIAS=residual_bias is not None, HAS_RSCALE=residual_scale is not None,
-        num_warps=_num_warps(th * tw * block_c),
-    )
+    x = _tokens_major(x, W)
+    r = _empty(x.shape, x.dtype, x.device)
+    h = _empty(x.shape, x.dtype, x.device)
+    _stencil_walk(KIND_CPE, x, cpe_weight, (H, W), r, triton.next_power_of_2(x.shape[-1]), bias=cpe_bias, out2=h,
+                  norm=(norm_weight, norm_bias, eps), rbias=residual_bias, rscale=residual_scale)
     return r, h
+
+
+def _stencil_walk(kind: int, x: Tensor, weight: Tensor, hw: tuple[int, int], out: Tensor, block_c: int,
+                  bias: Tensor | None = None, residual: bool = False, out2: Tensor | None = None,
+                  norm: tuple[Tensor, Tensor, float] | None = None, rbias: Tensor | None = None,
+                  rscale: Tensor | None = None) -> None:
+    """Launch ``_stencil_walk_kernel`` of the given KIND on x (B, N, C), channels contiguous and token offsets
+    within a grid row in int32 (``_tokens_major(x, W)``), into out (and out2) (B, N, C), channels contiguous,
+    both with the same token and batch strides. residual adds x itself (the centre tap plus one; always so for
+    KIND_CPE)."""
+    H, W = hw
+    B, _, C = x.shape
+    n_cblocks = triton.cdiv(C, block_c)
+    tw, n_tiles_w, n_rows = _row_tiles(B, H, W, block_c)
+    n_progs = _row_walk_programs(n_rows, x.device, STENCIL_WALK_PROGRAMS_PER_SM, n_cblocks)
+    norm_w, norm_b, eps = (x, x, 0.0) if norm is None else (norm[0].contiguous(), norm[1].contiguous(), norm[2])
+    _stencil_walk_kernel[(n_progs, n_cblocks)](
+        x, weight.contiguous(), x if bias is None else bias.contiguous(), x if rbias is None else rbias.contiguous(),
+        x if rscale is None else rscale, norm_w, norm_b, out, out if out2 is None else out2,
+        H, W, C, n_tiles_w, n_rows, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
+        TW=tw, BLOCK_C=block_c, EVEN_C=C % block_c == 0, EVEN_W=W % tw == 0, KIND=kind,
+        RESIDUAL=kind == KIND_CPE or residual,
+        HAS_RBIAS=rbias is not None, HAS_RSCALE=rscale is not None, PREFETCH=STENCIL_WALK_PREFETCH,
+        num_warps=_walk_num_warps(tw * block_c), maxnreg=STENCIL_WALK_MAXNREG,
+    )
 
 
 def _dwconv_transpose(g: Tensor, weight: Tensor, hw: tuple[int, int], residual: bool,
                       out: Tensor | None = None) -> Tensor:
     """dx (B, N, C) = transposed depthwise stencil of the contiguous g (B, N, C), plus g when residual; into out
     (channels contiguous, any token and batch strides) when given."""
-    H, W = hw
-    B, N, C = g.shape
-    dx = _empty((B, N, C), g.dtype, g.device) if out is None else out
-    block_c = _channel_block(C)
-    th, tw = _tile_shape(H, W, TILE_ELEMENTS // block_c)
-    n_tiles_w = triton.cdiv(W, tw)
-    grid = (triton.cdiv(H, th) * n_tiles_w, C // block_c, B)
-    _dwconv_transpose_kernel[grid](
-        g, weight, dx, H, W, C, n_tiles_w, N * C, C, dx.stride(0), dx.stride(1),
-        TH=th, TW=tw, BLOCK_C=block_c, RESIDUAL=residual, num_warps=_num_warps(th * tw * block_c),
-    )
+    dx = _empty(g.shape, g.dtype, g.device) if out is None else out
+    _stencil_walk(KIND_TRANSPOSE, g, weight, hw, dx, _channel_block(g.shape[-1]), residual=residual)
     return dx
 
 
@@ -900,7 +898,7 @@ def cpe_residual_norm_bwd_h(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe
         dh_arg.stride(0), dh_arg.stride(1), N * C, C, eps, part.stride(0),
         TW=tw, BLOCK_C=block_c, EVEN_C=block_c == C, EVEN_W=W % tw == 0, HAS_DR=dr is not None,
         HAS_DH=dh is not None, WRITE_H=write_h, RBIAS_GRAD=residual_bias_grad, HAS_RSCALE=residual_scale is not None,
-        PREFETCH=CPE_BWD_PREFETCH, num_warps=_bwd_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
+        PREFETCH=CPE_BWD_PREFETCH, num_warps=_walk_num_warps(tw * block_c), maxnreg=CPE_BWD_MAXNREG,
     )
     dx = _dwconv_transpose(g, weight, (H, W), residual=True)
     outputs = [((C, 1, 3, 3), cpe_weight.dtype), ((C,), cpe_bias.dtype), ((C,), norm_weight.dtype),
@@ -914,17 +912,9 @@ def cpe_residual_norm_bwd_h(dr: Tensor | None, dh: Tensor | None, x: Tensor, cpe
 def dwconv_silu_fwd(x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[int, int]) -> Tensor:
     """Launch the forward of ``dwconv_silu``: x (B, N, C) -> (B, N, C) contiguous in x's dtype."""
     H, W = _check_stencil_inputs(x, hw, weight, {"bias": bias})
-    x = _tokens_major(x)
-    B, N, C = x.shape
-    y = _empty((B, N, C), x.dtype, x.device)
-    block_c = _channel_block(C)
-    th, tw = _tile_shape(H, W, TILE_ELEMENTS // block_c)
-    n_tiles_w = triton.cdiv(W, tw)
-    grid = (triton.cdiv(H, th) * n_tiles_w, C // block_c, B)
-    _dwconv_silu_fwd_kernel[grid](
-        x, weight.contiguous(), bias.contiguous(), y, H, W, C, n_tiles_w, x.stride(0), x.stride(1), N * C, C,
-        TH=th, TW=tw, BLOCK_C=block_c, num_warps=_num_warps(th * tw * block_c),
-    )
+    x = _tokens_major(x, W)
+    y = _empty(x.shape, x.dtype, x.device)
+    _stencil_walk(KIND_SILU, x, weight, (H, W), y, _channel_block(x.shape[-1]), bias=bias)
     return y
 
 
@@ -946,7 +936,7 @@ def _param_grads(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, hw: tuple[
         H, W, C, n_tiles_w, n_rows,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), N * C, C, part.stride(0),
         TW=tw, BLOCK_C=block_c, EVEN_C=C % block_c == 0, EVEN_W=W % tw == 0, SILU=silu,
-        num_warps=_bwd_num_warps(tw * block_c), maxnreg=PARAM_GRAD_MAXNREG,
+        num_warps=_walk_num_warps(tw * block_c), maxnreg=PARAM_GRAD_MAXNREG,
     )
     dw, db = reduce_partials(part, [((C, TAPS), torch.float32), ((C,), torch.float32)])
     return g, dw, db

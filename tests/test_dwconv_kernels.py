@@ -110,23 +110,24 @@ def test_strided_views(op, device):
 
 def test_huge_token_strides_are_copied():
     """For the row-walking kernels (int32 column offsets), a view whose offsets within a grid row pass int32
-    is made contiguous; other strided views are read in place, and the forward kernels (int64 offsets) read
-    any channel-contiguous view in place."""
+    is made contiguous; other channel-contiguous views are read in place."""
     huge = torch.empty_strided((2, 16, 8), (16 * 2**28, 2**28, 1), device="meta")
     assert dwconv._tokens_major(huge, 8).stride() == (128, 8, 1)
     assert dwconv._tokens_major(huge, 4) is huge  # 4 columns of 2^28: offsets within a row fit in int32
-    assert dwconv._tokens_major(huge) is huge
     wide = torch.empty_strided((2, 16, 8), (16 * 24, 24, 1), device="meta")
     assert dwconv._tokens_major(wide, 16) is wide
     channels_strided = torch.empty_strided((2, 16, 8), (128, 1, 16), device="meta")
-    assert dwconv._tokens_major(channels_strided).stride() == (128, 8, 1)
+    assert dwconv._tokens_major(channels_strided, 16).stride() == (128, 8, 1)
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
 @pytest.mark.parametrize("op", OPS)
-def test_many_tiles_per_program(op, device, monkeypatch):
-    """Small tiles and few partial programs: each program loops over several tiles, some past the end."""
+def test_many_tiles_per_program(op, prefetch, device, monkeypatch):
+    """Small tiles and few programs: each program walks many row tiles, across strips and samples, in the
+    forward stencils and the transposed one, with and without the prefetch."""
     monkeypatch.setattr(dwconv, "TILE_ELEMENTS", 512)
     monkeypatch.setattr(dwconv, "PARTIAL_PROGRAMS", 3)
+    monkeypatch.setattr(dwconv, "STENCIL_WALK_PREFETCH", prefetch)
     B, H, W, C = 2, 11, 10, 64
     inputs = leaves(make_inputs(op, B, H, W, C, device))
     check_fp32(op, inputs, (H, W), [torch.randn(B, H * W, C, device=device) for _ in names(op)[0]])
