@@ -111,6 +111,10 @@ TUNE_KNOBS: list[dict[str, Any]] = [
 ] + [
     {"bwd_kv_block_n": n, "bwd_kv_warps": w} for n, w in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
 ] + [
+    {"fwd_out_maxnreg": n} for n in (0, 96, 128)
+] + [
+    {"bwd_q_maxnreg": n} for n in (0, 128, 168)
+] + [
     {"programs_per_sm": v} for v in (2, 4, 8, 16)
 ]
 
@@ -470,7 +474,7 @@ def resource_usage(C: int, arch: int, all_configs: bool, log: Log) -> int:
                           "SPLIT_PAIRS": la.CONFIG.pair_loads == "split", "TRIG": la.CONFIG.trig,
                           "GATE_GRAD": False, "GATE_SILU": False, "WRITE_A": False, "A_OVER_DY": False,
                           "DK_OVER_K": False, "PROJECT": False, "HAS_PBIAS": False, "SCALE": False,
-                          "ACC_DV": False}
+                          "ACC_DV": False, "WRITE_O": False}
                 wanted = [p.name for p in fn.params if p.is_constexpr]
                 missing = sorted(set(wanted) - set(consts))
                 if missing:

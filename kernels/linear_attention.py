@@ -79,6 +79,9 @@ class LinearAttentionConfig:
     "lowp-operands" took 6.44 ms against 6.79 ms for "tf32" at 1024² (1.67 against 1.76 ms at 512², each
     kernel faster; H200, session 6, ``benchmarks/results/nvidia-h200/2026-11-27-session6``). Session 7's tune
     at 1024² (H200, with trig="reduced"): the output pass on 4 warps instead of 8, 3.74 ms against 4.42 ms.
+    ``<kernel>_maxnreg``: ptxas's register cap per thread for that kernel (0: none, ptxas's choice), so that more
+    programs fit on an SM (the output pass: 168 registers, 3 programs of 4 warps; the q-side backward 230, 4
+    programs of 2 warps; H200, session 15). No cap has been timed yet.
     """
 
     fwd_reduce_block_n: int = 64
@@ -89,6 +92,10 @@ class LinearAttentionConfig:
     bwd_q_warps: int = 2
     bwd_kv_block_n: int = 64
     bwd_kv_warps: int = 8
+    fwd_reduce_maxnreg: int = 0
+    fwd_out_maxnreg: int = 0
+    bwd_q_maxnreg: int = 0
+    bwd_kv_maxnreg: int = 0
     programs_per_sm: int = 4
     lowp_dot_precision: str = "lowp-operands"
     pair_loads: str = "split"
@@ -99,6 +106,8 @@ class LinearAttentionConfig:
             value = getattr(self, field.name)
             if field.name.endswith("block_n") and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{field.name}: expected a power of two >= 16, got {value}")
+            if field.name.endswith("maxnreg") and value and not 24 <= value <= 255:
+                raise ValueError(f"{field.name}: expected 0 (no cap) or a register count in [24, 255], got {value}")
         if self.lowp_dot_precision not in LOWP_DOT_PRECISIONS:
             raise ValueError(f"lowp_dot_precision: expected one of {LOWP_DOT_PRECISIONS}, "
                              f"got {self.lowp_dot_precision!r}")
@@ -374,13 +383,13 @@ def _stencil_tap(m_n, m_up, m_down, m_left, m_right, s_n, s_row, DI: tl.constexp
 
 @triton.jit
 def _la_fwd_out_kernel(
-    p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg, p_a, p_scale,
+    p_q, p_v, p_g, p_w, p_bias, p_trig, p_kv, p_ksum, p_y, p_dy, p_dg, p_a, p_scale, p_o,
     N, H, W, n_pos,
     s_q_b, s_q_n, s_v_b, s_v_n, s_g_b, s_g_n, s_dy_b, s_dy_n, s_dg_b, s_dg_n, s_y_b, s_y_n,
     C: tl.constexpr, NUM_HEADS: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
     EPS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_PAIRS: tl.constexpr,
     TRIG: tl.constexpr, GATE_GRAD: tl.constexpr, GATE_SILU: tl.constexpr, WRITE_A: tl.constexpr,
-    A_OVER_DY: tl.constexpr, SCALE: tl.constexpr,
+    A_OVER_DY: tl.constexpr, SCALE: tl.constexpr, WRITE_O: tl.constexpr,
 ):
     """y = ((q~ . kv) z + lepe(v)) * g for one block of tokens and one (batch, head). Grid (blocks, B * heads).
 
@@ -392,7 +401,9 @@ def _la_fwd_out_kernel(
     p_a is p_dy (a written over dy in place): a barrier orders every thread's dy loads before the a stores,
     which may map the tile's elements to threads differently. SCALE: the output is scaled by p_scale[sample]
     (drop-path's per-sample factor): y * scale in the forward; in the backward, p_dy holds the scaled output's
-    gradient, taken times the scale, and the rewritten a is scaled like the forward's y."""
+    gradient, taken times the scale, and the rewritten a is scaled like the forward's y. WRITE_O (the forward):
+    the pre-gate output o = (q~ . kv) z + lepe(v) is also written to p_o (contiguous), for a backward that takes
+    the gate's gradients from it (``gate_grad_from_output``) instead of this pass."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = (i_bh // NUM_HEADS).to(tl.int64)
@@ -421,6 +432,9 @@ def _la_fwd_out_kernel(
         b_lepe += b_vn.to(tl.float32) * tl.load(p_w + k * C + o_c).to(tl.float32)[None, :]
     b_o = b_num * b_z[:, None] + (b_lepe + tl.load(p_bias + o_c).to(tl.float32)[None, :])
     p_yt = p_y + i_b * s_y_b + o_n64[:, None] * s_y_n + o_c[None, :]
+    if WRITE_O:
+        tl.store(p_o + i_b * N * C + o_n64[:, None] * C + o_c[None, :], b_o.to(p_o.dtype.element_ty),
+                 mask=m_n[:, None])
     if SCALE:
         b_scale = tl.load(p_scale + i_b)
     if HAS_GATE:
@@ -452,6 +466,44 @@ def _la_fwd_out_kernel(
     if SCALE and not GATE_GRAD:
         b_o *= b_scale
     tl.store(p_yt, b_o.to(p_y.dtype.element_ty), mask=m_n[:, None])
+
+
+@triton.jit
+def _la_gate_grad_kernel(
+    p_dy, p_o, p_g, p_scale, p_dg, p_do, p_a, N, C,
+    s_dy_b, s_dy_n, s_g_b, s_g_n, s_dg_b, s_dg_n, s_do_b, s_do_n,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GATE_SILU: tl.constexpr, WRITE_A: tl.constexpr,
+    SCALE: tl.constexpr,
+):
+    """The gate pass of the backward from the forward's saved pre-gate output o (contiguous), element-wise:
+    dg = dy * o (times SiLU'(g) with GATE_SILU), do = dy * gate, and with WRITE_A the forward's gated output
+    o * gate into p_a (contiguous; it may be p_dy itself: each element is read before it is written, by the same
+    thread). SCALE: dy is the gradient of the output scaled by p_scale[sample], taken times the scale, and a is
+    written scaled. Grid (token blocks, channel blocks, B)."""
+    i_n, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = (o_n < N)[:, None] & (o_c < C)[None, :]
+    b_dy = tl.load(p_dy + i_b * s_dy_b + o_n[:, None] * s_dy_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+    b_o = tl.load(p_o + i_b * N * C + o_n[:, None] * C + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+    b_g = tl.load(p_g + i_b * s_g_b + o_n[:, None] * s_g_n + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+    b_dgate = tl.full(b_g.shape, 1.0, tl.float32)
+    if GATE_SILU:
+        b_s = tl.sigmoid(b_g)
+        b_dgate = b_s * (1.0 + b_g * (1.0 - b_s))
+        b_g = b_g * b_s
+    if SCALE:
+        b_scale = tl.load(p_scale + i_b)
+        b_dy *= b_scale
+    tl.store(p_dg + i_b * s_dg_b + o_n[:, None] * s_dg_n + o_c[None, :], (b_dy * b_o * b_dgate).to(
+        p_dg.dtype.element_ty), mask=m)
+    if WRITE_A:
+        b_a = b_o * b_g
+        if SCALE:
+            b_a *= b_scale
+        tl.store(p_a + i_b * N * C + o_n[:, None] * C + o_c[None, :], b_a.to(p_a.dtype.element_ty), mask=m)
+    tl.store(p_do + i_b * s_do_b + o_n[:, None] * s_do_n + o_c[None, :], (b_dy * b_g).to(p_do.dtype.element_ty),
+             mask=m)
 
 
 @triton.jit
@@ -750,6 +802,7 @@ def attention_state(k: Tensor | Projected, v: Tensor, W: int, num_heads: int) ->
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
         SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, **proj, num_warps=CONFIG.fwd_reduce_warps,
+        maxnreg=CONFIG.fwd_reduce_maxnreg or None,
     )
     return _sum_state_partials(part, B * num_heads, scale=1.0 / N)
 
@@ -769,21 +822,23 @@ def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: 
 
 def attention_output(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
                      ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool,
-                     scale: Tensor | None = None) -> Tensor:
+                     scale: Tensor | None = None, o: Tensor | None = None) -> Tensor:
     """The forward's output pass: y (B, N, C) from q, v, g (channels contiguous) and the state; times scale[b]
-    for sample b when a (B,) fp32 scale is given."""
+    for sample b when a (B,) fp32 scale is given. With o (B, N, C) contiguous in v's dtype, the pre-gate output
+    is written into it as well (for ``gate_grad_from_output``)."""
     y = _empty(v.shape, v.dtype, v.device)
-    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, y, scale=scale)
+    _launch_out_pass(q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, y, scale=scale, o=o)
     return y
 
 
 def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, kv: Tensor,
                      ksum: Tensor, H: int, W: int, num_heads: int, gate_silu: bool, out: Tensor,
                      dy: Tensor | None = None, dg: Tensor | None = None, a: Tensor | None = None,
-                     scale: Tensor | None = None) -> None:
+                     scale: Tensor | None = None, o: Tensor | None = None) -> None:
     """``_la_fwd_out_kernel`` over all tokens: y into out, or (dy and dg given) dg and do = dy * g into dg, out,
     and the forward's y again into a when given (a may be dy itself: y is written over it). With a (B,) fp32
-    scale, y is scaled per sample, and dy is the gradient of the scaled y."""
+    scale, y is scaled per sample, and dy is the gradient of the scaled y. With o (the forward), the pre-gate
+    output into o as well."""
     B, N, C = v.shape
     trig, n_pos, trig_mode = _trig_args(H, W, C, v.device)
     g_arg, s_g_b, s_g_n = _gate_args(g, v)
@@ -792,14 +847,15 @@ def _launch_out_pass(q: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor
     block_n = CONFIG.fwd_out_block_n
     _la_fwd_out_kernel[(triton.cdiv(N, block_n), B * num_heads)](
         q, v, g_arg, _taps_major(lepe_weight), lepe_bias.contiguous(), trig, kv, ksum, out, dy_arg,
-        dg_arg, out if a is None else a, v if scale is None else scale, N, H, W, n_pos,
+        dg_arg, out if a is None else a, v if scale is None else scale, out if o is None else o, N, H, W, n_pos,
         q.stride(0), q.stride(1), v.stride(0), v.stride(1), s_g_b, s_g_n,
         dy_arg.stride(0), dy_arg.stride(1), dg_arg.stride(0), dg_arg.stride(1), out.stride(0), out.stride(1),
         C=C, NUM_HEADS=num_heads, HAS_GATE=g is not None, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         **_dot_args(v.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
         GATE_GRAD=dg is not None, GATE_SILU=gate_silu, WRITE_A=a is not None,
         A_OVER_DY=a is not None and dy is not None and a.data_ptr() == dy.data_ptr(), SCALE=scale is not None,
-        num_warps=CONFIG.fwd_out_warps,
+        WRITE_O=o is not None,
+        num_warps=CONFIG.fwd_out_warps, maxnreg=CONFIG.fwd_out_maxnreg or None,
     )
 
 
@@ -825,6 +881,31 @@ def gated_output_grad(dy: Tensor, q: Tensor, v: Tensor, g: Tensor | None, lepe_w
     return do, dg
 
 
+# The element-wise gate pass's tile: GATE_BLOCK_N tokens by GATE_BLOCK_C channels (at most) on GATE_WARPS warps,
+# 16 elements a thread (compiled offline for sm_90 at C=64, bf16: 64 registers; 137 on 4 warps, 32 a thread).
+GATE_BLOCK_N, GATE_BLOCK_C, GATE_WARPS = 64, 64, 8
+
+
+def gate_grad_from_output(dy: Tensor, o: Tensor, g: Tensor, gate_silu: bool, a: Tensor | None = None,
+                          dg: Tensor | None = None, do: Tensor | None = None,
+                          scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``gated_output_grad``'s (do, dg) from the forward's pre-gate output o (B, N, C) contiguous, saved by
+    ``attention_output``, element-wise instead of recomputing o from q, v and the state; a, dg, do and scale as
+    there (a gate needed). a, when given, is the forward's gated output recomputed from the saved o: bitwise the
+    forward's for fp32 activations, within a rounding of o for bf16/fp16 ones."""
+    B, N, C = o.shape
+    dg = _empty(o.shape, o.dtype, o.device) if dg is None else dg
+    do = _empty(o.shape, o.dtype, o.device) if do is None else do
+    block_c = min(GATE_BLOCK_C, triton.next_power_of_2(C))
+    _la_gate_grad_kernel[(triton.cdiv(N, GATE_BLOCK_N), triton.cdiv(C, block_c), B)](
+        dy, o, g, o if scale is None else scale, dg, do, o if a is None else a, N, C,
+        dy.stride(0), dy.stride(1), g.stride(0), g.stride(1), dg.stride(0), dg.stride(1), do.stride(0), do.stride(1),
+        BLOCK_N=GATE_BLOCK_N, BLOCK_C=block_c, GATE_SILU=gate_silu, WRITE_A=a is not None, SCALE=scale is not None,
+        num_warps=GATE_WARPS,
+    )
+    return do, dg
+
+
 def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_heads: int,
                 dq: Tensor) -> tuple[Tensor, Tensor, float]:
     """The q side of the backward: dq into dq (B, N, C; channels contiguous); returns the state's gradient
@@ -839,7 +920,7 @@ def q_side_grad(do: Tensor, q: Tensor, kv: Tensor, ksum: Tensor, W: int, num_hea
         q.stride(0), q.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), part.stride(0),
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, EPS=NORMALISER_EPS,
         **_dot_args(do.dtype), SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode,
-        num_warps=CONFIG.bwd_q_warps,
+        num_warps=CONFIG.bwd_q_warps, maxnreg=CONFIG.bwd_q_maxnreg or None,
     )
     # the k/v kernel scales dKV and ds by 1/N; low-precision operands take them as means instead (dKV, a sum
     # over N tokens, can pass fp16's range where its mean does not)
@@ -863,6 +944,7 @@ def kv_side_grad(do: Tensor, k: Tensor, v: Tensor, lepe_weight: Tensor, dkv: Ten
         C=C, NUM_HEADS=num_heads, BLOCK_N=block_n, **_dot_args(v.dtype),
         SPLIT_PAIRS=CONFIG.pair_loads == "split", TRIG=trig_mode, ACC_DV=accumulate,
         DK_OVER_K=dk.data_ptr() == k.data_ptr(), num_warps=CONFIG.bwd_kv_warps,
+        maxnreg=CONFIG.bwd_kv_maxnreg or None,
     )
 
 
@@ -877,21 +959,25 @@ def lepe_param_grads(do: Tensor, v: Tensor, lepe_weight: Tensor, lepe_bias: Tens
 def _linear_attention_bwd(dy: Tensor, qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor,
                           lepe_bias: Tensor, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
                           gate_silu: bool, a: Tensor | None = None, dg: Tensor | None = None,
-                          do: Tensor | None = None,
-                          scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          do: Tensor | None = None, scale: Tensor | None = None,
+                          o: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward: returns dqk (B, N, 2C), dv (B, N, C), dg (B, N, C; empty when g is None),
     d lepe_weight (C, 1, 3, 3) and d lepe_bias (C,) in their parameters' dtypes; the forward's output is
     rewritten into a (B, N, C) contiguous a when given, and dg and the gated output gradient do (a work tensor of
     the backward) are written into the (B, N, C) tensors dg and do (channels contiguous) when given; scale as
-    for ``gated_output_grad``."""
+    for ``gated_output_grad``. With the forward's pre-gate output o (a gate needed), the gate pass is
+    ``gate_grad_from_output``'s."""
     dy, qk, v = _token_major(dy), _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
     q, k = qk[..., :C], qk[..., C:]
     dqk = _empty((B, N, 2 * C), qk.dtype, v.device)
     dv = _empty((B, N, C), v.dtype, v.device)
-    do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a,
-                               dg=dg, do=do, scale=scale)
+    if o is not None:
+        do, dg = gate_grad_from_output(dy, o, g, gate_silu, a=a, dg=dg, do=do, scale=scale)
+    else:
+        do, dg = gated_output_grad(dy, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a,
+                                   dg=dg, do=do, scale=scale)
     dkv, dksum, inv_n = q_side_grad(do, q, kv, ksum, W, num_heads, dqk[..., :C])
     dw, db = lepe_param_grads(do, v, lepe_weight, lepe_bias, H, W)
     kv_side_grad(do, k, v, lepe_weight, dkv, dksum, inv_n, H, W, num_heads, dqk[..., C:], dv)

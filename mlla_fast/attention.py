@@ -60,12 +60,12 @@ from .kernels.linear_attention import (
     Projected,
     _check_inputs,
     _linear_attention_bwd,
-    _linear_attention_fwd,
     _token_major,
     attention_output,
     attention_state,
     fake_bwd_outputs,
     fake_fwd_outputs,
+    gate_grad_from_output,
     gated_output_grad,
     kv_side_grad,
     lepe_param_grads,
@@ -103,6 +103,13 @@ SPLIT_QK_BYTES = 32 << 20
 PROJECTED_K_MAX_CHANNELS = 128
 
 
+# Whether a gated attention keeps its pre-gate output o (B, N, C) for the backward, whose gate pass is then an
+# element-wise kernel (``gate_grad_from_output``: dy, o and g in, dg, do and a out) instead of the output pass
+# again (q's features, q~ . kv, the normaliser and the LePE recomputed): one (B, N, C) tensor more between the
+# forward and the backward, one more written by the forward. Not timed on a GPU yet; off until it is.
+SAVE_ATTENTION_OUTPUT = False
+
+
 def _split_qk(v: Tensor) -> bool:
     return v.numel() * v.element_size() >= SPLIT_QK_BYTES
 
@@ -110,34 +117,41 @@ def _split_qk(v: Tensor) -> bool:
 def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
                              lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
                              out_bias: Tensor | None, H: int, W: int, num_heads: int, gate_silu: bool,
-                             scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The attention's forward (y, kv, ksum), weights in v's dtype: qk = v W_qk + b_qk, or for a large v
+                             scale: Tensor | None = None,
+                             save_output: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The attention's forward (y, kv, ksum, o), weights in v's dtype: qk = v W_qk + b_qk, or for a large v
     k = v W_k + b_k for the state (projected inside the reduction kernel up to ``PROJECTED_K_MAX_CHANNELS``),
     then q = v W_q + b_q for the output pass, one (B, N, C) projection live at a time; with out_weight, y is
     the attention's output a projected, a W_out^T + b_out, and a is dropped. With a (B,) fp32 scale, a is
-    scaled per sample by the output pass."""
+    scaled per sample by the output pass. With save_output (and a gate), o is the pre-gate output (B, N, C),
+    else None."""
+    v = _token_major(v)
+    g = None if g is None else _token_major(g)
+    o = _la._empty(v.shape, v.dtype, v.device) if save_output and g is not None else None
     if not _split_qk(v):
-        y, kv, ksum = _linear_attention_fwd(_project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, H, W,
-                                            num_heads, gate_silu, scale)
+        qk = _token_major(_project(v, qk_weight, qk_bias))
+        C = v.shape[2]
+        kv, ksum = attention_state(qk[..., C:], v, W, num_heads)
+        y = attention_output(qk[..., :C], v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, scale,
+                             o=o)
+        del qk
     else:
-        v = _token_major(v)
-        g = None if g is None else _token_major(g)
         (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, v.shape[2])
         k = Projected(v, wk, bk) if v.shape[2] <= PROJECTED_K_MAX_CHANNELS else _project(v, wk, bk)
         kv, ksum = attention_state(k, v, W, num_heads)
         del k
         y = attention_output(_project(v, wq, bq), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu,
-                             scale)
+                             scale, o=o)
     if out_weight is None:
-        return y, kv, ksum
-    return _project(y, out_weight, out_bias), kv, ksum
+        return y, kv, ksum, o
+    return _project(y, out_weight, out_bias), kv, ksum, o
 
 
 def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_bias: Tensor | None,
                              lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
                              out_bias: Tensor | None, kv: Tensor, ksum: Tensor, H: int, W: int, num_heads: int,
                              gate_silu: bool, dg: Tensor | None = None, do: Tensor | None = None,
-                             scale: Tensor | None = None) -> tuple[Tensor, ...]:
+                             scale: Tensor | None = None, o: Tensor | None = None) -> tuple[Tensor, ...]:
     """The attention's and the projections' backward: (dv, dg, d qk_weight, d qk_bias, d lepe_weight,
     d lepe_bias, d out_weight, d out_bias), the projections' gradients in fp32 (empty where there is no such
     parameter); dg and the backward's gated output gradient do are written into the given (B, N, C) tensors
@@ -150,7 +164,9 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
     it and writes dk over k, then dv += dk W_k in place. At most four (B, N, C) tensors of its own are live at
     once (da/a, q, do, dg in the gate pass; do, dg, q, dq on the q side; do, dg, dv, k/dk on the k/v side),
     against seven with qk and dqk whole and a and da apart. With the forward's per-sample scale (B,), dy is the
-    gradient of the scaled output; the gate pass scales da and writes a scaled."""
+    gradient of the scaled output; the gate pass scales da and writes a scaled. With the forward's pre-gate
+    output o (``SAVE_ATTENTION_OUTPUT``), the gate pass is element-wise from it (``gate_grad_from_output``), and
+    on the large-v path q is projected after it."""
     dy, v = _token_major(dy), _token_major(v)
     g = None if g is None else _token_major(g)
     B, N, C = v.shape
@@ -163,7 +179,7 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
     if not _split_qk(v):
         dqk, dv, dg, dlepe_w, dlepe_b = _linear_attention_bwd(
             da, _project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu,
-            a=a, dg=dg, do=do, scale=scale)
+            a=a, dg=dg, do=do, scale=scale, o=o)
         del da
         out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
         del a
@@ -172,9 +188,13 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
             dv.view(-1, C).addmm_(dqk, qk_weight)
         return (dv, dg, *_projection_grads(dqk, v2, has_bias, acc), dlepe_w, dlepe_b, *out_grads)
     (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, C)
-    q = _project(v, wq, bq)
-    do, dg = gated_output_grad(da, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a, dg=dg,
-                               do=do, scale=scale)
+    if o is not None:
+        do, dg = gate_grad_from_output(da, o, g, gate_silu, a=a, dg=dg, do=do, scale=scale)
+        q = _project(v, wq, bq)
+    else:
+        q = _project(v, wq, bq)
+        do, dg = gated_output_grad(da, q, v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, a=a,
+                                   dg=dg, do=do, scale=scale)
     del da
     out_grads = _out_projection_grads(dy, a, out_weight, out_bias, acc)
     del a
@@ -201,25 +221,26 @@ def _qk_linear_attention_bwd(dy: Tensor, v: Tensor, g: Tensor | None, qk_weight:
 def _fwd(x: Tensor, g: Tensor | None, dwc_weight: Tensor | None, dwc_bias: Tensor | None, qk_weight: Tensor,
          qk_bias: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor, out_weight: Tensor | None,
          out_bias: Tensor | None, scale: Tensor | None, H: int, W: int, num_heads: int,
-         gate_silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, v, kv, ksum). With dwc_weight, x is the gate/value projection gv (B, N, 2C), g = gv[..., :C] and
+         gate_silu: bool, save_output: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, v, kv, ksum, o). With dwc_weight, x is the gate/value projection gv (B, N, 2C), g = gv[..., :C] and
     v = SiLU(dwconv(gv[..., C:])), returned for the backward; else x is v itself and an empty tensor stands in
-    for it (a custom op may not return its input)."""
+    for it (a custom op may not return its input). o: the pre-gate output with save_output and a gate, else an
+    empty tensor."""
     if dwc_weight is None:
         v, v_out = x, x.new_empty((0,))
     else:
         C = x.shape[-1] // 2
         g = x[..., :C]
         v = v_out = dwconv_silu_fwd(x[..., C:], dwc_weight, dwc_bias, (H, W))
-    y, kv, ksum = _qk_linear_attention_fwd(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias,
-                                           H, W, num_heads, gate_silu, scale)
-    return y, v_out, kv, ksum
+    y, kv, ksum, o = _qk_linear_attention_fwd(v, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight,
+                                              out_bias, H, W, num_heads, gate_silu, scale, save_output)
+    return y, v_out, kv, ksum, x.new_empty((0,)) if o is None else o
 
 
 def _bwd(dy: Tensor, x: Tensor, g: Tensor | None, v: Tensor, dwc_weight: Tensor | None, dwc_bias: Tensor | None,
          qk_weight: Tensor, qk_bias: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-         out_weight: Tensor | None, out_bias: Tensor | None, scale: Tensor | None, kv: Tensor, ksum: Tensor, H: int,
-         W: int, num_heads: int, gate_silu: bool) -> tuple[Tensor, ...]:
+         out_weight: Tensor | None, out_bias: Tensor | None, scale: Tensor | None, kv: Tensor, ksum: Tensor,
+         o: Tensor, H: int, W: int, num_heads: int, gate_silu: bool) -> tuple[Tensor, ...]:
     """(dx, dg, d dwc_weight, d dwc_bias, d qk_weight, d qk_bias, d lepe_weight, d lepe_bias, d out_weight,
     d out_bias); empty tensors stand in for what does not exist (dg and v without a gate or with dwc_weight,
     the dwc gradients without it).
@@ -227,17 +248,18 @@ def _bwd(dy: Tensor, x: Tensor, g: Tensor | None, v: Tensor, dwc_weight: Tensor 
     With dwc_weight, dx is d gv (B, N, 2C), written in place by its producers: the gate pass writes dg into its
     first C channels and do (which the attention's later passes read) into the last C, and once the attention's
     backward is done, the depthwise stencil's backward writes d u over do there; no concatenation of dg and d u,
-    and no (B, N, C) do of its own."""
+    and no (B, N, C) do of its own. o: the forward's (empty when it kept none)."""
+    o = o if o.numel() else None
     if dwc_weight is None:
         dv, dg, *grads = _qk_linear_attention_bwd(dy, x, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight,
-                                                  out_bias, kv, ksum, H, W, num_heads, gate_silu, scale=scale)
+                                                  out_bias, kv, ksum, H, W, num_heads, gate_silu, scale=scale, o=o)
         return (dv, dg, x.new_empty((0,)), x.new_empty((0,)), *grads)
     C = v.shape[-1]
     dx = _la._empty(x.shape, x.dtype, x.device)
     du = dx[..., C:]
     dv, _, *grads = _qk_linear_attention_bwd(dy, v, x[..., :C], qk_weight, qk_bias, lepe_weight, lepe_bias,
                                              out_weight, out_bias, kv, ksum, H, W, num_heads, gate_silu,
-                                             dg=dx[..., :C], do=du, scale=scale)
+                                             dg=dx[..., :C], do=du, scale=scale, o=o)
     _, ddwc_weight, ddwc_bias = dwconv_silu_bwd(dv, x[..., C:], dwc_weight, dwc_bias, (H, W), out=du)
     return (dx, x.new_empty((0,)), ddwc_weight, ddwc_bias, *grads)
 
@@ -268,10 +290,10 @@ def _projection_grads(dp: Tensor, v2: Tensor, bias: bool, dtype: torch.dtype) ->
 
 _FWD_SCHEMA = "(Tensor x, Tensor? g, Tensor? dwc_weight, Tensor? dwc_bias, Tensor qk_weight, Tensor? qk_bias, " \
     "Tensor lepe_weight, Tensor lepe_bias, Tensor? out_weight, Tensor? out_bias, Tensor? scale, SymInt H, " \
-    "SymInt W, int num_heads, bool gate_silu) -> (Tensor, Tensor, Tensor, Tensor)"
+    "SymInt W, int num_heads, bool gate_silu, bool save_output) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 _BWD_SCHEMA = "(Tensor dy, Tensor x, Tensor? g, Tensor v, Tensor? dwc_weight, Tensor? dwc_bias, Tensor qk_weight, " \
     "Tensor? qk_bias, Tensor lepe_weight, Tensor lepe_bias, Tensor? out_weight, Tensor? out_bias, Tensor? scale, " \
-    "Tensor kv, Tensor ksum, SymInt H, SymInt W, int num_heads, bool gate_silu) " \
+    "Tensor kv, Tensor ksum, Tensor o, SymInt H, SymInt W, int num_heads, bool gate_silu) " \
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 qk_linear_attention_fwd_op = torch.library.custom_op(
@@ -282,18 +304,20 @@ qk_linear_attention_bwd_op = torch.library.custom_op(
 
 @qk_linear_attention_fwd_op.register_fake
 def _(x, g, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, scale, H, W,
-      num_heads, gate_silu):
+      num_heads, gate_silu, save_output):
+    gated = g is not None or dwc_weight is not None
     if dwc_weight is None:
         y, kv, ksum = fake_fwd_outputs(x, num_heads)
-        return y, x.new_empty((0,)), kv, ksum
-    v = x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-    y, kv, ksum = fake_fwd_outputs(v, num_heads)
-    return y, v, kv, ksum
+        v_out = x.new_empty((0,))
+    else:
+        v_out = x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+        y, kv, ksum = fake_fwd_outputs(v_out, num_heads)
+    return y, v_out, kv, ksum, y.new_empty(y.shape if save_output and gated else (0,))
 
 
 @qk_linear_attention_bwd_op.register_fake
 def _(dy, x, g, v, dwc_weight, dwc_bias, qk_weight, qk_bias, lepe_weight, lepe_bias, out_weight, out_bias, scale, kv,
-      ksum, H, W, num_heads, gate_silu):
+      ksum, o, H, W, num_heads, gate_silu):
     acc = torch.promote_types(qk_weight.dtype, torch.float32)
 
     def grad(param: Tensor | None) -> Tensor:
@@ -320,9 +344,10 @@ class _QKLinearAttention(torch.autograd.Function):
         params = [None if p is None else cast(p, x.dtype) for p in (qk_weight, qk_bias, out_weight, out_bias)]
         # with a residual the op returns the attention's output a, and out_proj accumulates into the residual here
         inside = [None, None] if residual is not None else params[2:]
-        y, v, kv, ksum = qk_linear_attention_fwd_op(x, g, dwc_weight, dwc_bias, params[0], params[1], lepe_weight,
-                                                    lepe_bias, *inside, scale, H, W, num_heads, gate_silu)
-        ctx.save_for_backward(x, g, v, dwc_weight, dwc_bias, *params, lepe_weight, lepe_bias, scale, kv, ksum)
+        y, v, kv, ksum, o = qk_linear_attention_fwd_op(x, g, dwc_weight, dwc_bias, params[0], params[1],
+                                                       lepe_weight, lepe_bias, *inside, scale, H, W, num_heads,
+                                                       gate_silu, SAVE_ATTENTION_OUTPUT)
+        ctx.save_for_backward(x, g, v, dwc_weight, dwc_bias, *params, lepe_weight, lepe_bias, scale, kv, ksum, o)
         ctx.grid = (H, W, num_heads, gate_silu)
         ctx.param_dtypes = [None if p is None else p.dtype for p in (qk_weight, qk_bias, out_weight, out_bias)]
         ctx.residual = residual is not None
@@ -340,14 +365,14 @@ class _QKLinearAttention(torch.autograd.Function):
     def backward(ctx, dy: Tensor | None):
         if dy is None:  # the output took no gradient
             return (None,) * 16
-        x, g, v, dwc_weight, dwc_bias, wc, bc, out_wc, out_bc, lepe_weight, lepe_bias, scale, kv, ksum = \
+        x, g, v, dwc_weight, dwc_bias, wc, bc, out_wc, out_bc, lepe_weight, lepe_bias, scale, kv, ksum, o = \
             ctx.saved_tensors
         need = ctx.needs_input_grad
         # No autocast context in this Function (the GEMMs run inside the op, autocast disabled there): under
         # torch.compile (PyTorch 2.13) one in the backward left autocast off for the rest of the traced forward,
         # whose MLP then ran in fp32.
         dx, dg, ddwc_w, ddwc_b, dweight, dbias, dlepe_w, dlepe_b, dout_w, dout_b = qk_linear_attention_bwd_op(
-            dy, x, g, v, dwc_weight, dwc_bias, wc, bc, lepe_weight, lepe_bias, out_wc, out_bc, scale, kv, ksum,
+            dy, x, g, v, dwc_weight, dwc_bias, wc, bc, lepe_weight, lepe_bias, out_wc, out_bc, scale, kv, ksum, o,
             *ctx.grid)
         params = [(dweight, need[4]), (dbias, need[5]), (dout_w, need[8]), (dout_b, need[9])]
         dparams = [grad.to(dtype) if dtype is not None and needed else None

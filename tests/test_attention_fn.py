@@ -87,6 +87,14 @@ def run(fn, leaves, dy, dtype=None, frozen=()):
     return y.detach(), {k: x.grad for k, x in fresh.items() if x is not None and x.requires_grad}
 
 
+@pytest.fixture(params=["recompute_o", "save_o"])
+def gate_pass(request, monkeypatch):
+    """Both of the backward's gate passes: the output pass again, or element-wise from the forward's saved
+    pre-gate output (SAVE_ATTENTION_OUTPUT)."""
+    monkeypatch.setattr(attention, "SAVE_ATTENTION_OUTPUT", request.param == "save_o")
+    return request.param
+
+
 @pytest.fixture(params=["packed", "split"])
 def qk_path(request, monkeypatch):
     """Both of the backward's paths: qk and dqk whole (small v) or q and k one at a time (large v)."""
@@ -233,9 +241,15 @@ def test_torch_compile_keeps_autocast_after_the_function(device):
     assert torch.equal(y_c, y_e)
 
 
-@pytest.mark.parametrize("out", ["out_proj", "residual", "no_out_proj"])
-@pytest.mark.parametrize("gate", ["gate", "no_gate", "gv"])
-def test_opcheck(gate, out, qk_path, device):
+# (gate, out, save_output): every gate and output with the output pass recomputed in the backward; the saved
+# pre-gate output (SAVE_ATTENTION_OUTPUT) on the gated paths the block and the tests of the Function take
+OPCHECK_CASES = [(gate, out, False) for gate in ("gate", "no_gate", "gv")
+                 for out in ("out_proj", "residual", "no_out_proj")]
+OPCHECK_CASES += [("gv", "residual", True), ("gate", "out_proj", True)]
+
+
+@pytest.mark.parametrize(("gate", "out", "save_output"), OPCHECK_CASES, ids=lambda c: str(c))
+def test_opcheck(gate, out, save_output, qk_path, device):
     t = {k: x.detach() for k, x in make_leaves(device).items()}
     g = t["g"] if gate == "gate" else None
     x, dwc_w, dwc_b = t["v"], None, None
@@ -250,11 +264,12 @@ def test_opcheck(gate, out, qk_path, device):
     # the gv path takes drop-path's per-sample scale of the branch (with a residual and no out_bias in the
     # Function; the ops themselves take any scale with a gate)
     scale = torch.tensor([0.0, 1.25], device=device) if gate == "gv" else None
-    args = (x, g, dwc_w, dwc_b, *fwd_params, scale, H, W, HEADS, True)
+    args = (x, g, dwc_w, dwc_b, *fwd_params, scale, H, W, HEADS, True, save_output)
     torch.library.opcheck(attention.qk_linear_attention_fwd_op, args)
-    y, v, kv, ksum = attention.qk_linear_attention_fwd_op(*args)
+    y, v, kv, ksum, o = attention.qk_linear_attention_fwd_op(*args)
+    assert o.shape == ((B, N, C) if save_output and gate != "no_gate" else (0,))
     torch.library.opcheck(attention.qk_linear_attention_bwd_op,
-                          (torch.randn_like(y), x, g, v, dwc_w, dwc_b, *params, scale, kv, ksum, H, W, HEADS, True))
+                          (torch.randn_like(y), x, g, v, dwc_w, dwc_b, *params, scale, kv, ksum, o, H, W, HEADS, True))
 
 
 def gv_leaves(device, bias=True):
@@ -305,7 +320,7 @@ def _run_with_residual(fn, leaves, dy, dtype=None):
 @pytest.mark.parametrize(("fn", "ref"), [(gv_one_function, gv_composed), (residual_one_function, residual_composed)],
                          ids=["gv", "residual"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gv_and_residual(fn, ref, dtype, bias, qk_path, device):
+def test_gv_and_residual(fn, ref, dtype, bias, qk_path, gate_pass, device):
     """gv_linear_attention (the value's convolution inside the Function, d gv written in place) equals
     dwconv_silu followed by the Function; a residual added by out_proj's GEMM equals one added after it. Output
     and every gradient (d gv's halves are d g and d u), fp32 to the fp32 rule, bf16 to the low-precision rule
@@ -348,7 +363,7 @@ def gv_one_function_scaled(u, g, qk_weight, qk_bias, lepe_weight, lepe_bias, out
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gv_per_sample_scale(dtype, qk_path, device):
+def test_gv_per_sample_scale(dtype, qk_path, gate_pass, device):
     """gv_linear_attention with a per-sample scale (drop-path's factor, applied by the output pass and its
     backward) equals the residual plus the scaled branch: output and every gradient, fp32 to the fp32 rule,
     bf16 to the low-precision rule against fp32; a dropped sample's branch gradients are zero."""
@@ -378,6 +393,17 @@ def test_residual_is_accumulated_in_place(device):
     assert rel_err(y, want) <= FP32_RTOL
     with pytest.raises(ValueError, match="residual: the output projection accumulates into it in place"):
         residual_one_function(*args, t["residual"].clone().requires_grad_())
+
+
+def test_saved_pre_gate_output(monkeypatch, device):
+    """With SAVE_ATTENTION_OUTPUT, gv_linear_attention keeps one (B, N, C) tensor more, the pre-gate output."""
+    leaves = {k: x for k, x in gv_leaves(device).items() if k != "residual"}
+    counts = []
+    for save in (False, True):
+        monkeypatch.setattr(attention, "SAVE_ATTENTION_OUTPUT", save)
+        shapes = _saved_shapes(lambda u, g, *rest: gv_one_function(u, g, *rest, None), leaves)
+        counts.append(shapes.count((B, N, C)))
+    assert counts == [1, 2], counts
 
 
 def test_gv_saves_no_concatenation(device):

@@ -79,6 +79,13 @@ def test_fused_block_matches_reference(dim, heads, hw, batch, device):
     _compare(fast, ref, torch.randn(batch, hw[0] * hw[1], dim), device)
 
 
+def test_fused_block_with_saved_attention_output(device, monkeypatch):
+    """SAVE_ATTENTION_OUTPUT (the backward's gate pass element-wise from the saved pre-gate output): the block
+    still matches the reference, output and every gradient."""
+    monkeypatch.setattr(mlla_fast.attention, "SAVE_ATTENTION_OUTPUT", True)
+    test_fused_block_matches_reference(64, 2, (7, 9), 2, device)
+
+
 def test_fused_block_on_another_grid(device):
     ref = ReferenceBlock(64, (8, 8), 2)
     _randomise(ref)
@@ -192,13 +199,15 @@ def _triton_mlp_supported_with_fp32(mlp, h):
             and kmlp.supported(h, compute_dtype(h)) is None)
 
 
-def test_drop_path_matches_reference_backend(device, monkeypatch):
+@pytest.mark.parametrize("save_output", [False, True], ids=["recompute_o", "save_o"])
+def test_drop_path_matches_reference_backend(save_output, device, monkeypatch):
     """Training with drop-path: the fused block draws the reference's per-sample masks (the same RNG use)
     and scales the kept samples alike; output, input and parameter gradients agree with backend='torch'.
     The attention branch accumulates into the residual with the scale in its output pass, and the MLP branch
     runs on the Triton MLP with the scale in its kernels (both asserted), its token blocks straddling samples
     (N = 25), dropped and kept samples in the batch."""
     monkeypatch.setattr(mlla_fast.block, "triton_mlp_supported", _triton_mlp_supported_with_fp32)
+    monkeypatch.setattr(mlla_fast.attention, "SAVE_ATTENTION_OUTPUT", save_output)
     fused_calls, attention_calls = [], []
     triton_mlp = mlla_fast.block.triton_mlp
     gv_linear_attention = mlla_fast.attention.gv_linear_attention

@@ -374,6 +374,9 @@ def test_bad_config():
         la.LinearAttentionConfig(bwd_kv_block_n=48)
     with pytest.raises(ValueError, match="lowp_dot_precision"):
         la.LinearAttentionConfig(lowp_dot_precision="bf16")
+    with pytest.raises(ValueError, match=r"fwd_out_maxnreg: expected 0 \(no cap\)"):
+        la.LinearAttentionConfig(fwd_out_maxnreg=300)
+    assert la.LinearAttentionConfig().with_overrides(["bwd_q_maxnreg=168"]).bwd_q_maxnreg == 168
 
 
 def test_kernels_compile_for_hopper():
