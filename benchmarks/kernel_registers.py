@@ -19,6 +19,7 @@ kernels, hence ``blocks_per_split``) is taken as --sms.
     python benchmarks/kernel_registers.py --dtype bf16 --hw 512 512 --no-gate
     python benchmarks/kernel_registers.py --config lowp_dot_precision=lowp-operands   # a CONFIG override
     python benchmarks/kernel_registers.py --sass      # plus static SASS instruction counts per opcode group
+    python benchmarks/kernel_registers.py --candidates   # plus the paths that are off by default
 """
 
 from __future__ import annotations
@@ -170,6 +171,61 @@ def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bo
             module.multiprocessors = original
 
 
+def candidate_launches(B: int, H: int, W: int, C: int, dtype_name: str, sms: int):
+    """The kernel launches of the paths that are off by default, at this shape (meta tensors): the forward and
+    transposed stencils as row walks (``dwconv.STENCIL_WALK``, with and without the prefetch) and the attention
+    backward's gate pass from a saved pre-gate output (the output pass's ``WRITE_O``, ``_la_gate_grad_kernel``)."""
+    import torch
+
+    from mlla_fast.kernels import dwconv
+    from mlla_fast.kernels import linear_attention as la
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+    meta = torch.device("meta")
+    N, heads = H * W, C // 32
+
+    def tokens() -> torch.Tensor:
+        return torch.empty(B, N, C, dtype=dtype, device=meta)
+
+    x, weight, vec = tokens(), torch.empty(C, 1, 3, 3, device=meta), torch.empty(C, device=meta)
+    scale = torch.empty(B, device=meta)
+    kv, ksum = torch.empty(B * heads, 32, 32, device=meta), torch.empty(B * heads, 32, device=meta)
+
+    def run():
+        for prefetch in (True, False):
+            dwconv.STENCIL_WALK_PREFETCH = prefetch
+            dwconv.cpe_residual_norm_fwd(x, weight, vec, vec, vec, (H, W), 1e-5, vec, scale)
+            dwconv.dwconv_silu_fwd(x, weight, vec, (H, W))
+            dwconv._dwconv_transpose(x, weight, (H, W), residual=True)
+        y, o = tokens(), tokens()
+        la._launch_out_pass(x, x, x, weight, vec, kv, ksum, H, W, heads, True, y, scale=scale, o=o)
+        la.gate_grad_from_output(y, o, x, True, a=y, dg=tokens(), do=tokens(), scale=scale)
+
+    saved = (dwconv.STENCIL_WALK, dwconv.STENCIL_WALK_PREFETCH, dwconv.fused_supported, dwconv.multiprocessors,
+             la.multiprocessors)
+    try:
+        dwconv.STENCIL_WALK = True
+        dwconv.fused_supported = lambda t: None  # meta tensors stand in for CUDA ones
+        dwconv.multiprocessors = la.multiprocessors = lambda device: sms
+        return record_launches(run, (la, dwconv))
+    finally:
+        (dwconv.STENCIL_WALK, dwconv.STENCIL_WALK_PREFETCH, dwconv.fused_supported, dwconv.multiprocessors,
+         la.multiprocessors) = saved
+
+
+def _variant(kwargs: dict) -> str:
+    """A launch's label in the table: the constexprs that tell its specialisations apart."""
+    if kwargs.get("GATE_GRAD"):
+        return "GATE_GRAD"
+    if kwargs.get("PROJECT"):
+        return "PROJECT"
+    if kwargs.get("WRITE_O"):
+        return "WRITE_O"
+    if "KIND" in kwargs:
+        return f"KIND {int(kwargs['KIND'])}{'' if kwargs['PREFETCH'] else ' nopf'}"
+    return ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=DTYPES, nargs="+", default=["bf16", "fp32"])
@@ -181,6 +237,8 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     parser.add_argument("--sms", type=int, default=132, help="SM count assumed by the launchers' token splits")
     parser.add_argument("--all", action="store_true", help="also the dwconv kernels the attention launches")
+    parser.add_argument("--candidates", action="store_true",
+                        help="also the paths that are off by default (stencil walks, the saved pre-gate output)")
     parser.add_argument("--sass", action="store_true",
                         help="also count SASS instructions (static, per opcode group) with the bundled cuobjdump")
     parser.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -207,13 +265,15 @@ def main() -> int:
           + ("".join(f" {k:>6s}" for k in ("sass", *SASS_GROUPS)) if args.sass else ""))
     seen = set()
     for dtype_name in args.dtype:
-        launches = attention_launches(args.batch, *args.hw, args.channels, dtype_name, not args.no_gate, args.sms,
-                                      config, projected=args.projected)
+        launches = [launch for launch in attention_launches(args.batch, *args.hw, args.channels, dtype_name,
+                                                            not args.no_gate, args.sms, config,
+                                                            projected=args.projected)
+                    if args.all or launch[0].__name__.startswith("_la_")]
+        if args.candidates:
+            launches += candidate_launches(args.batch, *args.hw, args.channels, dtype_name, args.sms)
         for fn, call_args, kwargs in launches:
             name = fn.__name__
-            if not (args.all or name.startswith("_la_")):
-                continue
-            variant = "GATE_GRAD" if kwargs.get("GATE_GRAD") else "PROJECT" if kwargs.get("PROJECT") else ""
+            variant = _variant(kwargs)
             key = (dtype_name, name, variant)
             if key in seen:
                 continue
