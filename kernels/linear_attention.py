@@ -808,15 +808,16 @@ def attention_state(k: Tensor | Projected, v: Tensor, W: int, num_heads: int) ->
 
 
 def _linear_attention_fwd(qk: Tensor, v: Tensor, g: Tensor | None, lepe_weight: Tensor, lepe_bias: Tensor,
-                          H: int, W: int, num_heads: int, gate_silu: bool,
-                          scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                          H: int, W: int, num_heads: int, gate_silu: bool, scale: Tensor | None = None,
+                          o: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward: returns y (B, N, C) (times scale[b] for sample b with a (B,) fp32 scale) and the
-    saved state kv (B*h, 32, 32), mean phi(k) (B*h, 32)."""
+    saved state kv (B*h, 32, 32), mean phi(k) (B*h, 32); the pre-gate output into o as ``attention_output``."""
     qk, v = _token_major(qk), _token_major(v)
     g = None if g is None else _token_major(g)
     C = v.shape[2]
     kv, ksum = attention_state(qk[..., C:], v, W, num_heads)
-    y = attention_output(qk[..., :C], v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, scale)
+    y = attention_output(qk[..., :C], v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, scale,
+                         o=o)
     return y, kv, ksum
 
 

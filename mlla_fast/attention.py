@@ -60,6 +60,7 @@ from .kernels.linear_attention import (
     Projected,
     _check_inputs,
     _linear_attention_bwd,
+    _linear_attention_fwd,
     _token_major,
     attention_output,
     attention_state,
@@ -129,12 +130,8 @@ def _qk_linear_attention_fwd(v: Tensor, g: Tensor | None, qk_weight: Tensor, qk_
     g = None if g is None else _token_major(g)
     o = _la._empty(v.shape, v.dtype, v.device) if save_output and g is not None else None
     if not _split_qk(v):
-        qk = _token_major(_project(v, qk_weight, qk_bias))
-        C = v.shape[2]
-        kv, ksum = attention_state(qk[..., C:], v, W, num_heads)
-        y = attention_output(qk[..., :C], v, g, lepe_weight, lepe_bias, kv, ksum, H, W, num_heads, gate_silu, scale,
-                             o=o)
-        del qk
+        y, kv, ksum = _linear_attention_fwd(_project(v, qk_weight, qk_bias), v, g, lepe_weight, lepe_bias, H, W,
+                                            num_heads, gate_silu, scale, o=o)
     else:
         (wq, bq), (wk, bk) = _halves(qk_weight, qk_bias, v.shape[2])
         k = Projected(v, wk, bk) if v.shape[2] <= PROJECTED_K_MAX_CHANNELS else _project(v, wk, bk)
