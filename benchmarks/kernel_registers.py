@@ -19,7 +19,7 @@ kernels, hence ``blocks_per_split``) is taken as --sms.
     python benchmarks/kernel_registers.py --dtype bf16 --hw 512 512 --no-gate
     python benchmarks/kernel_registers.py --config lowp_dot_precision=lowp-operands   # a CONFIG override
     python benchmarks/kernel_registers.py --sass      # plus static SASS instruction counts per opcode group
-    python benchmarks/kernel_registers.py --candidates   # plus the paths that are off by default
+    python benchmarks/kernel_registers.py --stencils --recompute-gate   # plus the block's stencils, the gate pass
 """
 
 from __future__ import annotations
@@ -131,13 +131,15 @@ def sass_counts(cubin: bytes) -> dict[str, int]:
 
 
 def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bool, sms: int, config=None,
-                       projected: bool = False):
+                       projected: bool = False, save_output: bool = True):
     """The kernel launches of the attention's forward and backward at this shape (meta tensors), under config
     (default: ``linear_attention.CONFIG``); projected: the forward's reduction once more with k computed inside
-    it from v (``linear_attention.Projected``, as ``mlla_fast.attention`` launches it for a large v)."""
+    it from v (``linear_attention.Projected``, as ``mlla_fast.attention`` launches it for a large v);
+    save_output: a gated forward keeps its pre-gate output for the backward's element-wise gate pass, as
+    ``mlla_fast.attention.SAVE_ATTENTION_OUTPUT`` does by default (otherwise the backward runs the output pass
+    again, ``GATE_GRAD``)."""
     import torch
 
-    from mlla_fast.kernels import dwconv
     from mlla_fast.kernels import linear_attention as la
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype_name]
@@ -146,6 +148,7 @@ def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bo
     qk = torch.empty(B, N, 2 * C, dtype=dtype, device=meta)
     v = torch.empty(B, N, C, dtype=dtype, device=meta)
     g = torch.empty(B, N, C, dtype=dtype, device=meta) if gate else None
+    o = torch.empty(B, N, C, dtype=dtype, device=meta) if gate and save_output else None
     weight = torch.empty(C, 1, 3, 3, device=meta)
     bias = torch.empty(C, device=meta)
     kv = torch.empty(B * C // 32, 32, 32, device=meta)
@@ -155,8 +158,44 @@ def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bo
         if projected:
             w_k = torch.empty(C, C, dtype=dtype, device=meta)
             la.attention_state(la.Projected(v, w_k, torch.empty(C, dtype=dtype, device=meta)), v, W, C // 32)
-        la._linear_attention_fwd(qk, v, g, weight, bias, H, W, C // 32, False)
-        la._linear_attention_bwd(torch.empty_like(v), qk, v, g, weight, bias, kv, ksum, H, W, C // 32, False)
+        la._linear_attention_fwd(qk, v, g, weight, bias, H, W, C // 32, False, o=o)
+        la._linear_attention_bwd(torch.empty_like(v), qk, v, g, weight, bias, kv, ksum, H, W, C // 32, False, o=o)
+
+    return _record(run, sms, config)
+
+
+def stencil_launches(B: int, H: int, W: int, C: int, dtype_name: str, sms: int):
+    """The launches of the block's depthwise stencils that walk rows (``kernels/dwconv.py``'s
+    ``_stencil_walk_kernel``) at this shape (meta tensors): cpe + residual + LayerNorm with a residual bias scaled
+    per sample, dwconv + SiLU, and the transposed stencil of the backward."""
+    import torch
+
+    from mlla_fast.kernels import dwconv
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+    meta = torch.device("meta")
+    x = torch.empty(B, H * W, C, dtype=dtype, device=meta)
+    weight, vec = torch.empty(C, 1, 3, 3, device=meta), torch.empty(C, device=meta)
+    scale = torch.empty(B, device=meta)
+
+    def run():
+        dwconv.cpe_residual_norm_fwd(x, weight, vec, vec, vec, (H, W), 1e-5, vec, scale)
+        dwconv.dwconv_silu_fwd(x, weight, vec, (H, W))
+        dwconv._dwconv_transpose(x, weight, (H, W), residual=True)
+
+    saved = dwconv.fused_supported
+    try:
+        dwconv.fused_supported = lambda t: None  # meta tensors stand in for CUDA ones
+        return _record(run, sms)
+    finally:
+        dwconv.fused_supported = saved
+
+
+def _record(run, sms: int, config=None) -> list[tuple[object, tuple, dict]]:
+    """record_launches of run over the attention and dwconv kernels, with sms SMs and the attention under config
+    (default: ``linear_attention.CONFIG``)."""
+    from mlla_fast.kernels import dwconv
+    from mlla_fast.kernels import linear_attention as la
 
     patched = [(module, module.multiprocessors) for module in (la, dwconv)]
     saved_config = la.CONFIG
@@ -171,48 +210,6 @@ def attention_launches(B: int, H: int, W: int, C: int, dtype_name: str, gate: bo
             module.multiprocessors = original
 
 
-def candidate_launches(B: int, H: int, W: int, C: int, dtype_name: str, sms: int):
-    """The kernel launches of the paths that are off by default, at this shape (meta tensors): the forward and
-    transposed stencils as row walks (``dwconv.STENCIL_WALK``, with and without the prefetch) and the attention
-    backward's gate pass from a saved pre-gate output (the output pass's ``WRITE_O``, ``_la_gate_grad_kernel``)."""
-    import torch
-
-    from mlla_fast.kernels import dwconv
-    from mlla_fast.kernels import linear_attention as la
-
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype_name]
-    meta = torch.device("meta")
-    N, heads = H * W, C // 32
-
-    def tokens() -> torch.Tensor:
-        return torch.empty(B, N, C, dtype=dtype, device=meta)
-
-    x, weight, vec = tokens(), torch.empty(C, 1, 3, 3, device=meta), torch.empty(C, device=meta)
-    scale = torch.empty(B, device=meta)
-    kv, ksum = torch.empty(B * heads, 32, 32, device=meta), torch.empty(B * heads, 32, device=meta)
-
-    def run():
-        for prefetch in (True, False):
-            dwconv.STENCIL_WALK_PREFETCH = prefetch
-            dwconv.cpe_residual_norm_fwd(x, weight, vec, vec, vec, (H, W), 1e-5, vec, scale)
-            dwconv.dwconv_silu_fwd(x, weight, vec, (H, W))
-            dwconv._dwconv_transpose(x, weight, (H, W), residual=True)
-        y, o = tokens(), tokens()
-        la._launch_out_pass(x, x, x, weight, vec, kv, ksum, H, W, heads, True, y, scale=scale, o=o)
-        la.gate_grad_from_output(y, o, x, True, a=y, dg=tokens(), do=tokens(), scale=scale)
-
-    saved = (dwconv.STENCIL_WALK, dwconv.STENCIL_WALK_PREFETCH, dwconv.fused_supported, dwconv.multiprocessors,
-             la.multiprocessors)
-    try:
-        dwconv.STENCIL_WALK = True
-        dwconv.fused_supported = lambda t: None  # meta tensors stand in for CUDA ones
-        dwconv.multiprocessors = la.multiprocessors = lambda device: sms
-        return record_launches(run, (la, dwconv))
-    finally:
-        (dwconv.STENCIL_WALK, dwconv.STENCIL_WALK_PREFETCH, dwconv.fused_supported, dwconv.multiprocessors,
-         la.multiprocessors) = saved
-
-
 def _variant(kwargs: dict) -> str:
     """A launch's label in the table: the constexprs that tell its specialisations apart."""
     if kwargs.get("GATE_GRAD"):
@@ -222,7 +219,7 @@ def _variant(kwargs: dict) -> str:
     if kwargs.get("WRITE_O"):
         return "WRITE_O"
     if "KIND" in kwargs:
-        return f"KIND {int(kwargs['KIND'])}{'' if kwargs['PREFETCH'] else ' nopf'}"
+        return f"KIND {int(kwargs['KIND'])}"
     return ""
 
 
@@ -237,8 +234,11 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     parser.add_argument("--sms", type=int, default=132, help="SM count assumed by the launchers' token splits")
     parser.add_argument("--all", action="store_true", help="also the dwconv kernels the attention launches")
-    parser.add_argument("--candidates", action="store_true",
-                        help="also the paths that are off by default (stencil walks, the saved pre-gate output)")
+    parser.add_argument("--stencils", action="store_true",
+                        help="also the block's depthwise stencils that walk rows (cpe + LayerNorm, SiLU, transposed)")
+    parser.add_argument("--recompute-gate", action="store_true",
+                        help="also the backward's gate pass as the output pass again (GATE_GRAD), which it is "
+                             "without the saved pre-gate output")
     parser.add_argument("--sass", action="store_true",
                         help="also count SASS instructions (static, per opcode group) with the bundled cuobjdump")
     parser.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -265,12 +265,14 @@ def main() -> int:
           + ("".join(f" {k:>6s}" for k in ("sass", *SASS_GROUPS)) if args.sass else ""))
     seen = set()
     for dtype_name in args.dtype:
-        launches = [launch for launch in attention_launches(args.batch, *args.hw, args.channels, dtype_name,
-                                                            not args.no_gate, args.sms, config,
-                                                            projected=args.projected)
-                    if args.all or launch[0].__name__.startswith("_la_")]
-        if args.candidates:
-            launches += candidate_launches(args.batch, *args.hw, args.channels, dtype_name, args.sms)
+        launches = attention_launches(args.batch, *args.hw, args.channels, dtype_name, not args.no_gate, args.sms,
+                                      config, projected=args.projected)
+        if args.recompute_gate:
+            launches += attention_launches(args.batch, *args.hw, args.channels, dtype_name, not args.no_gate,
+                                           args.sms, config, save_output=False)
+        launches = [launch for launch in launches if args.all or launch[0].__name__.startswith("_la_")]
+        if args.stencils:
+            launches += stencil_launches(args.batch, *args.hw, args.channels, dtype_name, args.sms)
         for fn, call_args, kwargs in launches:
             name = fn.__name__
             variant = _variant(kwargs)

@@ -7,14 +7,12 @@ Two ops, each mirroring its reference in ``reference/ops.py`` argument for argum
   C channels, so the LayerNorm is a row reduction in registers.
 * ``dwconv_silu(x, weight, bias, hw)`` returns ``SiLU(dwconv3x3(x))``.
 
-Layout: tokens ``(B, N, C)`` with ``N = H * W`` row-major over the grid. The backward's first kernels walk the
-grid by row tiles: a tile is TW tokens of one grid row (and, for the channel-independent kernels, a block of
+Layout: tokens ``(B, N, C)`` with ``N = H * W`` row-major over the grid. Every stencil kernel walks the grid by
+row tiles: a tile is TW tokens of one grid row (and, for the channel-independent kernels, a block of
 channels), the tiles are numbered strip by strip (a strip: one sample's TW-wide column block, top row to bottom
 row), and each program walks down a contiguous run of them keeping x's 3x3 neighbourhood of the current row in
 registers (rows y - 1, y and y + 1, each also shifted a column either way), so that a step loads only row
-y + 1 at three column shifts. The forward stencils and the transposed one own a ``TH x TW`` tile of grid
-positions each (the 3x3 neighbourhood of a tile is mostly its own tokens and the rest sits in L2), or walk
-rows likewise (``STENCIL_WALK``). Inputs may be views whose token and batch strides are arbitrary as long as
+y + 1 at three column shifts. Inputs may be views whose token and batch strides are arbitrary as long as
 channels are contiguous.
 
 Backward (``g`` is the gradient with respect to the convolution's output, ``w`` the 3x3 taps):
@@ -83,19 +81,17 @@ CPE_BWD_PREFETCH = True
 # registers, 4 per SM (one wave) 1.36 ms; uncapped, 2 per SM 1.45 ms, 4 per SM 1.66 ms, 8 per SM 2.10 ms.
 PARAM_GRAD_PROGRAMS_PER_SM = 4
 PARAM_GRAD_MAXNREG: int | None = 128
-# The forward stencils (cpe, SiLU) and the transposed one run on square tiles of TH x TW tokens (nine gathered
-# loads per output), or with STENCIL_WALK as row walks like the backward's (_stencil_walk_kernel: three loads per
-# output). The square tiles are bound by L1 (Nsight Compute at 2x1024², C=64, H200: 84-92% L1 throughput, 27-35%
-# DRAM). Row walks without a prefetch (commit 8919a4e of session 6) were slower: 2.45-2.89 ms over nine launch
-# settings against 2.33 ms of GPU time at 2x1024² (benchmarks/results/nvidia-h200/2026-11-27-session6). The walk
-# here prefetches each next tile (STENCIL_WALK_PREFETCH), as the cpe backward's does since session 15, and has not
-# been timed on a GPU yet: until it is, the square tiles stay the default. STENCIL_WALK_PROGRAMS_PER_SM programs
-# per SM over all channel blocks (PARTIAL_PROGRAMS in the interpreter) and STENCIL_WALK_MAXNREG, ptxas's register
-# cap (None: ptxas's choice; offline for sm_90 at C=64, bf16: 96-127 registers a thread, no spills).
-STENCIL_WALK = False
-STENCIL_WALK_PROGRAMS_PER_SM = 4
-STENCIL_WALK_MAXNREG: int | None = None
-STENCIL_WALK_PREFETCH = True
+# The forward stencils (cpe + LayerNorm, dwconv + SiLU) and the transposed one of the backward walk rows like the
+# backward kernels (_stencil_walk_kernel: three loads per output), each step issuing the next tile's loads first:
+# STENCIL_WALK_PROGRAMS_PER_SM programs per SM over all channel blocks (PARTIAL_PROGRAMS in the interpreter) and
+# STENCIL_WALK_MAXNREG, ptxas's register cap. Measured on an H200 (the three stencils' GPU time, bf16, in a
+# MLLA-UNet-T training step, 224², batch 48 / in a 1024² block step, C=64, batch 2): the square tiles of TH x TW
+# tokens that they replaced (nine gathered loads per output, bound by L1) 2.53 / 2.35 ms; 5 per SM capped at 96
+# registers 2.23 / 2.20 ms; uncapped (112 registers) 3 per SM 2.32 / 2.96 ms, 4 per SM 2.20 / 2.43 ms; 8 per SM
+# capped at 64 (spilling 30 bytes) 3.32 / 3.18 ms; 4 per SM without the prefetch 2.16 / 2.60 ms
+# (benchmarks/results/nvidia-h200/2026-11-28-session17, call A).
+STENCIL_WALK_PROGRAMS_PER_SM = 5
+STENCIL_WALK_MAXNREG: int | None = 96
 TAPS = 9
 # _stencil_walk_kernel's KIND
 KIND_CPE = tl.constexpr(0)
@@ -116,42 +112,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_tokens(tile, n_tiles_w, H, W, TH: tl.constexpr, TW: tl.constexpr):
-    """Grid rows, columns and in-grid mask of the tokens of tile number ``tile`` (row-major)."""
-    o_t = tl.arange(0, TH * TW)
-    row = (tile // n_tiles_w) * TH + o_t // TW
-    col = (tile % n_tiles_w) * TW + o_t % TW
-    return row, col, (row < H) & (col < W)
-
-
-@triton.jit
-def _stencil3x3(p_src, stride_n, p_w, row, col, m_t, o_c, m_c, H, W,
-                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, TRANSPOSE: tl.constexpr, RESIDUAL: tl.constexpr):
-    """sum over the 3x3 taps of w[c, tap] * src[neighbour, c] in fp32, zero padding. [BLOCK_T, BLOCK_C]
-
-    TRANSPOSE takes the neighbour at ``-tap`` (the adjoint of the forward stencil); RESIDUAL adds
-    ``src`` itself (the centre tap's weight plus one).
-    """
-    b_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for di in tl.static_range(3):
-        for dj in tl.static_range(3):
-            if TRANSPOSE:
-                r = row + (1 - di)
-                c = col + (1 - dj)
-            else:
-                r = row + (di - 1)
-                c = col + (dj - 1)
-            m_n = m_t & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            b_w = tl.load(p_w + o_c * 9 + (di * 3 + dj), mask=m_c, other=0.0).to(tl.float32)  # [BLOCK_C]
-            if di * 3 + dj == 4:
-                b_w += 1.0 * RESIDUAL
-            o_n = (r * W + c).to(tl.int64) * stride_n
-            b_s = tl.load(p_src + o_n[:, None] + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
-            b_acc += b_s.to(tl.float32) * b_w[None, :]
-    return b_acc
 
 
 @triton.jit
@@ -177,41 +137,6 @@ def _normalize(b_r, m_c, inv_c, eps):
     b_diff = tl.where(m_c[None, :], b_r - b_mean[:, None], 0.0)
     b_rstd = tl.rsqrt(tl.sum(b_diff * b_diff, 1) * inv_c + eps)
     return b_diff * b_rstd[:, None], b_rstd
-
-
-@triton.jit
-def _cpe_residual_norm_fwd_kernel(
-    x, cpe_w, cpe_b, rbias, rscale, norm_w, norm_b, r, h,
-    H, W, C, n_tiles_w, sx_b, sx_n, so_b, so_n, eps,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RBIAS: tl.constexpr, HAS_RSCALE: tl.constexpr,
-):
-    """r = x + dwconv(x) and h = LayerNorm(r) of one tile; with HAS_RBIAS the stored r is r + rbias (rounded
-    once), while h stays the LayerNorm of r without it; with HAS_RSCALE, r + rscale[sample] * rbias."""
-    i_t, i_b = tl.program_id(0), tl.program_id(1)
-    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
-    o_c = tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    m = m_t[:, None] & m_c[None, :]
-
-    b_r = _stencil3x3(x + i_b.to(tl.int64) * sx_b, sx_n, cpe_w, row, col, m_t, o_c, m_c, H, W,
-                      TH * TW, BLOCK_C, False, True)
-    b_r += tl.load(cpe_b + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    o_out = i_b.to(tl.int64) * so_b + (row * W + col).to(tl.int64)[:, None] * so_n + o_c[None, :]
-    if HAS_RBIAS:
-        b_rbias = tl.load(rbias + o_c, mask=m_c, other=0.0).to(tl.float32)
-        if HAS_RSCALE:
-            b_rbias *= tl.load(rscale + i_b)
-        tl.store(r + o_out, (b_r + b_rbias[None, :]).to(r.dtype.element_ty), mask=m)
-    # h is the LayerNorm of r rounded to r's dtype (as stored without rbias), which is also what the backward
-    # recomputes it from.
-    b_r = b_r.to(r.dtype.element_ty)
-    if not HAS_RBIAS:
-        tl.store(r + o_out, b_r, mask=m)
-
-    b_xhat, _ = _normalize(b_r.to(tl.float32), m_c, 1.0 / C, eps)
-    b_gamma = tl.load(norm_w + o_c, mask=m_c, other=0.0).to(tl.float32)
-    b_beta = tl.load(norm_b + o_c, mask=m_c, other=0.0).to(tl.float32)
-    tl.store(h + o_out, (b_xhat * b_gamma[None, :] + b_beta[None, :]).to(h.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -241,7 +166,7 @@ def _reduce_partials_kernel(
 @triton.jit
 def _tap_weights(p_w, o_c, m_c, RESIDUAL: tl.constexpr):
     """The nine 3x3 taps of the depthwise weight (C, 9), each [BLOCK_C] in fp32 (tap k = 3 * di + dj);
-    RESIDUAL adds one to the centre tap, as ``_stencil3x3`` does."""
+    RESIDUAL adds one to the centre tap (the stencil then adds x itself)."""
     w0 = tl.load(p_w + o_c * 9 + 0, mask=m_c, other=0.0).to(tl.float32)
     w1 = tl.load(p_w + o_c * 9 + 1, mask=m_c, other=0.0).to(tl.float32)
     w2 = tl.load(p_w + o_c * 9 + 2, mask=m_c, other=0.0).to(tl.float32)
@@ -292,6 +217,14 @@ def _strip_columns(i_s, n_tiles_w, TW: tl.constexpr):
     """The sample and the columns [TW] of strip i_s (strips numbered sample by sample, n_tiles_w per sample)."""
     i_b = i_s // n_tiles_w
     return i_b, (i_s - i_b * n_tiles_w) * TW + tl.arange(0, TW)
+
+
+@triton.jit
+def _run_start(start, n_tiles_w, H, TW: tl.constexpr):
+    """Strip, row, sample and columns [TW] of a run's first tile, row tile number start."""
+    i_s = start // H
+    i_b, col = _strip_columns(i_s, n_tiles_w, TW)
+    return i_s, start - i_s * H, i_b, col
 
 
 @triton.jit
@@ -349,8 +282,8 @@ def _tile_store(p, b, m, MASKED: tl.constexpr):
 
 @triton.jit
 def _window_stencil(x_u0, x_u1, x_u2, x_v0, x_v1, x_v2, x_d0, x_d1, x_d2, w0, w1, w2, w3, w4, w5, w6, w7, w8):
-    """sum over the 3x3 taps of w[tap] * x[p + tap] from the window's nine tiles, in the forward's tap order
-    (``_stencil3x3``'s, so the recomputation rounds like the forward). [TW, BLOCK_C]"""
+    """sum over the 3x3 taps of w[tap] * x[p + tap] from the window's nine tiles, in the order k = 3 * di + dj of
+    every stencil here (so that a backward's recomputation rounds like the forward). [TW, BLOCK_C]"""
     b = tl.zeros_like(x_v1)
     b += x_u0 * w0[None, :]
     b += x_u1 * w1[None, :]
@@ -424,17 +357,13 @@ def _cpe_residual_norm_bwd_kernel(
     a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
     a_db, a_dgamma, a_dbeta, a_drbias = zero, zero, zero, zero
     x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = zero, zero, zero, zero, zero, zero  # rows y - 1 and y
-    i_s = start // H  # strip
-    y = start - i_s * H
-    i_b = i_s * 0
-    col = tl.arange(0, TW)
+    i_s, y, i_b, col = _run_start(start, n_tiles_w, H, TW)
     if PREFETCH:  # the run's first tile
-        i_b0, col0 = _strip_columns(i_s, n_tiles_w, TW)
-        n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b0.to(tl.int64) * sx_b, sx_n, y + 1, col0, o_c, m_c, H, W)
+        n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b.to(tl.int64) * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
         if HAS_DH:
-            n_dh = _tile_load(dh, sdh_b, sdh_n, i_b0, y, col0, o_c, m_c, W, MASKED)
+            n_dh = _tile_load(dh, sdh_b, sdh_n, i_b, y, col, o_c, m_c, W, MASKED)
         if HAS_DR:
-            n_dr = _tile_load(dr, sdr_b, sdr_n, i_b0, y, col0, o_c, m_c, W, MASKED)
+            n_dr = _tile_load(dr, sdr_b, sdr_n, i_b, y, col, o_c, m_c, W, MASKED)
     for i in range(start, end):
         if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
             i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
@@ -519,7 +448,7 @@ def _stencil_walk_kernel(
     x, w, bias, rbias, rscale, norm_w, norm_b, out, out2,
     H, W, C, n_tiles_w, n_rows, sx_b, sx_n, so_b, so_n, eps,
     TW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr, KIND: tl.constexpr,
-    RESIDUAL: tl.constexpr, HAS_RBIAS: tl.constexpr, HAS_RSCALE: tl.constexpr, PREFETCH: tl.constexpr,
+    RESIDUAL: tl.constexpr, HAS_RBIAS: tl.constexpr, HAS_RSCALE: tl.constexpr,
 ):
     """A depthwise 3x3 stencil of x (zero padding) over channel block program_id(1), by KIND:
 
@@ -534,7 +463,8 @@ def _stencil_walk_kernel(
     by strip, and each program walks a contiguous run of them with x's 3x3 neighbourhood in registers, so that a
     step loads only the row below at three column shifts: three loads per output instead of a gathered tile's
     nine. The taps are summed in the order k = 3 * di + dj, as the cpe backward recomputes r (so it rounds the
-    same way). PREFETCH: each step issues the next tile's loads before its own arithmetic.
+    same way). Each step issues the next tile's loads before its own arithmetic, so that they are in flight while
+    this tile is computed.
     """
     i_p, i_c, n_p = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     start, end = _run_bounds(i_p, n_p, n_rows)
@@ -551,23 +481,15 @@ def _stencil_walk_kernel(
             b_rbias = tl.load(rbias + o_c, mask=m_c, other=0.0).to(tl.float32)
     zero = tl.zeros([TW, BLOCK_C], dtype=tl.float32)
     x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = zero, zero, zero, zero, zero, zero  # rows y - 1 and y
-    i_s = start // H  # strip
-    y = start - i_s * H
-    i_b = i_s * 0
-    col = tl.arange(0, TW)
-    if PREFETCH:  # the run's first tile
-        i_b0, col0 = _strip_columns(i_s, n_tiles_w, TW)
-        n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b0.to(tl.int64) * sx_b, sx_n, y + 1, col0, o_c, m_c, H, W)
+    i_s, y, i_b, col = _run_start(start, n_tiles_w, H, TW)
+    n_d0, n_d1, n_d2 = _row_neighbours_raw(x + i_b.to(tl.int64) * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
     for i in range(start, end):
         if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
             i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
                 x, sx_b, sx_n, i_s, y, n_tiles_w, o_c, m_c, H, W, TW)
-        if PREFETCH:
-            x_d0, x_d1, x_d2 = n_d0.to(tl.float32), n_d1.to(tl.float32), n_d2.to(tl.float32)
-            n_d0, n_d1, n_d2, _, _, _ = _prefetch_row_below(x, sx_b, sx_n, i, end, i_s, y, n_tiles_w, o_c, m_c,
-                                                            H, W, TW)
-        else:
-            x_d0, x_d1, x_d2 = _row_neighbours(x + i_b.to(tl.int64) * sx_b, sx_n, y + 1, col, o_c, m_c, H, W)
+        x_d0, x_d1, x_d2 = n_d0.to(tl.float32), n_d1.to(tl.float32), n_d2.to(tl.float32)
+        n_d0, n_d1, n_d2, _, _, _ = _prefetch_row_below(x, sx_b, sx_n, i, end, i_s, y, n_tiles_w, o_c, m_c,
+                                                        H, W, TW)
         if KIND == KIND_TRANSPOSE:  # the window mirrored: x[p - tap]
             b = _window_stencil(x_d2, x_d1, x_d0, x_v2, x_v1, x_v0, x_u2, x_u1, x_u0,
                                 w0, w1, w2, w3, w4, w5, w6, w7, w8)
@@ -600,42 +522,6 @@ def _stencil_walk_kernel(
         x_u0, x_u1, x_u2 = x_v0, x_v1, x_v2
         x_v0, x_v1, x_v2 = x_d0, x_d1, x_d2
         y += 1
-
-
-@triton.jit
-def _dwconv_silu_fwd_kernel(
-    x, w, bias, y,
-    H, W, C, n_tiles_w, sx_b, sx_n, sy_b, sy_n,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-
-    b_pre = _stencil3x3(x + i_b.to(tl.int64) * sx_b, sx_n, w, row, col, m_t, o_c, m_c, H, W,
-                        TH * TW, BLOCK_C, False, False)
-    b_pre += tl.load(bias + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    b_y = b_pre * tl.sigmoid(b_pre)
-    o_y = i_b.to(tl.int64) * sy_b + (row * W + col).to(tl.int64)[:, None] * sy_n + o_c[None, :]
-    tl.store(y + o_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
-
-
-@triton.jit
-def _dwconv_transpose_kernel(
-    g, w, dx,
-    H, W, C, n_tiles_w, sg_b, sg_n, sdx_b, sdx_n,
-    TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr, RESIDUAL: tl.constexpr,
-):
-    """dx = transposed 3x3 stencil of g (plus g itself when RESIDUAL)."""
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row, col, m_t = _tile_tokens(i_t, n_tiles_w, H, W, TH, TW)
-    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    b_dx = _stencil3x3(g + i_b.to(tl.int64) * sg_b, sg_n, w, row, col, m_t, o_c, m_c, H, W,
-                       TH * TW, BLOCK_C, True, RESIDUAL)
-    o_dx = i_b.to(tl.int64) * sdx_b + (row * W + col).to(tl.int64)[:, None] * sdx_n + o_c[None, :]
-    tl.store(dx + o_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
 
 @triton.jit
@@ -675,10 +561,7 @@ def _dwconv_param_grad_kernel(
     a0, a1, a2, a3, a4, a5, a6, a7, a8 = zero, zero, zero, zero, zero, zero, zero, zero, zero
     a_db = zero
     x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = zero, zero, zero, zero, zero, zero  # rows y - 1 and y
-    i_s = start // H  # strip
-    y = start - i_s * H
-    i_b = i_s * 0
-    col = tl.arange(0, TW)
+    i_s, y, i_b, col = _run_start(start, n_tiles_w, H, TW)
     for i in range(start, end):
         if (i == start) | (y == H):  # a run's first tile, or the first of a new strip: refill the window
             i_s, y, i_b, col, x_u0, x_u1, x_u2, x_v0, x_v1, x_v2 = _walk_refill(
@@ -722,23 +605,9 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _tile_shape(H: int, W: int, tokens: int) -> tuple[int, int]:
-    """A TH x TW tile of about ``tokens`` grid positions (powers of two), near square, not wider than the grid."""
-    tw = 1 << math.ceil(math.log2(tokens) / 2)
-    tw = min(tw, triton.next_power_of_2(W))
-    th = min(tokens // tw, triton.next_power_of_2(H))
-    tw = min(tokens // th, triton.next_power_of_2(W))
-    return th, tw
-
-
 def _channel_block(C: int) -> int:
     """The widest of 128, 64, 32 channels that divides C."""
     return next(b for b in (128, 64, 32) if C % b == 0)
-
-
-def _num_warps(elements: int) -> int:
-    """About 8 elements per thread: the 9 tap loads in flight then fit in registers without spilling on sm_90."""
-    return max(1, min(16, elements // 256))
 
 
 def _walk_num_warps(elements: int) -> int:
@@ -938,30 +807,11 @@ def _stencil(kind: int, x: Tensor, weight: Tensor, hw: tuple[int, int], out: Ten
              rscale: Tensor | None = None) -> None:
     """The stencil of the given KIND (``_stencil_walk_kernel``'s) of x (B, N, C), channels contiguous and token
     offsets within a grid row in int32 (``_tokens_major(x, W)``), into out (and out2) (B, N, C), channels
-    contiguous, both with the same token and batch strides, by row walks (STENCIL_WALK) or square tiles.
-    residual adds x itself (the centre tap plus one; always so for KIND_CPE)."""
+    contiguous, both with the same token and batch strides. residual adds x itself (the centre tap plus one; always
+    so for KIND_CPE)."""
     H, W = hw
     B, _, C = x.shape
     w = weight.contiguous()
-    if not STENCIL_WALK:
-        th, tw = _tile_shape(H, W, max(1, TILE_ELEMENTS // block_c))
-        n_tiles_w = triton.cdiv(W, tw)
-        grid = (triton.cdiv(H, th) * n_tiles_w, triton.cdiv(C, block_c), B)
-        launch = {"TH": th, "TW": tw, "BLOCK_C": block_c, "num_warps": _num_warps(th * tw * block_c)}
-        if kind == KIND_CPE:
-            bias = bias.contiguous()
-            _cpe_residual_norm_fwd_kernel[grid[::2]](
-                x, w, bias, bias if rbias is None else rbias.contiguous(), bias if rscale is None else rscale,
-                norm[0].contiguous(), norm[1].contiguous(), out, out2, H, W, C, n_tiles_w, x.stride(0),
-                x.stride(1), out.stride(0), out.stride(1), norm[2], HAS_RBIAS=rbias is not None,
-                HAS_RSCALE=rscale is not None, **launch)
-        elif kind == KIND_SILU:
-            _dwconv_silu_fwd_kernel[grid](x, w, bias.contiguous(), out, H, W, C, n_tiles_w, x.stride(0),
-                                          x.stride(1), out.stride(0), out.stride(1), **launch)
-        else:
-            _dwconv_transpose_kernel[grid](x, w, out, H, W, C, n_tiles_w, x.stride(0), x.stride(1), out.stride(0),
-                                           out.stride(1), RESIDUAL=residual, **launch)
-        return
     n_cblocks = triton.cdiv(C, block_c)
     tw, n_tiles_w, n_rows = _row_tiles(B, H, W, block_c)
     n_progs = _row_walk_programs(n_rows, x.device, STENCIL_WALK_PROGRAMS_PER_SM, n_cblocks)
@@ -972,7 +822,7 @@ def _stencil(kind: int, x: Tensor, weight: Tensor, hw: tuple[int, int], out: Ten
         H, W, C, n_tiles_w, n_rows, x.stride(0), x.stride(1), out.stride(0), out.stride(1), eps,
         TW=tw, BLOCK_C=block_c, EVEN_C=C % block_c == 0, EVEN_W=W % tw == 0, KIND=kind,
         RESIDUAL=kind == KIND_CPE or residual,
-        HAS_RBIAS=rbias is not None, HAS_RSCALE=rscale is not None, PREFETCH=STENCIL_WALK_PREFETCH,
+        HAS_RBIAS=rbias is not None, HAS_RSCALE=rscale is not None,
         num_warps=_walk_num_warps(tw * block_c), maxnreg=STENCIL_WALK_MAXNREG,
     )
 

@@ -107,8 +107,11 @@ PROJECTED_K_MAX_CHANNELS = 128
 # Whether a gated attention keeps its pre-gate output o (B, N, C) for the backward, whose gate pass is then an
 # element-wise kernel (``gate_grad_from_output``: dy, o and g in, dg, do and a out) instead of the output pass
 # again (q's features, q~ . kv, the normaliser and the LePE recomputed): one (B, N, C) tensor more between the
-# forward and the backward, one more written by the forward. Not timed on a GPU yet; off until it is.
-SAVE_ATTENTION_OUTPUT = False
+# forward and the backward, one more written by the forward. Measured on an H200 (GPU time per step, bf16): a
+# MLLA-UNet-T training step (224², batch 48) 26.72 against 27.26 ms, a 1024² block step (C=64, batch 2) 14.08
+# against 14.69 ms (benchmarks/results/nvidia-h200/2026-11-28-session17, call A). False trades that time for the
+# memory of one (B, N, C) tensor per attention.
+SAVE_ATTENTION_OUTPUT = True
 
 
 def _split_qk(v: Tensor) -> bool:

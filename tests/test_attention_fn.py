@@ -408,11 +408,12 @@ def test_saved_pre_gate_output(monkeypatch, device):
 
 def test_gv_saves_no_concatenation(device):
     """gv_linear_attention keeps gv, v and the state for its backward (as dwconv_silu and the Function apart did,
-    gv's halves being views of it), and its d gv is one tensor: no (B, N, C) tensor the size of a half beyond v."""
+    gv's halves being views of it), and its d gv is one tensor: no (B, N, C) tensor the size of a half beyond v
+    and, with SAVE_ATTENTION_OUTPUT (the default), the pre-gate output."""
     leaves = {k: x for k, x in gv_leaves(device).items() if k != "residual"}
     shapes = _saved_shapes(lambda u, g, *rest: gv_one_function(u, g, *rest, None), leaves)
     assert shapes.count((B, N, 2 * C)) == 1, shapes
-    assert shapes.count((B, N, C)) == 1, shapes
+    assert shapes.count((B, N, C)) == 1 + attention.SAVE_ATTENTION_OUTPUT, shapes
 
 
 def test_bad_inputs(device):

@@ -71,12 +71,9 @@ def check_fp32(op: str, inputs: list[torch.Tensor], hw: tuple[int, int], grad_ou
     return outs, grads
 
 
-@pytest.mark.parametrize("walk", [False, True], ids=["tiles", "walk"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_{}x{}_C{}".format(*s))
 @pytest.mark.parametrize("op", OPS)
-def test_fp32_matches_float64_reference(op, shape, walk, device, monkeypatch):
-    """The forward stencils and the transposed one on square tiles and as row walks (STENCIL_WALK)."""
-    monkeypatch.setattr(dwconv, "STENCIL_WALK", walk)
+def test_fp32_matches_float64_reference(op, shape, device):
     B, H, W, C = shape
     inputs = leaves(make_inputs(op, B, H, W, C, device))
     grad_outs = [torch.randn(B, H * W, C, device=device) for _ in names(op)[0]]
@@ -123,16 +120,12 @@ def test_huge_token_strides_are_copied():
     assert dwconv._tokens_major(channels_strided, 16).stride() == (128, 8, 1)
 
 
-@pytest.mark.parametrize("stencil", ["tiles", "walk", "walk_no_prefetch"])
 @pytest.mark.parametrize("op", OPS)
-def test_many_tiles_per_program(op, stencil, device, monkeypatch):
-    """Small tiles and few programs: each program loops over several tiles, some past the end; as row walks
-    (STENCIL_WALK), each program of the forward stencils and the transposed one walks many row tiles, across
-    strips and samples, with and without the prefetch."""
+def test_many_tiles_per_program(op, device, monkeypatch):
+    """Few programs: each program of the forward stencils and the transposed one walks many row tiles, across
+    strips and samples, its prefetch reaching into the next strip and past its run's end."""
     monkeypatch.setattr(dwconv, "TILE_ELEMENTS", 512)
     monkeypatch.setattr(dwconv, "PARTIAL_PROGRAMS", 3)
-    monkeypatch.setattr(dwconv, "STENCIL_WALK", stencil != "tiles")
-    monkeypatch.setattr(dwconv, "STENCIL_WALK_PREFETCH", stencil == "walk")
     B, H, W, C = 2, 11, 10, 64
     inputs = leaves(make_inputs(op, B, H, W, C, device))
     check_fp32(op, inputs, (H, W), [torch.randn(B, H * W, C, device=device) for _ in names(op)[0]])

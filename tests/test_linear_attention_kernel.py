@@ -379,22 +379,24 @@ def test_bad_config():
     assert la.LinearAttentionConfig().with_overrides(["bwd_q_maxnreg=168"]).bwd_q_maxnreg == 168
 
 
-def test_paths_off_by_default_compile_for_hopper():
-    """The compiled path of what is off by default and otherwise runs only through the interpreter here: the
-    stencils as row walks (dwconv.STENCIL_WALK, with and without the prefetch) and the gate pass from a saved
-    pre-gate output (the output pass's WRITE_O, _la_gate_grad_kernel) compile for sm_90, no GPU needed."""
+def test_launched_variants_compile_for_hopper():
+    """What the block launches beyond the four attention kernels' basic variants (``test_kernels_compile_for_hopper``)
+    and otherwise runs only through the interpreter here compiles for sm_90, no GPU needed: the stencils' row walks
+    (cpe + LayerNorm, SiLU, transposed), the forward's output pass that keeps the pre-gate output (WRITE_O) and
+    the backward's element-wise gate pass from it, and the gate pass as the output pass again (GATE_GRAD,
+    ``SAVE_ATTENTION_OUTPUT = False``)."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("this Triton install has no bundled ptxas: cannot compile for CUDA here")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_registers.py"
-    done = subprocess.run([sys.executable, str(script), "--dtype", "bf16", "--hw", "24", "40", "--candidates"],
-                          env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, str(script), "--dtype", "bf16", "--hw", "24", "40", "--stencils",
+                           "--recompute-gate"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     # the table's (kernel, variant) columns: "{dtype:5s} {kernel:28s} {variant:12s} ..."
     compiled = {(r[6:34].strip(), r[35:47].strip()) for r in done.stdout.splitlines() if r.startswith("bf16")}
-    wanted = {("_stencil_walk_kernel", f"KIND {k}{nopf}") for k in range(3) for nopf in ("", " nopf")}
-    wanted |= {("_la_fwd_out_kernel", "WRITE_O"), ("_la_gate_grad_kernel", "")}
+    wanted = {("_stencil_walk_kernel", f"KIND {k}") for k in range(3)}
+    wanted |= {("_la_fwd_out_kernel", "WRITE_O"), ("_la_gate_grad_kernel", ""), ("_la_fwd_out_kernel", "GATE_GRAD")}
     assert wanted <= compiled, done.stdout
 
 
