@@ -83,12 +83,12 @@ class MLLABlock(ReferenceMLLABlock):
         )
         # The MLP's hidden activations (8C per token) are recomputed in the backward instead of saved; with the
         # LayerNorm inputs and the gate recomputed inside the kernels, the first LayerNorm's output in the
-        # stencil's backward, and qk and the attention's output in the attention's backward, the block keeps
-        # about 6.4C per token for its backward (the reference: 29C). The Triton MLP (narrow layers;
-        # bf16/fp16 on CUDA) never writes the hidden layer to memory and adds the residual in its epilogue,
-        # drop-path's per-sample scale included (forward and backward: no elementwise pass over (B, N, C) for
-        # it); otherwise the cuBLAS MLP runs over token chunks, so that its 4C-wide transients never exist for
-        # all tokens at once.
+        # stencil's backward, and qk and the attention's gated output in the attention's backward, the block keeps
+        # about 7.4C per token for its backward (the reference: 29C), the attention's pre-gate output (C) among
+        # it. The Triton MLP (narrow layers; bf16/fp16 on CUDA) never writes the hidden layer to memory and adds
+        # the residual in its epilogue, drop-path's per-sample scale included (forward and backward: no
+        # elementwise pass over (B, N, C) for it); otherwise the cuBLAS MLP runs over token chunks, so that its
+        # 4C-wide transients never exist for all tokens at once.
         if triton_mlp_supported(self.mlp, h):
             scale = drop_path_scale(h, compute_dtype(h), self.drop_path_prob) if dropping else None
             return triton_mlp(self.mlp, h, residual=r, scale=scale)
