@@ -159,7 +159,7 @@ def assert_matches(got, want, dtype, want32, what):
 @pytest.mark.parametrize("bias", [True, False])
 def test_out_projection(dtype, bias, qk_path, device):
     """With out_weight/out_bias the Function equals itself followed by linear (output and every gradient;
-    fp32 to the fp32 rule, bf16 to the low-precision rule against fp32), and the attention's output is
+    fp32 to the fp32 rule, bf16 to the low-precision rule against fp32), and the attention's gated output is
     rewritten by the backward instead of saved."""
     leaves = out_projected_leaves(device, bias)
     dy = torch.randn(B, N, C, device=device)
@@ -169,8 +169,9 @@ def test_out_projection(dtype, bias, qk_path, device):
     assert_matches((y, grads), (y_ref, grads_ref), dtype, lambda: run(attention_then_out_proj, leaves, dy),
                    "out_proj inside != linear after")
     shapes = _saved_shapes(one_function_out_proj, leaves, dtype)
-    assert shapes.count((B, N, C)) == 2, shapes  # v and g; the linear after also keeps the attention's output
-    assert _saved_shapes(attention_then_out_proj, leaves, dtype).count((B, N, C)) == 3
+    pre_gate = int(attention.SAVE_ATTENTION_OUTPUT)  # the pre-gate output, kept for the element-wise gate pass
+    assert shapes.count((B, N, C)) == 2 + pre_gate, shapes  # v and g; the linear after also keeps the output
+    assert _saved_shapes(attention_then_out_proj, leaves, dtype).count((B, N, C)) == 3 + pre_gate
 
 
 def test_out_projection_partial_gradients(qk_path, device):
